@@ -1,0 +1,1 @@
+"""Prefect flows: short functions that call tasks in order, decisions visible."""

@@ -1,0 +1,3 @@
+from incseg.cli import app
+
+app(prog_name="incseg")

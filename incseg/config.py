@@ -1,0 +1,172 @@
+"""The typed `params.yaml`: one object, loaded once, passed down.
+
+Every knob of the product lives here with its default. Paths are relative to the
+workspace directory (the folder holding `params.yaml`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(Section):
+    root: str = "data"
+    image_size: int = Field(64, ge=16, description="side length images are resized to for training")
+    ignore_index: int = 255
+
+
+class SynthParams(Section):
+    seed: int = 0
+    size: int = Field(64, ge=16)
+    holdout_per_class: int = Field(16, ge=1)
+    base_images: int = Field(192, ge=1)
+    step_images: int = Field(96, ge=1)
+    base_classes: int = Field(2, ge=1, description="foreground classes in the base batch")
+    new_classes: int = Field(2, ge=0, description="later batches, each bringing one class")
+    domain_shift: bool = True
+    old_classes: Literal["background", "keep", "absent"] = "background"
+
+
+class ModelParams(Section):
+    name: str = "incseg-segmenter"
+    arch: Literal["unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"] = "unet"
+    width: int = Field(16, ge=4, description="U-Net base channel count")
+
+
+class TrainParams(Section):
+    device: str = "auto"
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-2, gt=0, description="peak learning rate from scratch (bootstrap)")
+    update_lr: float = Field(3e-3, gt=0, description="peak learning rate when continuing the champion")
+    weight_decay: float = Field(1e-4, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    dice_weight: float = Field(0.5, ge=0)
+    bootstrap_epochs: int = Field(20, ge=1)
+    update_epochs: int = Field(10, ge=1)
+    augment: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+class ContinualParams(Section):
+    strategy: Literal["naive", "replay", "distill", "replay+distill"] = "replay+distill"
+    memory_size: int = Field(64, ge=0, description="exemplar images kept for replay")
+    replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each epoch drawn from memory")
+    distill_weight: float = Field(1.0, ge=0)
+    pseudo_label_threshold: float = Field(0.0, ge=0, le=1, description="0 disables PLOP pseudo-labels")
+
+
+class EvalParams(Section):
+    batch_size: int = Field(32, ge=1)
+    preview_images: int = Field(8, ge=0)
+
+
+class GateParams(Section):
+    min_miou_gain: float = Field(0.0, description="candidate mIoU minus champion mIoU must reach this")
+    max_class_drop: float = Field(0.05, ge=0, description="largest allowed IoU drop of any old class")
+    min_new_class_iou: float = Field(0.3, ge=0, le=1)
+
+
+class MlflowParams(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "incseg"
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    synth: SynthParams = SynthParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    continual: ContinualParams = ContinualParams()
+    eval: EvalParams = EvalParams()
+    gate: GateParams = GateParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    def flat(self) -> dict[str, object]:
+        """`section.key -> value`, for logging as MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.model_dump().items() for k, v in sec.items()}
+
+
+class ConfigError(ValueError):
+    """A bad `params.yaml`: the message names the key and the problem."""
+
+
+def load_params(path: Path) -> Params:
+    """Read `params.yaml`; a missing file gives the defaults."""
+    if not path.exists():
+        return Params()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {key}: {first['msg']} (got {first.get('input')!r})") from err
+
+
+class Workspace:
+    """A directory with `params.yaml`, `data/`, the MLflow store and the git/DVC metadata."""
+
+    def __init__(self, root: Path | str = ".", params: Params | None = None):
+        self.root = Path(root).resolve()
+        self.params = params if params is not None else load_params(self.root / PARAMS_FILE)
+
+    def path(self, relative: str | Path) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else self.root / p
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path(self.params.data.root)
+
+    @property
+    def classes_file(self) -> Path:
+        return self.data_dir / "classes.yaml"
+
+    @property
+    def holdout_dir(self) -> Path:
+        return self.data_dir / "holdout"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.data_dir / "registry"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Scratch space for checkpoints and reports of runs in progress."""
+        return self.root / "runs"
+
+    @property
+    def tracking_uri(self) -> str:
+        """`MLFLOW_TRACKING_URI` wins; a relative SQLite path is taken from the workspace."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.params.mlflow.tracking_uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
+            return prefix + str(self.root / uri[len(prefix):])
+        return uri
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps artifacts (local stores only; a server decides itself)."""
+        if not self.tracking_uri.startswith("sqlite:"):
+            return None
+        return self.path(self.params.mlflow.artifact_root).as_uri()

@@ -1,0 +1,1 @@
+"""Continual-learning pieces: exemplar memory, background-shift-aware losses, strategies."""

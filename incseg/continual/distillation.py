@@ -1,0 +1,48 @@
+"""MiB's losses for background shift (Cermelli et al., CVPR 2020).
+
+A new batch labels old classes as background; the old model calls new classes
+background. Both losses merge the right logits instead of trusting "background".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+
+
+def unbiased_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """CE where a background pixel may be background or any class its batch did not annotate.
+
+    `annotated` is (B, C) bool: the classes labelled in each sample's batch.
+    """
+    log_p = logits.log_softmax(dim=1)
+    hidden = ~annotated
+    hidden[:, 0] = True
+    bg = log_p.masked_fill(~hidden[:, :, None, None], float("-inf")).logsumexp(dim=1)
+    picked = log_p.gather(1, target.clamp(0, logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    lp = torch.where(target == 0, bg, picked)
+    valid = target != IGNORE
+    return -(lp[valid]).mean() if valid.any() else logits.sum() * 0
+
+
+def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student), where the student's background absorbs its new classes.
+
+    Zero when the student equals the teacher; new classes are never punished for
+    taking pixels that the teacher called background.
+    """
+    n_old = teacher.shape[1]
+    log_p = student.log_softmax(dim=1)
+    bg = torch.cat([log_p[:, :1], log_p[:, n_old:]], dim=1).logsumexp(dim=1, keepdim=True)
+    student_old = torch.cat([bg, log_p[:, 1:n_old]], dim=1)
+    return F.kl_div(student_old, teacher.log_softmax(dim=1), log_target=True, reduction="none").sum(1).mean()
+
+
+@torch.no_grad()
+def pseudo_label(target: torch.Tensor, teacher: torch.Tensor, threshold: float) -> torch.Tensor:
+    """PLOP: background pixels where the old model is confident of an old class take that class."""
+    prob, cls = teacher.softmax(dim=1).max(dim=1)
+    take = (target == 0) & (cls > 0) & (prob >= threshold)
+    return torch.where(take, cls, target)

@@ -1,0 +1,109 @@
+"""A fixed-size, class-balanced exemplar memory, stored as a folder next to the model."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from incseg.data.layout import IGNORE, Pair, read_mask
+
+INDEX = "memory.yaml"
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    stem: str
+    batch_id: str
+    annotated: tuple[int, ...]  # classes labelled in the exemplar's own batch
+    primary: int  # the class it was kept for
+
+
+@dataclass
+class ExemplarMemory:
+    """At most `size` exemplars, about equally many kept for each foreground class.
+
+    Files live in `root/{images,masks}/`; `root/memory.yaml` indexes them.
+    """
+
+    root: Path | None
+    items: list[Exemplar]
+
+    @classmethod
+    def empty(cls) -> ExemplarMemory:
+        return cls(None, [])
+
+    @classmethod
+    def load(cls, root: Path) -> ExemplarMemory:
+        index = root / INDEX
+        if not index.exists():
+            return cls(root, [])
+        raw = yaml.safe_load(index.read_text()) or []
+        return cls(root, [Exemplar(r["stem"], r["batch_id"], tuple(r["annotated"]), r["primary"]) for r in raw])
+
+    def pair(self, item: Exemplar) -> Pair:
+        assert self.root is not None
+        image = next((self.root / "images").glob(f"{item.stem}.*"))
+        return Pair(item.stem, image, self.root / "masks" / f"{item.stem}.png")
+
+    def per_class(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for it in self.items:
+            counts[it.primary] = counts.get(it.primary, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def by_label_set(self) -> dict[tuple[int, ...], list[Pair]]:
+        """Exemplar pairs grouped by the class set their batch annotated."""
+        groups: dict[tuple[int, ...], list[Pair]] = {}
+        for it in self.items:
+            groups.setdefault(it.annotated, []).append(self.pair(it))
+        return groups
+
+    def refreshed(
+        self, pairs: list[Pair], batch_id: str, annotated: list[int], size: int, out: Path, seed: int = 0
+    ) -> ExemplarMemory:
+        """A new memory at `out` from this one plus a batch; old exemplars are kept first.
+
+        Round-robin over classes keeps the memory class-balanced as classes are added.
+        """
+        rng = random.Random(seed)
+        candidates: list[tuple[Exemplar, Pair]] = [(it, self.pair(it)) for it in self.items]
+        fresh = []
+        for p in pairs:
+            ids = set(np.unique(read_mask(p.mask)).tolist()) & set(annotated) - {0, IGNORE}
+            fresh.append((Exemplar(f"{batch_id}__{p.stem}", batch_id, tuple(sorted(annotated)), -1), p, ids))
+        rng.shuffle(fresh)
+        queues: dict[int, list[tuple[Exemplar, Pair]]] = {}
+        for it, p in candidates:
+            queues.setdefault(it.primary, []).append((it, p))
+        for it, p, ids in fresh:
+            for c in ids:
+                queues.setdefault(c, []).append((it, p))
+        chosen: dict[str, tuple[Exemplar, Pair]] = {}
+        while len(chosen) < size and any(queues.values()):
+            for c in sorted(queues):
+                while queues[c] and queues[c][0][0].stem in chosen:
+                    queues[c].pop(0)
+                if queues[c] and len(chosen) < size:
+                    it, p = queues[c].pop(0)
+                    chosen[it.stem] = (Exemplar(it.stem, it.batch_id, it.annotated, c), p)
+        return _write(out, list(chosen.values()))
+
+
+def _write(out: Path, chosen: list[tuple[Exemplar, Pair]]) -> ExemplarMemory:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("images", "masks"):
+        (tmp / sub).mkdir(parents=True)
+    for it, p in chosen:
+        shutil.copyfile(p.image, tmp / "images" / f"{it.stem}{p.image.suffix.lower()}")
+        shutil.copyfile(p.mask, tmp / "masks" / f"{it.stem}.png")
+    items = [it for it, _ in chosen]
+    (tmp / INDEX).write_text(yaml.safe_dump([{**asdict(it), "annotated": list(it.annotated)} for it in items]))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return ExemplarMemory(out, items)

@@ -1,0 +1,67 @@
+"""Update strategies: what an update trains on and which loss it minimises."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
+
+from incseg.config import ContinualParams, TrainParams
+from incseg.continual.distillation import pseudo_label, unbiased_cross_entropy, unbiased_distillation
+from incseg.continual.memory import ExemplarMemory
+from incseg.data.dataset import SegmentationFolder
+from incseg.losses import IGNORE, dice_loss, segmentation_loss
+
+STRATEGIES = ("naive", "replay", "distill", "replay+distill")
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def uses_replay(strategy: str) -> bool:
+    return "replay" in strategy
+
+
+def uses_distillation(strategy: str) -> bool:
+    return "distill" in strategy
+
+
+def training_set(
+    batch: SegmentationFolder, memory: ExemplarMemory, strategy: str, replay_fraction: float, transform, n_classes: int
+) -> tuple[Dataset, WeightedRandomSampler | None]:
+    """The batch alone, or the batch mixed with the memory so that about `replay_fraction`
+    of every epoch comes from the memory (an epoch still covers the batch about once)."""
+    if not uses_replay(strategy) or not memory.items or replay_fraction <= 0:
+        return batch, None
+    parts: list[SegmentationFolder] = [batch] + [
+        SegmentationFolder(pairs, transform, n_classes, annotated) for annotated, pairs in memory.by_label_set().items()
+    ]
+    n_mem = sum(len(p) for p in parts[1:])
+    weights = [(1 - replay_fraction) / len(batch)] * len(batch) + [replay_fraction / n_mem] * n_mem
+    n_samples = round(len(batch) / (1 - replay_fraction))
+    return ConcatDataset(parts), WeightedRandomSampler(weights, n_samples, replacement=True)
+
+
+def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, teacher: nn.Module | None) -> Objective:
+    """loss(logits, images, target, annotated) for the strategy; `teacher` is the old model."""
+    if not uses_distillation(strategy) or teacher is None:
+        return lambda logits, images, target, annotated: segmentation_loss(
+            logits, target, train.ce_weight, train.dice_weight
+        )
+    teacher.eval()
+
+    def objective(logits, images, target, annotated):
+        with torch.no_grad():
+            old = teacher(images)
+        if cont.pseudo_label_threshold > 0:
+            target = pseudo_label(target, old, cont.pseudo_label_threshold)
+        # Dice only where labels are trustworthy: background of a partially labelled sample may hide old classes.
+        partial = (~annotated).any(dim=1)[:, None, None]
+        dice_target = torch.where(partial & (target == 0), torch.full_like(target, IGNORE), target)
+        return (
+            train.ce_weight * unbiased_cross_entropy(logits, target, annotated)
+            + train.dice_weight * dice_loss(logits, dice_target)
+            + cont.distill_weight * unbiased_distillation(logits, old)
+        )
+
+    return objective

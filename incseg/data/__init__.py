@@ -1,0 +1,1 @@
+"""Data: the registry layout, the synthetic stream, datasets and joint transforms."""

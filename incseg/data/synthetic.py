@@ -1,0 +1,192 @@
+"""A seeded class-incremental stream of textured shape images, in the registry layout.
+
+One producer of the standard layout (`classes.yaml`, `holdout/`, `registry/<batch>/`):
+nothing downstream knows the data is synthetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from incseg.config import SynthParams
+from incseg.data.layout import BatchInfo, find_pairs, read_image, read_mask, write_classes, write_pair
+
+SHAPES = ("square", "circle", "triangle", "ring", "cross", "diamond", "ellipse", "bar")
+
+
+@dataclass(frozen=True)
+class Style:
+    """How an image looks: the domain-shift batch changes all of these."""
+
+    brightness: float = 1.0
+    noise: float = 0.04
+    texture_scale: int = 8
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+NORMAL = Style()
+SHIFTED = Style(brightness=0.7, noise=0.08, texture_scale=4, tint=(1.1, 0.85, 0.7))
+
+
+def shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask of one randomly placed, sized and rotated shape."""
+    r = rng.uniform(0.12, 0.24) * size
+    cx, cy = rng.uniform(r, size - r, 2)
+    angle = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = xx - cx, yy - cy
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    d2 = dx**2 + dy**2
+    if kind == "square":
+        return (abs(u) <= r * 0.8) & (abs(v) <= r * 0.8)
+    if kind == "circle":
+        return d2 <= r**2
+    if kind == "triangle":
+        edges = [np.cos(angle + k * 2 * np.pi / 3) * dx + np.sin(angle + k * 2 * np.pi / 3) * dy for k in range(3)]
+        return np.all([e <= r * 0.5 for e in edges], axis=0)
+    if kind == "ring":
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    if kind == "cross":
+        return ((abs(u) <= r) & (abs(v) <= r / 3)) | ((abs(v) <= r) & (abs(u) <= r / 3))
+    if kind == "diamond":
+        return abs(u) + abs(v) <= r
+    if kind == "ellipse":
+        return (u / r) ** 2 + (v / (0.45 * r)) ** 2 <= 1
+    if kind == "bar":
+        return (abs(u) <= r) & (abs(v) <= r / 5)
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def texture(size: int, style: Style, rng: np.random.Generator) -> np.ndarray:
+    """Smooth random colour field plus stripes: (size, size, 3) floats in [0, 1]."""
+    cells = max(2, size // style.texture_scale)
+    coarse = rng.uniform(0, 1, (cells, cells, 3))
+    idx = np.arange(size) * cells // size
+    field = coarse[idx][:, idx]
+    yy, xx = np.mgrid[0:size, 0:size]
+    theta, freq = rng.uniform(0, np.pi), rng.uniform(0.2, 0.8)
+    stripes = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(theta) + yy * np.sin(theta)))
+    base = rng.uniform(0.2, 0.8, 3)
+    return np.clip(0.5 * base + 0.35 * field + 0.15 * stripes[..., None], 0, 1)
+
+
+def class_pattern(c: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Stripes whose orientation and period belong to the class (jittered): a local cue
+    beside the shape, as real classes have their own textures. Colour stays random."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    theta = c * np.pi / 5 + rng.normal(0, 0.15)
+    period = 2.5 + (c % 3) * 1.5 + rng.normal(0, 0.2)
+    phase = rng.uniform(0, 2 * np.pi)
+    return 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period + phase))
+
+
+def render(objects: list[tuple[int, np.ndarray]], size: int, style: Style, rng: np.random.Generator) -> np.ndarray:
+    """Paint objects (class id, boolean mask) over a textured background; later ones occlude."""
+    img = texture(size, style, rng)
+    for c, m in objects:
+        img[m] = (class_pattern(c, size, rng)[..., None] * 0.35 + rng.uniform(0.1, 0.9, 3) * 0.65)[m]
+    img = img * style.brightness * np.asarray(style.tint) + rng.normal(0, style.noise, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def sample_image(
+    rng: np.random.Generator,
+    size: int,
+    must: int | None,
+    optional: list[int],
+    style: Style,
+    labelled: set[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image with class `must` present, some of `optional`, and masks for `labelled` only."""
+    others = [c for c in optional if c != must and rng.random() < 0.5]
+    if must is None and not others:
+        others = [int(rng.choice(optional))]
+    # the required class is painted last, so no other object hides it
+    order = [int(c) for c in rng.permutation(others)] + ([must] if must is not None else [])
+    objects = [(c, shape_mask(SHAPES[c - 1], size, rng)) for c in order]
+    mask = np.zeros((size, size), np.uint8)
+    for c, m in objects:
+        mask[m] = c if c in labelled else 0
+    return render(objects, size, style, rng), mask
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    batch_id: str
+    kind: str
+    new: list[int]
+    present: list[int]
+    labelled: set[int]
+    style: Style
+    count: int
+
+
+def plan_stream(p: SynthParams) -> list[BatchPlan]:
+    """Base batch, one batch per new class, then an optional domain-shift batch."""
+    base = list(range(1, p.base_classes + 1))
+    plans = [BatchPlan("batch-00", "base", base, base, set(base), NORMAL, p.base_images)]
+    known = list(base)
+    for step in range(p.new_classes):
+        c = p.base_classes + step + 1
+        olds = [] if p.old_classes == "absent" else list(known)
+        labelled = {c} | (set(known) if p.old_classes == "keep" else set())
+        plans.append(BatchPlan(f"batch-{step + 1:02d}", "new-class", [c], olds, labelled, NORMAL, p.step_images))
+        known.append(c)
+    if p.domain_shift:
+        n = len(plans)
+        plans.append(BatchPlan(f"batch-{n:02d}", "domain-shift", [], known, set(known), SHIFTED, p.step_images))
+    return plans
+
+
+def synthesize(out: Path, p: SynthParams) -> list[BatchInfo]:
+    """Write classes.yaml, the holdout and every batch of the stream under `out`."""
+    n_fg = p.base_classes + p.new_classes
+    if n_fg > len(SHAPES):
+        raise ValueError(f"at most {len(SHAPES)} foreground classes, asked for {n_fg}")
+    all_fg = list(range(1, n_fg + 1))
+    write_classes(out / "classes.yaml", {0: "background", **{c: SHAPES[c - 1] for c in all_fg}})
+    rng = np.random.default_rng([p.seed, 999])
+    holdout = out / "holdout"
+    for c in all_fg:
+        for i in range(p.holdout_per_class):
+            style = SHIFTED if p.domain_shift and i % 4 == 3 else NORMAL
+            img, mask = sample_image(rng, p.size, c, all_fg, style, set(all_fg))
+            write_pair(holdout, f"holdout_{c}_{i:03d}", img, mask)
+    infos = []
+    for index, plan in enumerate(plan_stream(p)):
+        rng = np.random.default_rng([p.seed, index])
+        bdir = out / "registry" / plan.batch_id
+        for i in range(plan.count):
+            must = plan.new[i % len(plan.new)] if plan.new else None
+            img, mask = sample_image(rng, p.size, must, plan.present, plan.style, plan.labelled)
+            write_pair(bdir, f"{plan.batch_id}_{i:04d}", img, mask)
+        info = BatchInfo(
+            batch_id=plan.batch_id,
+            classes=sorted(plan.labelled),
+            new_classes=plan.new if plan.kind != "domain-shift" else [],
+            kind=plan.kind,
+            made_by="incseg data synth",
+            seed=p.seed,
+        )
+        info.write(bdir)
+        infos.append(info)
+    return infos
+
+
+def poison_batch(src: Path, dst: Path) -> BatchInfo:
+    """Copy a batch with its label ids shifted cyclically (background included):
+    files that pass every format check but teach the wrong classes."""
+    info = BatchInfo.read(src)
+    ids = sorted(set(info.classes) | {0})
+    lut = np.arange(256, dtype=np.uint8)
+    lut[ids] = ids[1:] + ids[:1]
+    for pair in find_pairs(src):
+        write_pair(dst, pair.stem, read_image(pair.image), lut[read_mask(pair.mask)])
+    poisoned = BatchInfo(batch_id=dst.name, classes=info.classes, new_classes=[], kind="poisoned",
+                         made_by=f"poison_batch({src.name})", seed=info.seed)
+    poisoned.write(dst)
+    return poisoned

@@ -1,0 +1,72 @@
+"""Dataset-level confusion matrix and the IoU figures derived from it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+IGNORE = 255
+
+
+class ConfusionMatrix:
+    """Rows: ground truth, columns: prediction; label 255 (and any id >= n) is skipped."""
+
+    def __init__(self, num_classes: int):
+        self.n = num_classes
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        t, p = target.flatten().long(), pred.flatten().long()
+        keep = (t >= 0) & (t < self.n)
+        idx = self.n * t[keep].to(self.mat.device) + p[keep].to(self.mat.device)
+        self.mat += torch.bincount(idx, minlength=self.n**2).reshape(self.n, self.n)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over all processes of a distributed run."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.mat)
+
+    def iou(self) -> torch.Tensor:
+        """Per-class IoU; NaN for a class neither in ground truth nor predicted."""
+        tp = self.mat.diag().double()
+        union = self.mat.sum(0).double() + self.mat.sum(1).double() - tp
+        return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+    def present(self) -> list[int]:
+        """Classes that occur in the ground truth."""
+        return [c for c in range(self.n) if self.mat[c].sum() > 0]
+
+    def pixel_accuracy(self) -> float:
+        total = self.mat.sum().item()
+        return self.mat.diag().sum().item() / total if total else float("nan")
+
+
+def mean_iou(cm: ConfusionMatrix, classes: Iterable[int] | None = None) -> float:
+    """Mean IoU over `classes` (default: all) that occur in the ground truth."""
+    iou = cm.iou()
+    scope = [c for c in (range(cm.n) if classes is None else classes) if c in set(cm.present())]
+    return float(iou[scope].mean()) if scope else float("nan")
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    if a != a or b != b:  # NaN: one group is empty
+        return a if b != b else b
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def iou_report(cm: ConfusionMatrix, old: Iterable[int], new: Iterable[int], names: dict[int, str]) -> dict:
+    """Per-class IoU and the means: over old + new (`miou`), old, new, and their harmonic mean."""
+    old, new = sorted(set(old)), sorted(set(new) - set(old))
+    iou = cm.iou()
+    per_class = {names.get(c, str(c)): (None if iou[c] != iou[c] else round(float(iou[c]), 4)) for c in range(cm.n)}
+    m_old, m_new = mean_iou(cm, old), mean_iou(cm, new)
+    return {
+        "per_class": per_class,
+        "miou": mean_iou(cm, old + new),
+        "miou_old": m_old,
+        "miou_new": m_new,
+        "hiou": harmonic_mean(m_old, m_new),
+        "pixel_accuracy": cm.pixel_accuracy(),
+        "in_scope": old + new,
+    }

@@ -1,0 +1,143 @@
+"""Segmentation models, the plain checkpoint format, and head expansion for new classes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ARCHS = ("unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """A small U-Net: three down-sampling stages, skip connections, a 1x1 classifier `head`."""
+
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+        w = width
+        self.enc = nn.ModuleList([_block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
+        self.bottleneck = _block(4 * w, 8 * w)
+        self.up = nn.ModuleList([nn.ConvTranspose2d(c * 2, c, 2, stride=2) for c in (4 * w, 2 * w, w)])
+        self.dec = nn.ModuleList([_block(c * 2, c) for c in (4 * w, 2 * w, w)])
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad = ((-h) % 8, (-w) % 8)
+        x = nn.functional.pad(x, (0, pad[1], 0, pad[0]))
+        skips = []
+        for enc in self.enc:
+            x = enc(x)
+            skips.append(x)
+            x = nn.functional.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.head(x)[..., :h, :w]
+
+
+class TorchvisionSegmenter(nn.Module):
+    """torchvision's segmentation models (random init, no downloads) returning plain logits."""
+
+    def __init__(self, arch: str, num_classes: int):
+        super().__init__()
+        from torchvision.models import segmentation
+
+        builder = getattr(segmentation, arch)
+        self.net = builder(weights=None, weights_backbone=None, num_classes=num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+
+def build_model(arch: str, num_classes: int, width: int = 16) -> nn.Module:
+    if arch == "unet":
+        model: nn.Module = UNet(num_classes, width)
+    elif arch in ARCHS:
+        model = TorchvisionSegmenter(arch, num_classes)
+    else:
+        raise ValueError(f"unknown model.arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    model.arch, model.width = arch, width
+    return model
+
+
+def _head_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every conv that emits class logits."""
+    if isinstance(model, UNet):
+        return [(model, "head")]
+    clf = model.net.classifier
+    if hasattr(clf, "low_classifier"):  # LR-ASPP sums two classifier convs
+        return [(clf, "low_classifier"), (clf, "high_classifier")]
+    return [(clf, str(len(clf) - 1))]
+
+
+def num_classes(model: nn.Module) -> int:
+    parent, name = _head_slots(model)[0]
+    return getattr(parent, name).out_channels
+
+
+@torch.no_grad()
+def expand_classes(model: nn.Module, n_new: int) -> nn.Module:
+    """Grow every classifier conv by `n_new` outputs; old-class logits stay identical.
+
+    New-class weights copy the background's (MiB's initialisation): new classes are
+    carved out of background, where the old model put them. Their bias is lowered by
+    log(n_new + 1) so that background still wins at first and predictions do not jump.
+    """
+    if n_new <= 0:
+        return model
+    for parent, name in _head_slots(model):
+        old: nn.Conv2d = getattr(parent, name)
+        new = nn.Conv2d(old.in_channels, old.out_channels + n_new, old.kernel_size, old.stride,
+                        old.padding, bias=old.bias is not None).to(old.weight.device)
+        new.weight[: old.out_channels] = old.weight
+        new.weight[old.out_channels:] = old.weight[:1]
+        if old.bias is not None:
+            new.bias[: old.out_channels] = old.bias
+            new.bias[old.out_channels:] = old.bias[0] - math.log(n_new + 1)
+        setattr(parent, name, new)
+    return model
+
+
+def checkpoint(model: nn.Module, classes: dict[int, str], **extra: Any) -> dict[str, Any]:
+    """The plain, pickle-free checkpoint: architecture, class list and state_dict."""
+    return {
+        "arch": model.arch,
+        "width": model.width,
+        "num_outputs": num_classes(model),
+        "classes": {int(k): v for k, v in classes.items()},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+
+
+def save_checkpoint(path: Path, model: nn.Module, classes: dict[int, str], **extra: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint(model, classes, **extra), tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[int, str], dict[str, Any]]:
+    """(model, classes, the whole checkpoint dict), loaded with `weights_only=True`."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    classes = {int(k): v for k, v in ckpt["classes"].items()}
+    model = build_model(ckpt["arch"], ckpt["num_outputs"], ckpt["width"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model, classes, ckpt
+

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny params, a tiny synthetic stream, isolated Prefect/MLflow state."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before any Prefect / GX import: never touch the user's ~/.prefect, no analytics.
+_STATE = Path(tempfile.mkdtemp(prefix="incseg-tests-"))
+os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
+os.environ["GX_ANALYTICS_ENABLED"] = "false"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import pytest  # noqa: E402
+
+from incseg.config import Params, Workspace  # noqa: E402
+from incseg.data.synthetic import synthesize  # noqa: E402
+
+
+def tiny_params(**sections) -> Params:
+    """32x32 images, a width-8 U-Net: seconds per training run on 2 CPU cores."""
+    base = {
+        "data": {"image_size": 32},
+        "synth": {"size": 32, "base_images": 96, "step_images": 64, "holdout_per_class": 6, "new_classes": 2},
+        "model": {"width": 8},
+        "train": {"bootstrap_epochs": 30, "update_epochs": 12, "batch_size": 16},
+        "continual": {"memory_size": 32},
+        "eval": {"preview_images": 4},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return Params.model_validate(base)
+
+
+def make_workspace(root: Path, params: Params | None = None) -> Workspace:
+    """A workspace folder with params.yaml and the tiny synthetic stream."""
+    import yaml
+
+    params = params or tiny_params()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
+    ws = Workspace(root)
+    synthesize(ws.data_dir, params.synth)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def stream_dir(tmp_path_factory) -> Path:
+    """The tiny synthetic stream, written once per session (read-only for tests)."""
+    out = tmp_path_factory.mktemp("stream")
+    synthesize(out, tiny_params().synth)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory):
+    """A tiny U-Net trained on the base batch, with its workspace (shared, do not mutate)."""
+    from incseg.pipeline import Batch, train_base
+
+    ws = make_workspace(tmp_path_factory.mktemp("base-ws"))
+    batch = Batch.load(ws.registry_dir / "batch-00")
+    model, result = train_base(ws, batch, progress=False)
+    return ws, model, result

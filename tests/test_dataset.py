@@ -1,0 +1,72 @@
+import numpy as np
+import torch
+from PIL import Image
+
+from incseg.data.dataset import MEAN, STD, SegmentationFolder, eval_transforms, to_sample, train_transforms
+from incseg.data.layout import BatchInfo, find_pairs, read_mask, write_pair
+
+
+def blocky_sample(rng):
+    """An image whose pixels encode their own label: label = red level / 60."""
+    labels = rng.integers(0, 4, (4, 4)).repeat(16, 0).repeat(16, 1).astype(np.uint8)
+    image = np.stack([labels * 60] * 3, axis=-1).astype(np.uint8)
+    return image, labels
+
+
+def decoded_agreement(image, mask, margin=2):
+    """Share of pixels whose label decoded from the image equals the mask, away from edges
+    (where interpolation legitimately blends two labels)."""
+    red = image[0] * STD[0] + MEAN[0]  # back to [0, 1]
+    decoded = torch.round(red * 255 / 60).long()
+    interior = torch.ones_like(mask, dtype=torch.bool)
+    for d in range(1, margin + 1):
+        for dim in (0, 1):
+            for s in (d, -d):
+                interior &= torch.roll(mask, s, dim) == mask
+    return (decoded == mask)[interior].float().mean().item()
+
+
+def test_random_crops_and_flips_keep_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    tf = train_transforms(32, augment=True)
+    aligned, misaligned = [], []
+    for i in range(20):
+        image, mask = blocky_sample(rng)
+        torch.manual_seed(i)
+        img_t, mask_t = tf(*to_sample(image, mask))
+        aligned.append(decoded_agreement(img_t, mask_t))
+        torch.manual_seed(1000 + i)  # same transform, other random draw for the mask alone
+        _, other_mask = tf(*to_sample(image, mask))
+        misaligned.append(decoded_agreement(img_t, other_mask))
+    assert min(aligned) > 0.95 and np.mean(aligned) > 0.99, aligned
+    assert np.mean(misaligned) < 0.8
+
+
+def test_masks_stay_integer_label_maps_after_resize():
+    image, mask = blocky_sample(np.random.default_rng(1))
+    img_t, mask_t = eval_transforms(40)(*to_sample(image, mask))
+    assert img_t.shape == (3, 40, 40) and mask_t.dtype == torch.int64
+    assert set(mask_t.unique().tolist()) <= set(np.unique(mask).tolist())
+
+
+def test_palette_png_masks_load_as_label_ids(tmp_path):
+    ids = np.array([[0, 1, 2], [15, 255, 3]], dtype=np.uint8)
+    im = Image.fromarray(ids, "P")
+    palette = np.random.default_rng(0).integers(0, 255, 768).astype(np.uint8)
+    im.putpalette(palette.tolist())
+    im.save(tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").mode == "P"
+    assert np.array_equal(read_mask(tmp_path / "m.png"), ids)
+
+
+def test_pairs_are_matched_by_stem_and_annotation_flags(tmp_path):
+    rng = np.random.default_rng(2)
+    for stem in ("a", "b"):
+        write_pair(tmp_path, stem, *blocky_sample(rng))
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "masks" / "orphan.png")
+    pairs = find_pairs(tmp_path)
+    assert [p.stem for p in pairs] == ["a", "b"]
+    ds = SegmentationFolder(pairs, eval_transforms(16), num_classes=5, annotated=[2])
+    _, _, annotated = ds[0]
+    assert annotated.tolist() == [True, False, True, False, False]
+    assert BatchInfo.read(tmp_path).classes == [0, 1, 2, 3]

@@ -1,0 +1,57 @@
+import math
+
+import torch
+
+from incseg.metrics import ConfusionMatrix, harmonic_mean, iou_report, mean_iou
+
+
+def cm_of(target, pred, n=3):
+    cm = ConfusionMatrix(n)
+    cm.update(torch.tensor(target), torch.tensor(pred))
+    return cm
+
+
+def test_perfect_prediction_has_iou_one():
+    cm = cm_of([0, 1, 2, 2], [0, 1, 2, 2])
+    assert cm.iou().tolist() == [1.0, 1.0, 1.0]
+    assert mean_iou(cm) == 1.0
+
+
+def test_disjoint_prediction_has_iou_zero():
+    cm = cm_of([1, 1, 2, 2], [2, 2, 1, 1])
+    assert cm.iou()[1].item() == 0.0 and cm.iou()[2].item() == 0.0
+
+
+def test_hand_computed_iou():
+    # class 1: tp=2, fp=1, fn=1 -> 2/4 ; class 0: tp=1, fp=1, fn=1 -> 1/3
+    cm = cm_of([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], n=2)
+    assert torch.allclose(cm.iou(), torch.tensor([1 / 3, 0.5], dtype=torch.float64))
+    assert math.isclose(mean_iou(cm), (1 / 3 + 0.5) / 2)
+
+
+def test_ignore_pixels_are_excluded():
+    with_ignore = cm_of([0, 1, 255, 255], [0, 1, 2, 0])
+    assert with_ignore.mat.sum().item() == 2
+    assert with_ignore.iou()[:2].tolist() == [1.0, 1.0]
+
+
+def test_class_absent_from_ground_truth_is_excluded_from_mean():
+    # class 2 never in ground truth but predicted once: IoU 0, yet not in the mean
+    cm = cm_of([0, 0, 1, 1], [0, 2, 1, 1])
+    assert cm.iou()[2].item() == 0.0
+    assert cm.present() == [0, 1]
+    assert math.isclose(mean_iou(cm), (0.5 + 1.0) / 2)
+
+
+def test_old_new_and_harmonic_iou():
+    cm = cm_of([0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 0])
+    r = iou_report(cm, old=[0, 1], new=[2], names={0: "bg", 1: "a", 2: "b"})
+    assert math.isclose(r["miou_old"], (2 / 3 + 1.0) / 2)
+    assert math.isclose(r["miou_new"], 0.5)
+    assert math.isclose(r["hiou"], 2 * r["miou_old"] * 0.5 / (r["miou_old"] + 0.5))
+    assert r["per_class"]["b"] == 0.5
+
+
+def test_harmonic_mean_of_one_empty_group_is_the_other():
+    assert harmonic_mean(0.6, float("nan")) == 0.6
+    assert harmonic_mean(0.0, 0.0) == 0.0
