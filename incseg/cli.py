@@ -13,14 +13,15 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from incseg.config import ConfigError, Workspace
-from incseg.data.layout import DataError
+from incseg.data.layout import DataError, list_batches
+from incseg.registry import RegistryError
 
 
 class Failure(Exception):
     """An expected failure (bad input, missing champion, unknown version)."""
 
 
-EXPECTED_FAILURES: tuple[type[Exception], ...] = (Failure, ConfigError, DataError)
+EXPECTED_FAILURES: tuple[type[Exception], ...] = (Failure, ConfigError, DataError, RegistryError)
 
 
 class _Group(TyperGroup):
@@ -104,14 +105,120 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None or v != v else f"{v:.3f}"
 
 
+def quiet_prefect() -> None:
+    """Prefect's own INFO lines would drown the CLI's output; warnings still show."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def print_result(result) -> None:
+    colour = {"promoted": "green", "rejected": "yellow"}.get(result.status, "red")
+    console.print(f"[bold]{result.batch_id}[/bold]: [{colour}]{result.status}[/{colour}] - {result.reason}")
+    if result.candidate_version:
+        console.print(f"  candidate version {result.candidate_version}; champion "
+                      f"{result.champion_before or '-'} -> {result.champion_after or '-'}")
+
+
+@app.command()
+def bootstrap(
+    ctx: typer.Context,
+    batch_id: Annotated[Optional[str], typer.Option(help="Batch to train on (default: the oldest).")] = None,
+) -> None:
+    """Train the first model on one batch; register it as a version with alias `champion`."""
+    quiet_prefect()
+    from flows.update import bootstrap as bootstrap_flow
+
+    ws = workspace(ctx)
+    batches = list_batches(ws.registry_dir)
+    if not batches:
+        raise Failure(f"no batches in {ws.registry_dir}: run `incseg data synth` or `incseg data add`")
+    result = bootstrap_flow(batch_id or batches[0], str(ws.root))
+    print_result(result)
+
+
+@app.command("update")
+def update_cmd(ctx: typer.Context, batch_id: Annotated[str, typer.Argument(help="Batch id in data/registry/.")]) -> None:
+    """Run the incremental update flow on one batch: validate, train, judge, promote or keep."""
+    quiet_prefect()
+    from flows.update import incremental_update
+
+    ws = workspace(ctx)
+    result = incremental_update(batch_id, str(ws.root))
+    print_result(result)
+    if result.status == "invalid":
+        raise typer.Exit(1)
+
+
+def models_table(ws: Workspace) -> Table:
+    from incseg.registry import ModelRegistry
+
+    reg = ModelRegistry(ws)
+    by_version: dict[str, list[str]] = {}
+    for alias, v in reg.aliases().items():
+        by_version.setdefault(str(v), []).append(alias)
+    table = Table("version", "alias", "status", "batch", "mIoU", "parent", "reason", title=f"model '{reg.name}'")
+    for mv in reg.versions():
+        t = mv.tags
+        table.add_row(str(mv.version), ",".join(by_version.get(str(mv.version), [])), t.get("status", ""), t.get("batch_id", ""),
+                      t.get("candidate_miou", ""), t.get("parent_version", ""), t.get("reason", "")[:70])
+    return table
+
+
+@app.command()
+def models(ctx: typer.Context) -> None:
+    """List model versions with alias, status, reason, batch and mIoU."""
+    console.print(models_table(workspace(ctx)))
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="Model version to serve.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in tags).")] = "manual promotion",
+) -> None:
+    """Move `champion` to VERSION by hand."""
+    from incseg.registry import ModelRegistry
+
+    previous = ModelRegistry(workspace(ctx)).set_champion(version, reason)
+    console.print(f"champion: {previous or '-'} -> {version}")
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    reason: Annotated[str, typer.Option(help="Why (recorded in tags).")] = "manual rollback",
+) -> None:
+    """Move `champion` back to the version it pointed to before."""
+    from incseg.registry import ModelRegistry
+
+    frm, to = ModelRegistry(workspace(ctx)).rollback(reason)
+    console.print(f"champion: {frm} -> {to}")
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the workspace's store (runs, metrics, pictures, model versions)."""
+    import subprocess
+    import sys
+
+    ws = workspace(ctx)
+    console.print(f"MLflow UI for {ws.tracking_uri} at http://127.0.0.1:{port}")
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri,
+                    "--host", "127.0.0.1", "--port", str(port)], check=False)
+
+
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Argument(help="Demo workspace (re-created on each run).")] = Path("demo-workspace"),
 ) -> None:
-    """Run the product end to end on synthetic data in a fresh workspace."""
-    from incseg.data.synthetic import synthesize
+    """The whole loop on synthetic data: bootstrap, each batch through the update, a poisoned batch."""
+    quiet_prefect()
+    from flows.update import bootstrap as bootstrap_flow
+    from flows.update import incremental_update
+    from incseg.data.synthetic import poison_batch, synthesize
     from incseg.datastore import init_workspace
-    from incseg.pipeline import Batch, holdout_report, train_base
 
     if directory.exists():
         if not (directory / DEMO_MARKER).exists() and any(directory.iterdir()):
@@ -122,10 +229,15 @@ def demo(
     ws = Workspace(directory)
     console.rule("1. synthetic class-incremental stream")
     infos = synthesize(ws.data_dir, ws.params.synth)
-    console.print(f"{len(infos)} batches in {ws.registry_dir}, holdout in {ws.holdout_dir}")
-    console.rule("2. first model on the base batch")
-    batch = Batch.load(ws.registry_dir / infos[0].batch_id)
-    model, _ = train_base(ws, batch)
-    report = holdout_report(ws, model, batch.classes, [])
-    console.print(iou_table(f"holdout IoU after {batch.batch_id}", {"base model": report}))
-
+    poisoned = poison_batch(ws.registry_dir / infos[-1].batch_id, ws.registry_dir / f"batch-{len(infos):02d}-poisoned")
+    console.print(f"{len(infos)} batches + 1 poisoned ({poisoned.batch_id}) in {ws.registry_dir}")
+    console.rule(f"2. bootstrap on {infos[0].batch_id}")
+    print_result(bootstrap_flow(infos[0].batch_id, str(ws.root)))
+    results = []
+    for batch_id in [i.batch_id for i in infos[1:]] + [poisoned.batch_id]:
+        console.rule(f"3. incremental update: {batch_id}")
+        results.append(incremental_update(batch_id, str(ws.root)))
+        print_result(results[-1])
+    console.rule("4. model versions")
+    console.print(models_table(ws))
+    console.print(f"Review runs, metrics, pictures and versions: incseg -C {directory} ui  (http://127.0.0.1:5000)")

@@ -49,12 +49,12 @@ class TrainParams(Section):
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-2, gt=0, description="peak learning rate from scratch (bootstrap)")
-    update_lr: float = Field(3e-3, gt=0, description="peak learning rate when continuing the champion")
+    update_lr: float = Field(5e-3, gt=0, description="peak learning rate when continuing the champion")
     weight_decay: float = Field(1e-4, ge=0)
     ce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(0.5, ge=0)
     bootstrap_epochs: int = Field(20, ge=1)
-    update_epochs: int = Field(10, ge=1)
+    update_epochs: int = Field(16, ge=1)
     augment: bool = True
     num_workers: int = Field(0, ge=0)
 

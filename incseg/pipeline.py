@@ -65,7 +65,7 @@ def holdout_report(ws: Workspace, model: nn.Module, old: list[int], new: list[in
 
 
 def train_base(
-    ws: Workspace, batch: Batch, *, progress: bool = True, on_epoch: Callable[[EpochStats], None] | None = None,
+    ws: Workspace, batch: Batch, *, progress: bool = True, on_epoch: Callable[[EpochStats, nn.Module], None] | None = None,
     checkpoint_path: Path | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """A first model from scratch on one batch, with a head for every class it annotates."""
@@ -86,7 +86,7 @@ def train_base(
 
 def train_candidate(
     params: Params, champion: nn.Module, batch: Batch, memory: ExemplarMemory, *, progress: bool = True,
-    on_epoch: Callable[[EpochStats], None] | None = None, checkpoint_path: Path | None = None,
+    on_epoch: Callable[[EpochStats, nn.Module], None] | None = None, checkpoint_path: Path | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """Continue training a copy of the champion on the batch with the configured strategy.
 

@@ -80,7 +80,7 @@ def train(
     weight_decay: float = 0.0,
     device: torch.device = torch.device("cpu"),
     checkpoint_path: Path | None = None,
-    on_epoch: Callable[[EpochStats], None] | None = None,
+    on_epoch: Callable[[EpochStats, nn.Module], None] | None = None,
     progress: bool = True,
     description: str = "train",
 ) -> TrainResult:
@@ -100,7 +100,7 @@ def train(
             if checkpoint_path is not None:
                 _save_state(checkpoint_path, model, opt, sched, result, epochs)
             if on_epoch is not None:
-                on_epoch(stats)
+                on_epoch(stats, model)
             bar.update(task, advance=1, info=f"loss {stats.loss:.4f}")
     return result
 

@@ -63,3 +63,12 @@ def base_model(tmp_path_factory):
     batch = Batch.load(ws.registry_dir / "batch-00")
     model, result = train_base(ws, batch, progress=False)
     return ws, model, result
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Prefect's real ephemeral API, started once per session (a cold start is slow)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -28,7 +28,7 @@ def test_training_resumes_from_its_checkpoint(base_model, tmp_path):
     batch = Batch.load(ws.registry_dir / "batch-00")
     ckpt = tmp_path / "state.pt"
 
-    def crash_after_two(stats):
+    def crash_after_two(stats, model):
         if stats.epoch == 2:
             raise KeyboardInterrupt("simulated crash")
 

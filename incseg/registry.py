@@ -1,0 +1,214 @@
+"""MLflow tracking and Model Registry: runs, versions, lineage tags and the `champion` alias.
+
+The serving model is the version behind the alias `champion`; a candidate carries
+`challenger` while it is judged. Every version keeps a plain, pickle-free checkpoint
+(`checkpoint/model.pt`: arch, classes, state_dict) and its exemplar memory (`memory/`)
+beside the MLflow-logged PyTorch model, so an update can always load it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from torch import nn
+
+from incseg.config import Workspace
+from incseg.continual.memory import ExemplarMemory
+from incseg.models import load_checkpoint, save_checkpoint
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+CHECKPOINT = "checkpoint/model.pt"
+MEMORY = "memory"
+
+
+class RegistryError(RuntimeError):
+    """An expected registry failure: no champion yet, unknown version, unreachable store."""
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    model: nn.Module
+    classes: dict[int, str]
+    memory: ExemplarMemory
+    run_id: str
+
+
+def who() -> str:
+    return os.environ.get("INCSEG_USER") or getpass.getuser()
+
+
+def use_store(uri: str) -> None:
+    """Point MLflow's fluent API at `uri` without leaking it into MLFLOW_TRACKING_URI
+    (mlflow sets that variable, which would then override every other workspace's store)."""
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+class ModelRegistry:
+    """One registered model (`model.name` in params) in the workspace's tracking store."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self.uri = ws.tracking_uri
+        self.name = ws.params.model.name
+        use_store(self.uri)
+        self.client = MlflowClient(self.uri, self.uri)
+
+    # ---- runs -------------------------------------------------------------------------
+    def experiment_id(self) -> str:
+        name = self.ws.params.mlflow.experiment
+        try:
+            exp = self.client.get_experiment_by_name(name)
+        except MlflowException as err:
+            raise RegistryError(f"MLflow tracking store {self.uri} is unreachable: {err}") from err
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(name, artifact_location=self.ws.artifact_location)
+
+    def start_run(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def end_run(self, run_id: str, failed: bool = False) -> None:
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def log_model(self, run_id: str, model: nn.Module, classes: dict[int, str], memory: ExemplarMemory,
+                  input_example) -> str:
+        """Log the PyTorch model (signature + example), the plain checkpoint and the memory."""
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.cpu().eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = save_checkpoint(Path(tmp) / "model.pt", model, classes)
+            self.client.log_artifact(run_id, str(ckpt), "checkpoint")
+        if memory.root is not None and memory.items:
+            self.client.log_artifacts(run_id, str(memory.root), MEMORY)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=infer_signature(input_example, output),
+                input_example=input_example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                serialization_format="pickle",  # torch.export would fix the input size
+            )
+        return info.model_uri
+
+    # ---- versions ---------------------------------------------------------------------
+    def register(self, run_id: str, model_uri: str, tags: dict[str, str]) -> ModelVersion:
+        """A new version, tagged `status=pending`, carrying `challenger` while it is judged."""
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(self.name, description="incseg segmentation model")
+        mv = mlflow.register_model(model_uri, self.name, tags={**tags, "status": "pending", "run_id": run_id})
+        self.client.set_registered_model_alias(self.name, CHALLENGER, str(mv.version))
+        return mv
+
+    def judge(self, version: str, status: str, reason: str, tags: dict[str, str]) -> None:
+        """Record the verdict on the version and take `challenger` off it."""
+        for k, v in {**tags, "status": status, "reason": reason[:4900]}.items():
+            self.client.set_model_version_tag(self.name, version, k, str(v))
+        self.clear_challenger(version)
+
+    def clear_challenger(self, version: str) -> None:
+        try:
+            if str(self.client.get_model_version_by_alias(self.name, CHALLENGER).version) == str(version):
+                self.client.delete_registered_model_alias(self.name, CHALLENGER)
+        except MlflowException:
+            pass
+
+    def champion(self) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(self.name, CHAMPION)
+        except MlflowException as err:
+            if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower():
+                return None
+            raise RegistryError(f"MLflow registry at {self.uri}: {err}") from err
+
+    def require_champion(self) -> ModelVersion:
+        mv = self.champion()
+        if mv is None:
+            raise RegistryError(f"model '{self.name}' has no champion in {self.uri}: run `incseg bootstrap` first")
+        return mv
+
+    def version(self, version: str | int) -> ModelVersion:
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException as err:
+            raise RegistryError(f"model '{self.name}' has no version {version}") from err
+
+    def set_champion(self, version: str | int, reason: str) -> str | None:
+        """Move `champion` to `version`; the version remembers the one it replaced."""
+        mv = self.version(version)
+        if mv.tags.get("status") in ("pending", "diverged"):
+            raise RegistryError(f"version {version} is {mv.tags['status']}; it cannot serve")
+        before = self.champion()
+        previous = str(before.version) if before else None
+        if previous == str(mv.version):
+            return previous
+        tags = {"previous_champion": previous or "", "champion_set_by": who(), "champion_set_reason": reason}
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.name, mv.version, k, v)
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(mv.version))
+        return previous
+
+    def rollback(self, reason: str) -> tuple[str, str]:
+        """Move `champion` back to the version it pointed to before; returns (from, to)."""
+        current = self.require_champion()
+        target = current.tags.get("previous_champion")
+        if not target:
+            raise RegistryError(f"version {current.version} has no previous champion to roll back to")
+        self.version(target)
+        self.client.set_registered_model_alias(self.name, CHAMPION, target)
+        for k, v in {"rolled_back_by": who(), "rolled_back_reason": reason, "rolled_back_to": target}.items():
+            self.client.set_model_version_tag(self.name, current.version, k, v)
+        return str(current.version), target
+
+    def versions(self) -> list[ModelVersion]:
+        try:
+            found = self.client.search_model_versions(f"name='{self.name}'")
+        except MlflowException:
+            return []
+        return sorted(found, key=lambda mv: int(mv.version))
+
+    def aliases(self) -> dict[str, str]:
+        try:
+            return {k: str(v) for k, v in self.client.get_registered_model(self.name).aliases.items()}
+        except MlflowException:
+            return {}
+
+    def load(self, mv: ModelVersion, scratch: Path) -> LoadedModel:
+        """The version's model (from the plain checkpoint) and its exemplar memory."""
+        run_id = mv.tags.get("run_id") or mv.run_id
+        dst = scratch / f"v{mv.version}"
+        dst.mkdir(parents=True, exist_ok=True)
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT, dst_path=str(dst),
+                                                   tracking_uri=self.uri)
+        model, classes, _ = load_checkpoint(Path(path))
+        try:
+            mem = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MEMORY, dst_path=str(dst),
+                                                      tracking_uri=self.uri)
+            memory = ExemplarMemory.load(Path(mem))
+        except (MlflowException, OSError):
+            memory = ExemplarMemory.empty()
+        return LoadedModel(str(mv.version), model, classes, memory, run_id)

@@ -1,0 +1,222 @@
+"""The steps of bootstrap and incremental update that touch the registry, as plain functions.
+
+Order matters for safety: train first (no registry change), then log and register the
+candidate as `challenger` with `status=pending`, judge it on the holdout, and only then
+move `champion`. A crash before the verdict never moves `champion`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+import incseg
+from incseg.config import Workspace
+from incseg.continual.memory import ExemplarMemory
+from incseg.data.dataset import eval_transforms, to_sample
+from incseg.data.layout import DataError, find_pairs, read_classes, read_image, read_mask
+from incseg.gate import Decision, decide
+from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
+from incseg.models import num_classes
+from incseg.pipeline import Batch, holdout_matrix
+from incseg.registry import ModelRegistry
+from incseg.training import EpochStats
+
+
+@dataclass
+class UpdateResult:
+    """What an update decided, with the numbers behind it."""
+
+    batch_id: str
+    status: str  # promoted | rejected | invalid | diverged
+    reason: str
+    candidate_version: str | None = None
+    champion_before: str | None = None
+    champion_after: str | None = None
+    run_id: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- data and lineage ------------------------------------------------------------------
+def batch_hash(batch_dir: Path) -> str:
+    """The batch's content hash: DVC's md5 from `<batch>.dvc` when tracked, else a sha256 of its files."""
+    dvc_file = batch_dir.with_name(batch_dir.name + ".dvc")
+    if dvc_file.exists():
+        import yaml
+
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        if outs[0].get("md5"):
+            return "md5:" + outs[0]["md5"]
+    h = hashlib.sha256()
+    for f in sorted(p for p in batch_dir.rglob("*") if p.is_file()):
+        h.update(f.relative_to(batch_dir).as_posix().encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return "sha256:" + h.hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of the incseg code, or its package version outside a checkout."""
+    src = Path(incseg.__file__).resolve().parent
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else f"incseg=={incseg.__version__}"
+
+
+def lineage_tags(batch: Batch, parent: str | None) -> dict[str, str]:
+    return {
+        "batch_id": batch.batch_id,
+        "data_hash": batch_hash(batch.root),
+        "parent_version": parent or "",
+        "code_version": code_version(),
+        "batch_classes": ",".join(map(str, batch.classes)),
+    }
+
+
+def load_checked_batch(ws: Workspace, batch_id: str) -> Batch:
+    """The batch, after the basic checks: readable pairs, known label ids, one image size."""
+    root = ws.registry_dir / batch_id
+    if not root.is_dir():
+        raise DataError(f"no batch '{batch_id}' in {ws.registry_dir}")
+    batch = Batch.load(root)
+    known = set(read_classes(ws.classes_file)) | {255}
+    for pair in batch.pairs:
+        image, mask = read_image(pair.image), read_mask(pair.mask)
+        if image.shape[:2] != mask.shape:
+            raise DataError(f"{pair.mask}: mask size {mask.shape} differs from image size {image.shape[:2]}")
+        unknown = set(np.unique(mask).tolist()) - known
+        if unknown:
+            raise DataError(f"{pair.mask}: unknown label ids {sorted(unknown)} (classes.yaml lists {sorted(known - {255})})")
+    return batch
+
+
+# ---- runs --------------------------------------------------------------------------------
+def start_run(reg: ModelRegistry, kind: str, batch: Batch, parent: str | None) -> str:
+    tags = {"incseg.kind": kind, "outcome": "running", **lineage_tags(batch, parent)}
+    return reg.start_run(f"{kind}-{batch.batch_id}", tags, reg.ws.params.flat())
+
+
+def epoch_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]):
+    """on_epoch callback: logs train loss and holdout mIoU (over `scope`) per epoch."""
+
+    def log(stats: EpochStats, model: nn.Module) -> None:
+        miou = mean_iou(holdout_matrix(ws, model), scope)
+        reg.client.log_metric(run_id, "train_loss", stats.loss, step=stats.epoch)
+        reg.client.log_metric(run_id, "holdout_miou", miou, step=stats.epoch)
+        model.train()
+
+    return log
+
+
+def input_example(ws: Workspace) -> np.ndarray:
+    pair = find_pairs(ws.holdout_dir)[0]
+    x, _ = eval_transforms(ws.params.data.image_size)(*to_sample(read_image(pair.image), read_mask(pair.mask)))
+    return x[None].numpy().astype(np.float32)
+
+
+def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:
+    names = read_classes(ws.classes_file)
+    return {c: names.get(c, str(c)) for c in range(num_classes(model))}
+
+
+def refresh_memory(ws: Workspace, memory: ExemplarMemory, batch: Batch, run_id: str) -> ExemplarMemory:
+    """The candidate's memory: the champion's plus this batch, written to the run's scratch."""
+    p = ws.params.continual
+    out = ws.runs_dir / run_id / "memory"
+    return memory.refreshed(batch.pairs, batch.batch_id, batch.classes, p.memory_size, out, ws.params.train.seed)
+
+
+def log_candidate(ws: Workspace, reg: ModelRegistry, run_id: str, model: nn.Module, memory: ExemplarMemory,
+                  tags: dict[str, str]) -> str:
+    """Log the model, its checkpoint and memory, and register it as a pending challenger."""
+    uri = reg.log_model(run_id, model, class_names(ws, model), memory, input_example(ws))
+    return str(reg.register(run_id, uri, tags).version)
+
+
+# ---- judging -----------------------------------------------------------------------------
+@dataclass
+class Judgement:
+    decision: Decision
+    candidate: dict
+    champion: dict
+    matrices: dict[str, ConfusionMatrix]
+
+
+def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch: Batch) -> Judgement:
+    """Evaluate both models on the holdout with the same code and scope, then apply the gate.
+
+    Without a champion (bootstrap) the candidate is promoted and its numbers recorded.
+    """
+    names = read_classes(ws.classes_file)
+    old = list(range(num_classes(champion))) if champion is not None else []
+    new = [c for c in batch.classes if c not in old]
+    cms = {"candidate": holdout_matrix(ws, candidate)}
+    if champion is not None:
+        cms["champion"] = holdout_matrix(ws, champion)
+    reports = {k: iou_report(cm, old, new, names) for k, cm in cms.items()}
+    if champion is None:
+        reason = f"bootstrap: first model, holdout mIoU {reports['candidate']['miou']:.3f}"
+        return Judgement(Decision(True, reason), reports["candidate"], {}, cms)
+    decision = decide(reports["candidate"], reports["champion"], old, new, names, ws.params.gate)
+    return Judgement(decision, reports["candidate"], reports["champion"], cms)
+
+
+def metric_dict(prefix: str, report: dict) -> dict[str, float]:
+    out = {f"{prefix}.{k}": float(report[k]) for k in ("miou", "miou_old", "miou_new", "hiou")
+           if report[k] == report[k]}
+    out.update({f"{prefix}.iou.{n}": float(v) for n, v in report["per_class"].items() if v is not None})
+    return out
+
+
+def log_judgement(ws: Workspace, reg: ModelRegistry, run_id: str, j: Judgement,
+                  models: dict[str, nn.Module]) -> None:
+    """decision.json, per-class IoU metrics of both models, the confusion matrix and overlay grid."""
+    from incseg.reports import confusion_figure, preview_figure
+
+    champion = metric_dict("champion", j.champion) if j.champion else {}
+    for k, v in {**metric_dict("candidate", j.candidate), **champion}.items():
+        reg.client.log_metric(run_id, k, v)
+    reg.client.log_dict(run_id, decision_record(j), "decision.json")
+    names = read_classes(ws.classes_file)
+    reg.client.log_figure(run_id, confusion_figure(j.matrices["candidate"], names), "plots/confusion_candidate.png")
+    pairs = find_pairs(ws.holdout_dir)
+    step = max(1, len(pairs) // max(1, ws.params.eval.preview_images))
+    preview = pairs[::step][: ws.params.eval.preview_images]
+    if preview:
+        fig = preview_figure(models, preview, eval_transforms(ws.params.data.image_size))
+        reg.client.log_figure(run_id, fig, "plots/holdout_preview.png")
+
+
+def decision_record(j: Judgement) -> dict:
+    return {**j.decision.to_dict(), "candidate": _clean(j.candidate), "champion": _clean(j.champion) or None}
+
+
+def _clean(report: dict) -> dict:
+    return json.loads(json.dumps(report, default=float).replace("NaN", "null"))
+
+
+def publish(reg: ModelRegistry, run_id: str, version: str, j: Judgement) -> str | None:
+    """Record the verdict on the version; move `champion` only on promotion. Returns the champion after."""
+    metrics = {"candidate_miou": f"{j.candidate['miou']:.4f}"}
+    if j.champion:
+        metrics["champion_miou"] = f"{j.champion['miou']:.4f}"
+    reg.judge(version, j.decision.status, j.decision.reason, metrics)
+    if j.decision.promote:
+        reg.set_champion(version, j.decision.reason)
+    reg.client.set_tag(run_id, "outcome", j.decision.status)
+    reg.client.set_tag(run_id, "model_version", version)
+    champion = reg.champion()
+    return str(champion.version) if champion else None
+
+
+def record_outcome(reg: ModelRegistry, run_id: str, outcome: str, reason: str) -> None:
+    reg.client.set_tag(run_id, "outcome", outcome)
+    reg.client.set_tag(run_id, "reason", reason[:4900])
+

@@ -1,0 +1,96 @@
+"""Prefect tasks of bootstrap and update: one retryable unit each, logic in `incseg.update`."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from incseg import pipeline, update
+from incseg.continual.memory import ExemplarMemory
+from incseg.config import Workspace
+from incseg.models import num_classes
+from incseg.data.layout import DataError
+from incseg.registry import LoadedModel, ModelRegistry, RegistryError
+from incseg.training import DivergenceError
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry I/O and registry hiccups, never deterministic failures (bad data, no champion, NaN)."""
+    try:
+        state.result()
+    except (DataError, RegistryError, DivergenceError, ValueError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+IO = {"retries": 3, "retry_delay_seconds": [1, 2, 4], "retry_condition_fn": transient, "cache_policy": NO_CACHE}
+
+
+@task(cache_policy=NO_CACHE)
+def validate_batch(ws: Workspace, batch_id: str) -> pipeline.Batch:
+    return update.load_checked_batch(ws, batch_id)
+
+
+@task(**IO)
+def load_champion(ws: Workspace) -> LoadedModel:
+    reg = ModelRegistry(ws)
+    return reg.load(reg.require_champion(), ws.runs_dir / "models")
+
+
+@task(**IO)
+def start_run(ws: Workspace, kind: str, batch: pipeline.Batch, parent: str | None) -> str:
+    return update.start_run(ModelRegistry(ws), kind, batch, parent)
+
+
+@task(cache_policy=NO_CACHE)
+def train_base(ws: Workspace, batch: pipeline.Batch, run_id: str):
+    reg = ModelRegistry(ws)
+    logger = update.epoch_logger(ws, reg, run_id, batch.classes)
+    model, _ = pipeline.train_base(ws, batch, on_epoch=logger, checkpoint_path=ws.runs_dir / run_id / "train.pt")
+    return model, update.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id)
+
+
+@task(cache_policy=NO_CACHE)
+def train_candidate(ws: Workspace, champion: LoadedModel, batch: pipeline.Batch, run_id: str):
+    """Continue the champion on the batch. Resumes from the last epoch checkpoint of an
+    interrupted attempt at the same (batch content, champion) pair."""
+    reg = ModelRegistry(ws)
+    scope = sorted(set(range(num_classes(champion.model))) | set(batch.classes))
+    key = f"update-{batch.batch_id}-v{champion.version}-{update.batch_hash(batch.root)[-12:]}"
+    model, _ = pipeline.train_candidate(
+        ws.params, champion.model, batch, champion.memory,
+        on_epoch=update.epoch_logger(ws, reg, run_id, scope), checkpoint_path=ws.runs_dir / key / "train.pt",
+    )
+    return model, update.refresh_memory(ws, champion.memory, batch, run_id)
+
+
+@task(**IO)
+def register_candidate(ws: Workspace, run_id: str, model, memory, batch: pipeline.Batch, parent: str | None) -> str:
+    return update.log_candidate(ws, ModelRegistry(ws), run_id, model, memory, update.lineage_tags(batch, parent))
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_candidate(ws: Workspace, run_id: str, candidate, champion, batch: pipeline.Batch) -> update.Judgement:
+    """Both models on the holdout, the gate's decision, and the pictures for reviewers."""
+    judgement = update.judge(ws, candidate, champion, batch)
+    models = {"candidate": candidate} if champion is None else {"champion": champion, "candidate": candidate}
+    update.log_judgement(ws, ModelRegistry(ws), run_id, judgement, models)
+    return judgement
+
+
+@task(**IO)
+def publish_verdict(ws: Workspace, run_id: str, version: str, judgement: update.Judgement) -> str | None:
+    return update.publish(ModelRegistry(ws), run_id, version, judgement)
+
+
+@task(**IO)
+def finish_run(ws: Workspace, run_id: str, outcome: str, reason: str, failed: bool = False,
+               version: str | None = None) -> None:
+    """Close the MLflow run; a version left pending by a failure is marked `failed`, never served."""
+    reg = ModelRegistry(ws)
+    if version is not None:
+        reg.judge(version, outcome, reason, {})
+    update.record_outcome(reg, run_id, outcome, reason)
+    reg.end_run(run_id, failed=failed)
