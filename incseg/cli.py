@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
@@ -52,9 +53,12 @@ def workspace(ctx: typer.Context) -> Workspace:
 def main(
     ctx: typer.Context,
     directory: Annotated[Path, typer.Option("-C", "--workspace", help="Workspace directory.")] = Path("."),
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (overrides train.device).")] = None,
 ) -> None:
     """Every command works on a workspace: params.yaml, data/, the MLflow store, git + DVC."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    if device:
+        os.environ["INCSEG_DEVICE"] = device
     ctx.obj = {"workspace": directory}
 
 
@@ -108,6 +112,7 @@ def _fmt(v: float | None) -> str:
 def quiet_prefect() -> None:
     """Prefect's own INFO lines would drown the CLI's output; warnings still show."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def print_result(result) -> None:
@@ -133,6 +138,15 @@ def bootstrap(
         raise Failure(f"no batches in {ws.registry_dir}: run `incseg data synth` or `incseg data add`")
     result = bootstrap_flow(batch_id or batches[0], str(ws.root))
     print_result(result)
+    write_metrics(ws, result)
+
+
+def write_metrics(ws: Workspace, result) -> None:
+    """metrics.json for `dvc metrics show`: the outcome and the candidate's holdout IoU."""
+    import json
+
+    payload = {"status": result.status, "version": result.candidate_version, **result.metrics}
+    (ws.root / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
 @app.command("update")
@@ -144,6 +158,7 @@ def update_cmd(ctx: typer.Context, batch_id: Annotated[str, typer.Argument(help=
     ws = workspace(ctx)
     result = incremental_update(batch_id, str(ws.root))
     print_result(result)
+    write_metrics(ws, result)
     if result.status == "invalid":
         raise typer.Exit(1)
 
@@ -155,12 +170,18 @@ def models_table(ws: Workspace) -> Table:
     by_version: dict[str, list[str]] = {}
     for alias, v in reg.aliases().items():
         by_version.setdefault(str(v), []).append(alias)
-    table = Table("version", "alias", "status", "batch", "mIoU", "parent", "reason", title=f"model '{reg.name}'")
+    table = Table("version", "alias", "status", "batch", "mIoU", "parent", "reason", title=f"model '{reg.name}'",
+                  box=box.SIMPLE)
+    room = max(12, console.width - 70)
     for mv in reg.versions():
         t = mv.tags
         table.add_row(str(mv.version), ",".join(by_version.get(str(mv.version), [])), t.get("status", ""), t.get("batch_id", ""),
-                      t.get("candidate_miou", ""), t.get("parent_version", ""), t.get("reason", "")[:70])
+                      t.get("candidate_miou", ""), t.get("parent_version", ""), _short(t.get("reason", ""), room))
     return table
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ class DivergenceError(RuntimeError):
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` is CUDA when present, else CPU; INCSEG_DEVICE (the CLI's --device) overrides params."""
+    spec = os.environ.get("INCSEG_DEVICE") or spec
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)

@@ -94,13 +94,17 @@ def load_checked_batch(ws: Workspace, batch_id: str) -> Batch:
         unknown = set(np.unique(mask).tolist()) - known
         if unknown:
             raise DataError(f"{pair.mask}: unknown label ids {sorted(unknown)} (classes.yaml lists {sorted(known - {255})})")
+    batch.report = {"batch_id": batch_id, "pairs": len(batch.pairs), "passed": True,
+                    "checks": ["image readable", "mask readable single-channel", "same size", "label ids known"]}
     return batch
 
 
 # ---- runs --------------------------------------------------------------------------------
 def start_run(reg: ModelRegistry, kind: str, batch: Batch, parent: str | None) -> str:
     tags = {"incseg.kind": kind, "outcome": "running", **lineage_tags(batch, parent)}
-    return reg.start_run(f"{kind}-{batch.batch_id}", tags, reg.ws.params.flat())
+    run_id = reg.start_run(f"{kind}-{batch.batch_id}", tags, reg.ws.params.flat())
+    reg.client.log_dict(run_id, batch.report, "validation/report.json")
+    return run_id
 
 
 def epoch_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]):

@@ -11,6 +11,7 @@ _STATE = Path(tempfile.mkdtemp(prefix="incseg-tests-"))
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest  # noqa: E402
