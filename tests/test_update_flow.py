@@ -76,8 +76,7 @@ def test_run_has_reviewable_artifacts(history):
     ws, _, _, good, *_ = history
     reg = ModelRegistry(ws)
     paths = {a.path for a in reg.client.list_artifacts(good.run_id)}
-    assert {"decision.json", "plots", "checkpoint", "memory", "validation", "model"} <= paths or \
-        {"decision.json", "plots", "checkpoint", "memory", "validation"} <= paths
+    assert {"decision.json", "plots", "checkpoint", "memory", "validation"} <= paths
     plots = {a.path for a in reg.client.list_artifacts(good.run_id, "plots")}
     assert {"plots/confusion_candidate.png", "plots/holdout_preview.png"} <= plots
     history_ = reg.client.get_metric_history(good.run_id, "holdout_miou")
