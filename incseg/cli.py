@@ -94,21 +94,6 @@ def data_synth(
     console.print(table)
 
 
-def iou_table(title: str, reports: dict[str, dict]) -> Table:
-    """Per-class IoU columns for each named report, then the means."""
-    table = Table("class", *reports, title=title)
-    first = next(iter(reports.values()))
-    for name in first["per_class"]:
-        table.add_row(name, *[_fmt(r["per_class"].get(name)) for r in reports.values()])
-    for key in ("miou", "miou_old", "miou_new", "hiou"):
-        table.add_row(f"[bold]{key}", *[_fmt(r[key]) for r in reports.values()])
-    return table
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None or v != v else f"{v:.3f}"
-
-
 def quiet_prefect() -> None:
     """Prefect's own INFO lines would drown the CLI's output; warnings still show."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

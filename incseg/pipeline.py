@@ -17,7 +17,7 @@ from incseg.continual.memory import ExemplarMemory
 from incseg.continual.strategies import make_objective, training_set, uses_distillation
 from incseg.data.dataset import SegmentationFolder, eval_transforms, train_transforms
 from incseg.data.layout import BatchInfo, DataError, Pair, find_pairs, read_classes
-from incseg.metrics import ConfusionMatrix, iou_report
+from incseg.metrics import ConfusionMatrix
 from incseg.models import build_model, expand_classes, num_classes
 from incseg.training import EpochStats, TrainResult, evaluate, make_loader, resolve_device, seed_everything, train
 
@@ -56,13 +56,6 @@ def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None 
     n = len(read_classes(ws.classes_file))
     loader = make_loader(holdout_set(ws, n), ws.params.eval.batch_size, shuffle=False)
     return evaluate(model, loader, n, device or resolve_device(ws.params.train.device))
-
-
-def holdout_report(ws: Workspace, model: nn.Module, old: list[int], new: list[int]) -> dict:
-    cm = holdout_matrix(ws, model)
-    report = iou_report(cm, old, new, read_classes(ws.classes_file))
-    report["confusion"] = cm.mat.tolist()
-    return report
 
 
 def train_base(

@@ -189,13 +189,20 @@ def log_judgement(ws: Workspace, reg: ModelRegistry, run_id: str, j: Judgement,
         reg.client.log_metric(run_id, k, v)
     reg.client.log_dict(run_id, decision_record(j), "decision.json")
     names = read_classes(ws.classes_file)
-    reg.client.log_figure(run_id, confusion_figure(j.matrices["candidate"], names), "plots/confusion_candidate.png")
+    _log_figure(reg, run_id, confusion_figure(j.matrices["candidate"], names), "plots/confusion_candidate.png")
     pairs = find_pairs(ws.holdout_dir)
     step = max(1, len(pairs) // max(1, ws.params.eval.preview_images))
     preview = pairs[::step][: ws.params.eval.preview_images]
     if preview:
         fig = preview_figure(models, preview, eval_transforms(ws.params.data.image_size))
-        reg.client.log_figure(run_id, fig, "plots/holdout_preview.png")
+        _log_figure(reg, run_id, fig, "plots/holdout_preview.png")
+
+
+def _log_figure(reg: ModelRegistry, run_id: str, fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    reg.client.log_figure(run_id, fig, path)
+    plt.close(fig)  # long-running watchers must not accumulate open figures
 
 
 def decision_record(j: Judgement) -> dict:
