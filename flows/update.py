@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from incseg.config import Workspace
-from incseg.data.layout import DataError
 from incseg.training import DivergenceError
 from incseg.update import UpdateResult, metric_dict
 from tasks.update import (
@@ -21,12 +20,24 @@ from tasks.update import (
 )
 
 
+def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> UpdateResult:
+    """A batch-level validation failure: recorded as a run with its report; nothing trains."""
+    reason = "validation failed: " + "; ".join(checked.report.batch_errors)
+    get_run_logger().error("batch %s rejected: %s", checked.report.batch_id, reason)
+    run_id = start_run(ws, kind, checked, champion)
+    finish_run(ws, run_id, "invalid", reason)
+    return UpdateResult(checked.report.batch_id, "invalid", reason, None, champion, champion, run_id)
+
+
 @flow(name="bootstrap")
 def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Train the first model on one batch and make it version 1, `champion`."""
     ws = Workspace(workspace)
-    batch = validate_batch(ws, batch_id)
-    run_id = start_run(ws, "bootstrap", batch, None)
+    checked = validate_batch(ws, batch_id)
+    if checked.batch is None:
+        return rejected_batch(ws, "bootstrap", checked, None)
+    batch = checked.batch
+    run_id = start_run(ws, "bootstrap", checked, None)
     version = None
     try:
         model, memory = train_base(ws, batch, run_id)
@@ -46,13 +57,12 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Validate the batch, continue the champion on it, judge on the holdout, promote or keep."""
     log = get_run_logger()
     ws = Workspace(workspace)
-    try:
-        batch = validate_batch(ws, batch_id)
-    except DataError as err:
-        log.error("batch %s rejected: %s", batch_id, err)
-        return UpdateResult(batch_id, "invalid", str(err))
     champion = load_champion(ws)
-    run_id = start_run(ws, "update", batch, champion.version)
+    checked = validate_batch(ws, batch_id)
+    if checked.batch is None:
+        return rejected_batch(ws, "update", checked, champion.version)
+    batch = checked.batch
+    run_id = start_run(ws, "update", checked, champion.version)
     try:
         candidate, memory = train_candidate(ws, champion, batch, run_id)
     except DivergenceError as err:

@@ -94,6 +94,43 @@ def data_synth(
     console.print(table)
 
 
+@app.command()
+def validate(
+    ctx: typer.Context,
+    batch_dir: Annotated[Path, typer.Argument(help="Batch folder with images/ and masks/.")],
+    quarantine_to: Annotated[Optional[Path], typer.Option("--quarantine", help="Copy failing pairs here.")] = None,
+) -> None:
+    """Validate a batch with the Great Expectations suite; exit 1 when it would be rejected."""
+    from incseg.data.layout import read_classes
+    from incseg.validation import quarantine, validate_batch
+    from incseg.validation.history import earlier_profiles
+
+    ws = workspace(ctx)
+    if not batch_dir.is_dir():
+        raise Failure(f"{batch_dir} is not a folder")
+    n = len(read_classes(ws.classes_file))
+    in_registry = batch_dir.resolve().parent == ws.registry_dir
+    earlier = earlier_profiles(ws.registry_dir, batch_dir.name if in_registry else None, n, ws.runs_dir / "profiles")
+    with console.status(f"validating {batch_dir} ..."):
+        report, table, _ = validate_batch(batch_dir, n, ws.params.validation, earlier)
+    if report.failures:
+        failures = Table("file", "check", "observed", "meaning", title=f"{len(report.bad_stems)} failing files",
+                         box=box.SIMPLE)
+        for f in report.failures:
+            failures.add_row(f.stem, f.check, _short(f.observed, 30), f.message)
+        console.print(failures)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    for e in report.batch_errors:
+        console.print(f"[red]batch error:[/red] {e}")
+    if quarantine_to is not None and quarantine(report, table, quarantine_to):
+        console.print(f"failing pairs copied to {quarantine_to}")
+    verdict = "[red]REJECTED[/red]" if report.rejected else "[green]accepted[/green]"
+    console.print(f"{batch_dir.name}: {report.files} files, {len(report.valid_stems)} valid: {verdict}")
+    if report.rejected:
+        raise typer.Exit(1)
+
+
 def quiet_prefect() -> None:
     """Prefect's own INFO lines would drown the CLI's output; warnings still show."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

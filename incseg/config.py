@@ -72,6 +72,20 @@ class EvalParams(Section):
     preview_images: int = Field(8, ge=0)
 
 
+class ValidationParams(Section):
+    min_size: int = Field(16, ge=1, description="smallest allowed image side")
+    max_size: int = Field(4096, ge=1, description="largest allowed image side")
+    min_images: int = Field(1, ge=1)
+    max_images: int = Field(100_000, ge=1)
+    max_ignore_fraction: float = Field(0.5, ge=0, le=1)
+    min_foreground_fraction: float = Field(0.001, ge=0, le=1, description="mask must not be all background/ignore")
+    min_valid_fraction: float = Field(0.8, ge=0, le=1, description="share of files that must pass for the batch to proceed")
+    max_resent_fraction: float = Field(0.5, ge=0, le=1, description="more images already in the registry = a re-send")
+    drift_max_class_distance: float = Field(0.25, ge=0, le=1, description="total-variation distance of class pixel shares")
+    drift_max_brightness_shift: float = Field(2.0, ge=0, description="|mean brightness shift| in reference std units")
+    drift_blocks: bool = Field(False, description="drift rejects the batch instead of warning")
+
+
 class GateParams(Section):
     min_miou_gain: float = Field(0.0, description="candidate mIoU minus champion mIoU must reach this")
     max_class_drop: float = Field(0.05, ge=0, description="largest allowed IoU drop of any old class")
@@ -91,6 +105,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     continual: ContinualParams = ContinualParams()
     eval: EvalParams = EvalParams()
+    validation: ValidationParams = ValidationParams()
     gate: GateParams = GateParams()
     mlflow: MlflowParams = MlflowParams()
 

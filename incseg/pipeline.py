@@ -6,7 +6,7 @@ Prefect tasks wrap these one to one; tests and benchmarks call them directly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,6 @@ class Batch:
     root: Path
     pairs: list[Pair]
     info: BatchInfo
-    report: dict = field(default_factory=dict)  # what validation checked and found
 
     @classmethod
     def load(cls, root: Path, pairs: list[Pair] | None = None) -> Batch:

@@ -20,13 +20,15 @@ import incseg
 from incseg.config import Workspace
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import eval_transforms, to_sample
-from incseg.data.layout import DataError, find_pairs, read_classes, read_image, read_mask
+from incseg.data.layout import BatchInfo, DataError, find_pairs, read_classes, read_image, read_mask
 from incseg.gate import Decision, decide
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
 from incseg.models import num_classes
 from incseg.pipeline import Batch, holdout_matrix
 from incseg.registry import ModelRegistry
 from incseg.training import EpochStats
+from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
+from incseg.validation.history import earlier_profiles
 
 
 @dataclass
@@ -80,30 +82,45 @@ def lineage_tags(batch: Batch, parent: str | None) -> dict[str, str]:
     }
 
 
-def load_checked_batch(ws: Workspace, batch_id: str) -> Batch:
-    """The batch, after the basic checks: readable pairs, known label ids, one image size."""
+@dataclass
+class CheckedBatch:
+    """A validated batch: the report, GX's raw result, and the trainable part (None if rejected)."""
+
+    report: ValidationReport
+    gx_result: dict
+    batch: Batch | None
+
+
+def check_batch(ws: Workspace, batch_id: str) -> CheckedBatch:
+    """Run the GX suite on the batch; quarantine failing pairs; keep the rest for training."""
     root = ws.registry_dir / batch_id
     if not root.is_dir():
         raise DataError(f"no batch '{batch_id}' in {ws.registry_dir}")
-    batch = Batch.load(root)
-    known = set(read_classes(ws.classes_file)) | {255}
-    for pair in batch.pairs:
-        image, mask = read_image(pair.image), read_mask(pair.mask)
-        if image.shape[:2] != mask.shape:
-            raise DataError(f"{pair.mask}: mask size {mask.shape} differs from image size {image.shape[:2]}")
-        unknown = set(np.unique(mask).tolist()) - known
-        if unknown:
-            raise DataError(f"{pair.mask}: unknown label ids {sorted(unknown)} (classes.yaml lists {sorted(known - {255})})")
-    batch.report = {"batch_id": batch_id, "pairs": len(batch.pairs), "passed": True,
-                    "checks": ["image readable", "mask readable single-channel", "same size", "label ids known"]}
-    return batch
+    n = len(read_classes(ws.classes_file))
+    earlier = earlier_profiles(ws.registry_dir, batch_id, n, ws.runs_dir / "profiles")
+    report, table, raw = validate_batch(root, n, ws.params.validation, earlier)
+    quarantine(report, table, ws.quarantine_dir / batch_id)
+    if report.rejected:
+        return CheckedBatch(report, raw, None)
+    pairs = valid_pairs(table, report)
+    if (root / "batch.yaml").exists():
+        info = BatchInfo.read(root)
+    else:  # annotated classes: the label ids found in the valid masks
+        ids = {int(i) for v in table[table["stem"].isin(report.valid_stems)]["label_ids"] for i in str(v).split(",")}
+        info = BatchInfo(batch_id, classes=sorted(ids - {255}))
+    return CheckedBatch(report, raw, Batch(batch_id, root, pairs, info))
 
 
 # ---- runs --------------------------------------------------------------------------------
-def start_run(reg: ModelRegistry, kind: str, batch: Batch, parent: str | None) -> str:
-    tags = {"incseg.kind": kind, "outcome": "running", **lineage_tags(batch, parent)}
-    run_id = reg.start_run(f"{kind}-{batch.batch_id}", tags, reg.ws.params.flat())
-    reg.client.log_dict(run_id, batch.report, "validation/report.json")
+def start_run(reg: ModelRegistry, kind: str, checked: CheckedBatch, parent: str | None) -> str:
+    """An MLflow run for the batch, with params, lineage tags and the validation report."""
+    batch_id = checked.report.batch_id
+    lineage = lineage_tags(checked.batch, parent) if checked.batch else {"batch_id": batch_id}
+    tags = {"incseg.kind": kind, "outcome": "running", **lineage}
+    run_id = reg.start_run(f"{kind}-{batch_id}", tags, reg.ws.params.flat())
+    reg.client.log_dict(run_id, checked.report.to_dict(), "validation/report.json")
+    reg.client.log_text(run_id, checked.report.markdown(), "validation/report.md")
+    reg.client.log_dict(run_id, checked.gx_result, "validation/gx_result.json")
     return run_id
 
 

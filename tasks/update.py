@@ -29,8 +29,9 @@ IO = {"retries": 3, "retry_delay_seconds": [1, 2, 4], "retry_condition_fn": tran
 
 
 @task(cache_policy=NO_CACHE)
-def validate_batch(ws: Workspace, batch_id: str) -> pipeline.Batch:
-    return update.load_checked_batch(ws, batch_id)
+def validate_batch(ws: Workspace, batch_id: str) -> update.CheckedBatch:
+    """Great Expectations suite over the batch; bad pairs go to quarantine/<batch_id>/."""
+    return update.check_batch(ws, batch_id)
 
 
 @task(**IO)
@@ -40,8 +41,8 @@ def load_champion(ws: Workspace) -> LoadedModel:
 
 
 @task(**IO)
-def start_run(ws: Workspace, kind: str, batch: pipeline.Batch, parent: str | None) -> str:
-    return update.start_run(ModelRegistry(ws), kind, batch, parent)
+def start_run(ws: Workspace, kind: str, checked: update.CheckedBatch, parent: str | None) -> str:
+    return update.start_run(ModelRegistry(ws), kind, checked, parent)
 
 
 @task(cache_policy=NO_CACHE)

@@ -143,6 +143,46 @@ def test_failure_inside_training_leaves_aliases_as_they_were(history, tmp_path):
     assert len(reg.versions()) == n_versions
 
 
+def test_partly_bad_batch_trains_on_the_rest_and_quarantines(history, tmp_path):
+    """A new batch (other seed) with two broken files: the update runs on the other 62."""
+    import json
+
+    from flows.update import incremental_update
+    from incseg.data.synthetic import synthesize
+
+    ws, *_ = history
+    synthesize(tmp_path / "other", tiny_params(synth={"seed": 7}).synth)
+    dst = ws.registry_dir / "batch-05-mixed"
+    shutil.copytree(tmp_path / "other" / "registry" / "batch-02", dst)
+    broken = sorted((dst / "images").glob("*.png"))[:2]
+    broken[0].write_bytes(b"")
+    broken[1].write_text("not a png")
+    result = incremental_update("batch-05-mixed", str(ws.root))
+    assert result.status in ("promoted", "rejected"), result.reason
+    reasons = json.loads((ws.quarantine_dir / "batch-05-mixed" / "reason.json").read_text())["files"]
+    assert set(reasons) == {p.stem for p in broken}
+    assert all(p.exists() for p in broken)  # the registry keeps what it was given
+    reg = ModelRegistry(ws)
+    report = json.loads(open(reg.client.download_artifacts(result.run_id, "validation/report.json")).read())
+    assert report["bad_stems"] == sorted(p.stem for p in broken) and len(report["valid_stems"]) == 62
+    assert "image_readable" in open(reg.client.download_artifacts(result.run_id, "validation/report.md")).read()
+
+
+def test_rejected_batch_is_recorded_and_changes_nothing(history):
+    from flows.update import incremental_update
+
+    ws, *_ = history
+    reg = ModelRegistry(ws)
+    before, n_versions = reg.aliases(), len(reg.versions())
+    shutil.copytree(ws.registry_dir / "batch-01", ws.registry_dir / "batch-06-resent")
+    result = incremental_update("batch-06-resent", str(ws.root))
+    assert result.status == "invalid" and "re-send" in result.reason and "batch-01" in result.reason
+    assert reg.aliases() == before and len(reg.versions()) == n_versions
+    assert reg.client.get_run(result.run_id).data.tags["outcome"] == "invalid"
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(ws.registry_dir / "batch-06-resent")])
+    assert result.exit_code == 1 and "re-send" in result.output
+
+
 def test_update_without_champion_says_bootstrap_first(tmp_path, prefect_api):
     ws = make_workspace(tmp_path / "ws", tiny_params())
     result = CliRunner().invoke(app, ["-C", str(ws.root), "update", "batch-01"])

@@ -179,13 +179,17 @@ def synthesize(out: Path, p: SynthParams) -> list[BatchInfo]:
 
 def poison_batch(src: Path, dst: Path) -> BatchInfo:
     """Copy a batch with its label ids shifted cyclically (background included):
-    files that pass every format check but teach the wrong classes."""
+    new files that pass every validation check but teach the wrong classes."""
     info = BatchInfo.read(src)
     ids = sorted(set(info.classes) | {0})
     lut = np.arange(256, dtype=np.uint8)
     lut[ids] = ids[1:] + ids[:1]
+    rng = np.random.default_rng(info.seed or 0)
     for pair in find_pairs(src):
-        write_pair(dst, pair.stem, read_image(pair.image), lut[read_mask(pair.mask)])
+        # +-1 grey-level noise: new files (no duplicate hashes) that look the same
+        image = read_image(pair.image)
+        image = image.astype(np.int16) + rng.integers(-1, 2, image.shape)
+        write_pair(dst, f"{dst.name}_{pair.stem}", np.clip(image, 0, 255).astype(np.uint8), lut[read_mask(pair.mask)])
     poisoned = BatchInfo(batch_id=dst.name, classes=info.classes, new_classes=[], kind="poisoned",
                          made_by=f"poison_batch({src.name})", seed=info.seed)
     poisoned.write(dst)

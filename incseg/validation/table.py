@@ -1,0 +1,102 @@
+"""One row per file pair of a batch: everything the expectation suite looks at."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, MASK_SUFFIX
+
+LABEL_MODES = ("L", "P")
+
+
+def _files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in suffixes}
+
+
+def _open(path: Path) -> tuple[Image.Image | None, str]:
+    """The fully decoded image, or None and why not."""
+    try:
+        if path.is_symlink():
+            return None, "symbolic link (refused)"
+        if path.stat().st_size == 0:
+            return None, "empty file (0 bytes)"
+        im = Image.open(path)
+        im.load()  # decodes everything: a truncated file fails here, not at training time
+        return im, ""
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return None, f"not a readable image ({type(err).__name__}: {err})"
+
+
+def image_row(path: Path) -> dict:
+    row: dict = {"image_path": str(path), "image_ok": False, "image_error": ""}
+    im, err = _open(path)
+    if im is None:
+        row["image_error"] = err
+        return row
+    rgb = np.asarray(im.convert("RGB"))
+    row.update(
+        image_ok=True, width=im.width, height=im.height, image_mode=im.mode, channels=len(im.getbands()),
+        brightness=float(rgb.mean()), image_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+    )
+    return row
+
+
+def mask_row(path: Path, n_classes: int) -> dict:
+    row: dict = {"mask_path": str(path), "mask_ok": False, "mask_error": ""}
+    im, err = _open(path)
+    if im is None:
+        row["mask_error"] = err
+        return row
+    row.update(mask_ok=True, mask_width=im.width, mask_height=im.height, mask_mode=im.mode)
+    arr = np.asarray(im)
+    row["mask_dtype"] = str(arr.dtype)
+    if im.mode not in LABEL_MODES:  # the suite's mask_single_channel check reports it
+        return row
+    ids, counts = np.unique(arr, return_counts=True)
+    total = arr.size
+    frac = dict(zip(ids.tolist(), (counts / total).tolist()))
+    unknown = [i for i in ids.tolist() if i >= n_classes and i != IGNORE]
+    row.update(
+        label_ids=",".join(map(str, ids.tolist())),
+        unknown_label_ids=",".join(map(str, unknown)),
+        ignore_fraction=frac.get(IGNORE, 0.0),
+        foreground_fraction=sum(v for k, v in frac.items() if k not in (0, IGNORE)),
+        **{f"class_fraction_{c}": frac.get(c, 0.0) for c in range(n_classes)},
+    )
+    return row
+
+
+def file_table(batch_dir: Path, n_classes: int) -> pd.DataFrame:
+    """Rows for every stem seen in `images/` or `masks/`, with why a file is unusable."""
+    images = _files(batch_dir / "images", IMAGE_SUFFIXES)
+    masks = _files(batch_dir / "masks", (MASK_SUFFIX,))
+    rows = []
+    for stem in sorted(images.keys() | masks.keys()):
+        row = {"stem": stem, "has_image": stem in images, "has_mask": stem in masks, "image_ok": False, "mask_ok": False}
+        if stem in images:
+            row.update(image_row(images[stem]))
+        if stem in masks:
+            row.update(mask_row(masks[stem], n_classes))
+        rows.append(row)
+    columns = COLUMNS + [f"class_fraction_{c}" for c in range(n_classes)]
+    table = pd.DataFrame(rows).reindex(columns=columns)  # every column, even when no file was readable
+    table["size_match"] = (table["width"] == table["mask_width"]) & (table["height"] == table["mask_height"])
+    for col in ("image_error", "mask_error", "unknown_label_ids", "image_path", "mask_path"):
+        table[col] = table[col].fillna("").astype(object)
+    for col in ("has_image", "has_mask", "image_ok", "mask_ok"):
+        table[col] = table[col].fillna(False).astype(bool)
+    return table
+
+
+COLUMNS = [
+    "stem", "has_image", "has_mask", "image_path", "image_ok", "image_error", "width", "height", "image_mode",
+    "channels", "brightness", "image_sha256", "mask_path", "mask_ok", "mask_error", "mask_width", "mask_height",
+    "mask_mode", "mask_dtype", "label_ids", "unknown_label_ids", "ignore_fraction", "foreground_fraction",
+]

@@ -1,0 +1,171 @@
+"""Real Great Expectations validation on real files, one test per kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from incseg.config import ValidationParams
+from incseg.data.layout import list_batches
+from incseg.validation import quarantine, valid_pairs, validate_batch
+from incseg.validation.history import earlier_profiles
+
+N_CLASSES = 5
+
+
+@pytest.fixture
+def batch(stream_dir, tmp_path):
+    """A private copy of the clean base batch (24 pairs)."""
+    dst = tmp_path / "registry" / "batch-00"
+    shutil.copytree(stream_dir / "registry" / "batch-00", dst)
+    for extra in sorted((dst / "images").glob("*.png"))[24:]:
+        extra.unlink()
+        (dst / "masks" / extra.name).unlink()
+    return dst
+
+
+def stem0(batch):
+    return sorted((batch / "images").glob("*.png"))[0].stem
+
+
+def checks_of(report, stem):
+    return {f.check for f in report.failures if f.stem == stem}
+
+
+def files_of(batch):
+    return sorted(p.relative_to(batch).as_posix() + ":" + str(p.stat().st_size) for p in batch.rglob("*") if p.is_file())
+
+
+def run(batch, **params):
+    return validate_batch(batch, N_CLASSES, ValidationParams(**params))
+
+
+def test_clean_batch_passes(batch):
+    report, _, raw = run(batch)
+    assert report.failures == [] and report.batch_errors == [] and not report.rejected
+    assert len(report.valid_stems) == 24
+    assert raw["success"] is True
+
+
+@pytest.mark.parametrize(
+    "damage, check",
+    [
+        ("truncate", "image_readable"),
+        ("not_an_image", "image_readable"),
+        ("zero_bytes", "image_readable"),
+        ("size_mismatch", "same_size"),
+        ("rgb_mask", "mask_single_channel"),
+        ("unknown_label", "known_label_ids"),
+        ("all_ignore", "ignore_fraction_bounded"),
+        ("sixteen_bit_mask", "mask_single_channel"),
+        ("oversized", "width_within_bounds"),
+    ],
+)
+def test_each_bad_file_is_named_and_nothing_is_lost(batch, tmp_path, damage, check):
+    stem = stem0(batch)
+    img, msk = batch / "images" / f"{stem}.png", batch / "masks" / f"{stem}.png"
+    mask = np.array(Image.open(msk))
+    if damage == "truncate":
+        img.write_bytes(img.read_bytes()[:200])
+    elif damage == "not_an_image":
+        img.write_text("this is not a PNG")
+    elif damage == "zero_bytes":
+        img.write_bytes(b"")
+    elif damage == "size_mismatch":
+        Image.fromarray(mask[:20, :20]).save(msk)
+    elif damage == "rgb_mask":
+        Image.fromarray(np.stack([mask] * 3, -1)).save(msk)
+    elif damage == "unknown_label":
+        mask[:4, :4] = 17
+        Image.fromarray(mask).save(msk)
+    elif damage == "all_ignore":
+        Image.fromarray(np.full_like(mask, 255)).save(msk)
+    elif damage == "sixteen_bit_mask":
+        Image.fromarray(mask.astype(np.uint16) * 300).save(msk)  # 16-bit PNG
+    elif damage == "oversized":
+        Image.fromarray(np.zeros((8, 9000, 3), np.uint8)).save(img)
+        Image.fromarray(np.zeros((8, 9000), np.uint8)).save(msk)
+    before = files_of(batch)
+    report, table, _ = run(batch)
+    assert check in checks_of(report, stem), report.failures
+    assert not report.rejected  # one bad file in 24: the rest proceeds
+    assert stem not in report.valid_stems and len(report.valid_stems) == 23
+    assert stem not in {p.stem for p in valid_pairs(table, report)}
+    out = quarantine(report, table, tmp_path / "quarantine" / batch.name)
+    reasons = json.loads((out / "reason.json").read_text())["files"]
+    assert check in {r["check"] for r in reasons[stem]}
+    assert files_of(batch) == before  # the registry is never modified
+
+
+def test_all_background_mask_is_refused(batch):
+    stem = stem0(batch)
+    msk = batch / "masks" / f"{stem}.png"
+    Image.fromarray(np.zeros_like(np.array(Image.open(msk)))).save(msk)
+    report, _, _ = run(batch)
+    assert "mask_not_empty" in checks_of(report, stem)
+
+
+def test_rgb_mask_message_says_so(batch):
+    stem = stem0(batch)
+    msk = batch / "masks" / f"{stem}.png"
+    Image.fromarray(np.stack([np.array(Image.open(msk))] * 3, -1)).save(msk)
+    report, _, _ = run(batch)
+    failure = next(f for f in report.failures if f.check == "mask_single_channel")
+    assert failure.observed == "RGB" and "RGB" in failure.message
+
+
+def test_orphans_on_both_sides(batch):
+    stems = sorted(p.stem for p in (batch / "images").glob("*.png"))
+    (batch / "masks" / f"{stems[0]}.png").unlink()
+    (batch / "images" / f"{stems[1]}.png").unlink()
+    report, _, _ = run(batch)
+    assert "mask_present" in checks_of(report, stems[0])
+    assert "image_present" in checks_of(report, stems[1])
+
+
+def test_duplicate_images_within_the_batch(batch):
+    stems = sorted(p.stem for p in (batch / "images").glob("*.png"))
+    shutil.copyfile(batch / "images" / f"{stems[0]}.png", batch / "images" / f"{stems[1]}.png")
+    report, _, _ = run(batch)
+    assert checks_of(report, stems[1]) == {"unique_in_batch"}
+    assert stems[0] in report.valid_stems  # the first copy is kept
+
+
+def test_resent_batch_is_rejected(batch, tmp_path):
+    registry = batch.parent
+    shutil.copytree(batch, registry / "batch-07")
+    assert list_batches(registry) == ["batch-00", "batch-07"]
+    earlier = earlier_profiles(registry, "batch-07", N_CLASSES, tmp_path / "profiles")
+    report, _, _ = validate_batch(registry / "batch-07", N_CLASSES, ValidationParams(), earlier)
+    assert report.rejected and any("re-send" in e and "batch-00" in e for e in report.batch_errors)
+    assert {f.check for f in report.failures} == {"not_in_registry"}
+
+
+def test_empty_batch_is_rejected(tmp_path):
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    report, _, _ = validate_batch(tmp_path / "empty", N_CLASSES, ValidationParams())
+    assert report.rejected and any("empty" in e for e in report.batch_errors)
+
+
+def test_mostly_bad_batch_is_rejected(batch):
+    for img in sorted((batch / "images").glob("*.png"))[:12]:
+        img.write_bytes(b"")
+    report, _, _ = run(batch)
+    assert report.rejected and any("too few valid files: 12/24" in e for e in report.batch_errors)
+
+
+def test_drift_warns_by_default_and_blocks_when_asked(stream_dir, tmp_path):
+    registry = tmp_path / "registry"
+    for b in ("batch-00", "batch-03"):  # base, then the domain-shift batch (darker)
+        shutil.copytree(stream_dir / "registry" / b, registry / b)
+    earlier = earlier_profiles(registry, "batch-03", N_CLASSES, tmp_path / "profiles")
+    warn, _, _ = validate_batch(registry / "batch-03", N_CLASSES, ValidationParams(), earlier)
+    assert not warn.rejected and any(w.startswith("brightness_drift") for w in warn.warnings)
+    block, _, _ = validate_batch(registry / "batch-03", N_CLASSES, ValidationParams(drift_blocks=True), earlier)
+    assert block.rejected and any(e.startswith("brightness_drift") for e in block.batch_errors)
+    same, _, _ = validate_batch(registry / "batch-00", N_CLASSES, ValidationParams(), [])
+    assert same.warnings == []
