@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 
 from incseg.config import ConfigError, Workspace
 from incseg.data.layout import DataError, list_batches
+from incseg.datastore import StoreError
 from incseg.registry import RegistryError
 
 
@@ -22,7 +23,7 @@ class Failure(Exception):
     """An expected failure (bad input, missing champion, unknown version)."""
 
 
-EXPECTED_FAILURES: tuple[type[Exception], ...] = (Failure, ConfigError, DataError, RegistryError)
+EXPECTED_FAILURES: tuple[type[Exception], ...] = (Failure, ConfigError, DataError, RegistryError, StoreError)
 
 
 class _Group(TyperGroup):
@@ -94,28 +95,91 @@ def data_synth(
     console.print(table)
 
 
+@data_app.command("add")
+def data_add(
+    ctx: typer.Context,
+    src: Annotated[Path, typer.Argument(help="images/+masks/ folder, a Pascal VOC or a Cityscapes layout.")],
+    batch_id: Annotated[Optional[str], typer.Option(help="Registry batch id (default: SRC's folder name).")] = None,
+    holdout: Annotated[bool, typer.Option("--holdout", help="Make SRC the fixed holdout instead.")] = False,
+    force: Annotated[bool, typer.Option(help="Allow replacing an existing holdout.")] = False,
+    layout: Annotated[str, typer.Option(help="auto | folder | voc | cityscapes")] = "auto",
+    split: Annotated[str, typer.Option(help="VOC image set / Cityscapes split to import.")] = "train",
+    classes: Annotated[Optional[Path], typer.Option(help="classes.yaml to install if the workspace has none.")] = None,
+) -> None:
+    """Bring a batch into the DVC-tracked registry (dvc add, git commit, dvc push)."""
+    from incseg.datastore import add_data
+
+    dst, info, h = add_data(workspace(ctx), src, batch_id, holdout=holdout, force=force, layout=layout,
+                            split=split, classes=classes)
+    console.print(f"{dst.name}: {len(list((dst / 'masks').iterdir()))} pairs, classes {info.classes}, DVC {h}")
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    metrics: Annotated[Optional[Path], typer.Option(help="Write the champion's metrics here (for DVC).")] = None,
+) -> None:
+    """Update on every new data version in the registry now (what the schedule runs)."""
+    quiet_prefect()
+    from flows.watch import watch_registry
+    from incseg.registry import ModelRegistry
+    from incseg.update import champion_metrics
+
+    ws = workspace(ctx)
+    results = watch_registry(str(ws.root))
+    if not results:
+        console.print("no new data version: nothing to do")
+    for r in results:
+        print_result(r)
+    if metrics is not None:
+        write_json(ws.path(metrics), champion_metrics(ModelRegistry(ws)))
+
+
+@app.command()
+def serve(ctx: typer.Context) -> None:
+    """Serve the watcher on the schedule in params.yaml (Prefect; Ctrl-C stops)."""
+    from flows.watch import serve_watcher
+
+    ws = workspace(ctx)
+    s = ws.params.schedule
+    console.print(f"serving the watcher for {ws.root} every {s.cron or f'{s.interval_seconds} s'}")
+    serve_watcher(ws)
+
+
 @app.command()
 def validate(
     ctx: typer.Context,
-    batch_dir: Annotated[Path, typer.Argument(help="Batch folder with images/ and masks/.")],
+    path: Annotated[Path, typer.Argument(help="A batch folder, or the registry folder to validate every batch.")],
     quarantine_to: Annotated[Optional[Path], typer.Option("--quarantine", help="Copy failing pairs here.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here.")] = None,
+    no_fail: Annotated[bool, typer.Option("--no-fail", help="Exit 0 even when a batch would be rejected.")] = False,
 ) -> None:
-    """Validate a batch with the Great Expectations suite; exit 1 when it would be rejected."""
+    """Validate with the Great Expectations suite; exit 1 when a batch would be rejected."""
     from incseg.data.layout import read_classes
+
+    ws = workspace(ctx)
+    if not path.is_dir():
+        raise Failure(f"{path} is not a folder")
+    n = len(read_classes(ws.classes_file))
+    batches = [path / b for b in list_batches(path)] if path.resolve() == ws.registry_dir else [path]
+    summary = {b.name: validate_one(ws, b, n, quarantine_to) for b in batches}
+    if report is not None:
+        write_json(ws.path(report), {"batches": summary, "rejected": sorted(k for k, v in summary.items() if v["rejected"])})
+    if any(v["rejected"] for v in summary.values()) and not no_fail:
+        raise typer.Exit(1)
+
+
+def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | None) -> dict:
     from incseg.validation import quarantine, validate_batch
     from incseg.validation.history import earlier_profiles
 
-    ws = workspace(ctx)
-    if not batch_dir.is_dir():
-        raise Failure(f"{batch_dir} is not a folder")
-    n = len(read_classes(ws.classes_file))
     in_registry = batch_dir.resolve().parent == ws.registry_dir
     earlier = earlier_profiles(ws.registry_dir, batch_dir.name if in_registry else None, n, ws.runs_dir / "profiles")
     with console.status(f"validating {batch_dir} ..."):
         report, table, _ = validate_batch(batch_dir, n, ws.params.validation, earlier)
     if report.failures:
-        failures = Table("file", "check", "observed", "meaning", title=f"{len(report.bad_stems)} failing files",
-                         box=box.SIMPLE)
+        failures = Table("file", "check", "observed", "meaning", box=box.SIMPLE,
+                         title=f"{batch_dir.name}: {len(report.bad_stems)} failing files")
         for f in report.failures:
             failures.add_row(f.stem, f.check, _short(f.observed, 30), f.message)
         console.print(failures)
@@ -123,12 +187,19 @@ def validate(
         console.print(f"[yellow]warning:[/yellow] {w}")
     for e in report.batch_errors:
         console.print(f"[red]batch error:[/red] {e}")
-    if quarantine_to is not None and quarantine(report, table, quarantine_to):
-        console.print(f"failing pairs copied to {quarantine_to}")
+    if quarantine_to is not None and quarantine(report, table, quarantine_to / batch_dir.name):
+        console.print(f"failing pairs copied to {quarantine_to / batch_dir.name}")
     verdict = "[red]REJECTED[/red]" if report.rejected else "[green]accepted[/green]"
     console.print(f"{batch_dir.name}: {report.files} files, {len(report.valid_stems)} valid: {verdict}")
-    if report.rejected:
-        raise typer.Exit(1)
+    return {"files": report.files, "valid": len(report.valid_stems), "rejected": report.rejected,
+            "warnings": len(report.warnings)}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def quiet_prefect() -> None:
@@ -149,26 +220,27 @@ def print_result(result) -> None:
 def bootstrap(
     ctx: typer.Context,
     batch_id: Annotated[Optional[str], typer.Option(help="Batch to train on (default: the oldest).")] = None,
+    if_missing: Annotated[bool, typer.Option("--if-missing", help="Do nothing when a champion exists.")] = False,
+    metrics: Annotated[Optional[Path], typer.Option(help="Write the champion's metrics here (for DVC).")] = None,
 ) -> None:
     """Train the first model on one batch; register it as a version with alias `champion`."""
     quiet_prefect()
     from flows.update import bootstrap as bootstrap_flow
+    from incseg.registry import ModelRegistry
+    from incseg.update import champion_metrics
 
     ws = workspace(ctx)
-    batches = list_batches(ws.registry_dir)
-    if not batches:
-        raise Failure(f"no batches in {ws.registry_dir}: run `incseg data synth` or `incseg data add`")
-    result = bootstrap_flow(batch_id or batches[0], str(ws.root))
-    print_result(result)
-    write_metrics(ws, result)
-
-
-def write_metrics(ws: Workspace, result) -> None:
-    """metrics.json for `dvc metrics show`: the outcome and the candidate's holdout IoU."""
-    import json
-
-    payload = {"status": result.status, "version": result.candidate_version, **result.metrics}
-    (ws.root / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+    reg = ModelRegistry(ws)
+    champion = reg.champion()
+    if if_missing and champion is not None:
+        console.print(f"champion is version {champion.version}: nothing to bootstrap")
+    else:
+        batches = list_batches(ws.registry_dir)
+        if not batches:
+            raise Failure(f"no batches in {ws.registry_dir}: run `incseg data add`")
+        print_result(bootstrap_flow(batch_id or batches[0], str(ws.root)))
+    if metrics is not None:
+        write_json(ws.path(metrics), champion_metrics(reg))
 
 
 @app.command("update")
@@ -180,7 +252,6 @@ def update_cmd(ctx: typer.Context, batch_id: Annotated[str, typer.Argument(help=
     ws = workspace(ctx)
     result = incremental_update(batch_id, str(ws.root))
     print_result(result)
-    write_metrics(ws, result)
     if result.status == "invalid":
         raise typer.Exit(1)
 
@@ -256,12 +327,12 @@ def ui(
 def demo(
     directory: Annotated[Path, typer.Argument(help="Demo workspace (re-created on each run).")] = Path("demo-workspace"),
 ) -> None:
-    """The whole loop on synthetic data: bootstrap, each batch through the update, a poisoned batch."""
+    """The whole loop on synthetic data: batches arrive through DVC, the watcher updates on each,
+    a poisoned batch is rejected."""
     quiet_prefect()
-    from flows.update import bootstrap as bootstrap_flow
-    from flows.update import incremental_update
+    from flows.watch import watch_registry
     from incseg.data.synthetic import poison_batch, synthesize
-    from incseg.datastore import init_workspace
+    from incseg.datastore import add_data, init_workspace
 
     if directory.exists():
         if not (directory / DEMO_MARKER).exists() and any(directory.iterdir()):
@@ -270,17 +341,20 @@ def demo(
     init_workspace(directory)
     (directory / DEMO_MARKER).touch()
     ws = Workspace(directory)
-    console.rule("1. synthetic class-incremental stream")
-    infos = synthesize(ws.data_dir, ws.params.synth)
-    poisoned = poison_batch(ws.registry_dir / infos[-1].batch_id, ws.registry_dir / f"batch-{len(infos):02d}-poisoned")
-    console.print(f"{len(infos)} batches + 1 poisoned ({poisoned.batch_id}) in {ws.registry_dir}")
-    console.rule(f"2. bootstrap on {infos[0].batch_id}")
-    print_result(bootstrap_flow(infos[0].batch_id, str(ws.root)))
-    results = []
-    for batch_id in [i.batch_id for i in infos[1:]] + [poisoned.batch_id]:
-        console.rule(f"3. incremental update: {batch_id}")
-        results.append(incremental_update(batch_id, str(ws.root)))
-        print_result(results[-1])
-    console.rule("4. model versions")
+    incoming = ws.root / "incoming"
+    console.rule("1. a synthetic class-incremental stream arrives in incoming/")
+    infos = synthesize(incoming, ws.params.synth)
+    last = infos[-1].batch_id
+    poisoned = poison_batch(incoming / "registry" / last, incoming / "registry" / f"batch-{len(infos):02d}-poisoned")
+    add_data(ws, incoming / "holdout", holdout=True, classes=incoming / "classes.yaml")
+    console.print(f"{len(infos)} batches + 1 poisoned; holdout added to {ws.holdout_dir} (DVC-tracked)")
+    for step, batch_id in enumerate([i.batch_id for i in infos] + [poisoned.batch_id], start=2):
+        console.rule(f"{step}. incseg data add {batch_id} && incseg watch")
+        add_data(ws, incoming / "registry" / batch_id)
+        for result in watch_registry(str(ws.root)):
+            print_result(result)
+    console.rule("the watcher again, with no new data")
+    console.print(f"{len(watch_registry(str(ws.root)))} updates: the data version is unchanged")
+    console.rule("model versions")
     console.print(models_table(ws))
     console.print(f"Review runs, metrics, pictures and versions: incseg -C {directory} ui  (http://127.0.0.1:5000)")

@@ -92,6 +92,11 @@ class GateParams(Section):
     min_new_class_iou: float = Field(0.3, ge=0, le=1)
 
 
+class ScheduleParams(Section):
+    interval_seconds: int | None = Field(600, ge=1, description="`incseg serve` runs the watcher this often")
+    cron: str | None = Field(None, description="a cron string instead of the interval, e.g. '0 * * * *'")
+
+
 class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: str = "mlartifacts"
@@ -107,6 +112,7 @@ class Params(Section):
     eval: EvalParams = EvalParams()
     validation: ValidationParams = ValidationParams()
     gate: GateParams = GateParams()
+    schedule: ScheduleParams = ScheduleParams()
     mlflow: MlflowParams = MlflowParams()
 
     def flat(self) -> dict[str, object]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from incseg.config import PARAMS_FILE, Params
+from incseg.config import PARAMS_FILE, Params, Workspace
+from incseg.data.layout import BatchInfo, DataError
 
 WORKSPACE_GITIGNORE = """\
 # local state of the embedded defaults (MLflow store, scratch, quarantine, DVC remote)
@@ -17,6 +20,7 @@ WORKSPACE_GITIGNORE = """\
 /runs/
 /quarantine/
 /dvc-remote/
+/incoming/
 """
 
 
@@ -42,6 +46,61 @@ def dvc(root: Path, *args: str) -> str:
     return run([sys.executable, "-m", "dvc", *args], root)
 
 
+PIPELINE_YAML = """\
+# `dvc repro` re-runs exactly what changed; `dvc metrics show` / `dvc params diff` work as usual.
+# The code is the installed `incseg` (its commit is tagged on every model version), not a file of
+# this workspace: after upgrading it, `dvc repro --force update` re-runs the update.
+stages:
+  bootstrap:  # trains only while there is no champion: a later repro never replaces the served model
+    cmd: incseg bootstrap --if-missing --metrics metrics/bootstrap.json
+    deps:
+      - data/classes.yaml
+      - data/holdout
+    params:
+      - data.image_size
+      - model.arch
+      - model.width
+      - train.seed
+      - train.batch_size
+      - train.lr
+      - train.bootstrap_epochs
+      - train.ce_weight
+      - train.dice_weight
+      - train.augment
+    metrics:
+      - metrics/bootstrap.json:
+          cache: false
+  validate:
+    cmd: incseg validate data/registry --no-fail --report reports/validation.json
+    deps:
+      - data/registry
+      - data/classes.yaml
+    params:
+      - validation
+    metrics:
+      - reports/validation.json:
+          cache: false
+  update:
+    cmd: incseg watch --metrics metrics.json
+    deps:
+      - data/registry
+      - data/holdout
+      - reports/validation.json
+      - metrics/bootstrap.json
+    params:
+      - continual
+      - gate
+      - validation
+      - train.update_epochs
+      - train.update_lr
+      - train.batch_size
+      - train.seed
+    metrics:
+      - metrics.json:
+          cache: false
+"""
+
+
 def write_default_params(path: Path) -> None:
     header = "# incseg parameters: every knob, one section per concern. Paths are relative to this folder.\n"
     path.write_text(header + yaml.safe_dump(Params().model_dump(), sort_keys=False))
@@ -52,6 +111,8 @@ def init_workspace(root: Path, remote: str | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / PARAMS_FILE).exists():
         write_default_params(root / PARAMS_FILE)
+    if not (root / "dvc.yaml").exists():
+        (root / "dvc.yaml").write_text(PIPELINE_YAML)
     (root / "data" / "registry").mkdir(parents=True, exist_ok=True)
     gitignore = root / ".gitignore"
     if not gitignore.exists():
@@ -66,3 +127,85 @@ def init_workspace(root: Path, remote: str | None = None) -> Path:
     if git(root, "status", "--porcelain").strip():
         git(root, "commit", "-q", "-m", "incseg init")
     return root
+
+
+def has_dvc(root: Path) -> bool:
+    return (root / ".dvc").is_dir()
+
+
+def track(root: Path, path: Path, message: str) -> str:
+    """`dvc add` the folder, commit its `.dvc` file, and `dvc push` to the default remote.
+
+    Returns the folder's DVC content hash (md5 of its directory manifest).
+    """
+    if not has_dvc(root):
+        raise StoreError(f"{root} is not a DVC workspace: run `incseg init {root}` first")
+    rel = path.resolve().relative_to(root.resolve())
+    dvc(root, "add", "-q", str(rel))
+    dvc_file = rel.with_name(rel.name + ".dvc")
+    git(root, "add", str(dvc_file), str(rel.parent / ".gitignore"))
+    if _staged(root):
+        git(root, "commit", "-q", "-m", message)
+    if dvc(root, "remote", "list").strip():
+        dvc(root, "push", "-q", str(dvc_file))
+    return dvc_hash(root / dvc_file)
+
+
+def _staged(root: Path) -> bool:
+    return bool(git(root, "diff", "--cached", "--name-only").strip())
+
+
+def dvc_hash(dvc_file: Path) -> str | None:
+    """The md5 DVC recorded for the single output of a `.dvc` file."""
+    if not dvc_file.exists():
+        return None
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+    md5 = outs[0].get("md5")
+    return f"md5:{md5}" if md5 else None
+
+
+def tracked_batches(registry: Path) -> dict[str, str]:
+    """Batch id -> DVC content hash, for every batch with a `.dvc` file: the registry's data version."""
+    out = {}
+    for f in sorted(registry.glob("*.dvc")):
+        h = dvc_hash(f)
+        if h:
+            out[f.name[: -len(".dvc")]] = h
+    return out
+
+
+def safe_batch_id(batch_id: str) -> str:
+    """Batch ids become folder names: no separators, no `..`, nothing hidden."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", batch_id) or ".." in batch_id:
+        raise DataError(f"invalid batch id {batch_id!r}: use letters, digits, '.', '_' and '-' only")
+    return batch_id
+
+
+def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: bool = False, force: bool = False,
+             layout: str = "auto", split: str = "train", classes: Path | None = None) -> tuple[Path, BatchInfo, str]:
+    """Import SRC as a registry batch (or as the holdout) and version it with DVC.
+
+    Returns (folder, its batch.yaml, its DVC hash). The holdout is fixed: replacing it needs `force`.
+    """
+    from incseg.data.importers import import_batch
+
+    if not has_dvc(ws.root):
+        raise StoreError(f"{ws.root} is not a DVC workspace: run `incseg init {ws.root}` first")
+    if classes is not None and not ws.classes_file.exists():
+        ws.classes_file.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(classes, ws.classes_file)
+    if holdout:
+        dst = ws.holdout_dir
+        if dst.exists() and any(dst.iterdir()):
+            if not force:
+                raise DataError(f"{dst} already holds the holdout; replacing it makes old and new IoU figures "
+                                "incomparable (use --force if you mean it)")
+            shutil.rmtree(dst)
+    else:
+        dst = ws.registry_dir / safe_batch_id(batch_id or src.resolve().name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    info = import_batch(src, dst, layout, split, ws.classes_file)
+    if ws.classes_file.exists():
+        git(ws.root, "add", str(ws.classes_file.relative_to(ws.root)))
+    h = track(ws.root, dst, f"data: add {'holdout' if holdout else 'batch ' + dst.name}")
+    return dst, info, h

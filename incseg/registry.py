@@ -27,6 +27,7 @@ from incseg.models import load_checkpoint, save_checkpoint
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT = "checkpoint/model.pt"
+FINAL_OUTCOMES = ("promoted", "rejected", "invalid", "diverged")
 MEMORY = "memory"
 
 
@@ -87,6 +88,21 @@ class ModelRegistry:
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
+
+    def ledger(self) -> dict[tuple[str, str], str]:
+        """(batch_id, data_hash) -> outcome of every finished update or bootstrap run.
+
+        Crashed or failed runs are not in it, so their batch is picked up again.
+        """
+        exp = self.client.get_experiment_by_name(self.ws.params.mlflow.experiment)
+        if exp is None:
+            return {}
+        done: dict[tuple[str, str], str] = {}
+        for run in self.client.search_runs([exp.experiment_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
+            t = run.data.tags
+            if t.get("outcome") in FINAL_OUTCOMES and t.get("batch_id") and t.get("data_hash"):
+                done[(t["batch_id"], t["data_hash"])] = t["outcome"]
+        return done
 
     def end_run(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

@@ -21,6 +21,7 @@ from incseg.config import Workspace
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import eval_transforms, to_sample
 from incseg.data.layout import BatchInfo, DataError, find_pairs, read_classes, read_image, read_mask
+from incseg.datastore import dvc_hash
 from incseg.gate import Decision, decide
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
 from incseg.models import num_classes
@@ -51,13 +52,9 @@ class UpdateResult:
 # ---- data and lineage ------------------------------------------------------------------
 def batch_hash(batch_dir: Path) -> str:
     """The batch's content hash: DVC's md5 from `<batch>.dvc` when tracked, else a sha256 of its files."""
-    dvc_file = batch_dir.with_name(batch_dir.name + ".dvc")
-    if dvc_file.exists():
-        import yaml
-
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-        if outs[0].get("md5"):
-            return "md5:" + outs[0]["md5"]
+    tracked = dvc_hash(batch_dir.with_name(batch_dir.name + ".dvc"))
+    if tracked:
+        return tracked
     h = hashlib.sha256()
     for f in sorted(p for p in batch_dir.rglob("*") if p.is_file()):
         h.update(f.relative_to(batch_dir).as_posix().encode())
@@ -86,6 +83,7 @@ def lineage_tags(batch: Batch, parent: str | None) -> dict[str, str]:
 class CheckedBatch:
     """A validated batch: the report, GX's raw result, and the trainable part (None if rejected)."""
 
+    root: Path
     report: ValidationReport
     gx_result: dict
     batch: Batch | None
@@ -101,21 +99,22 @@ def check_batch(ws: Workspace, batch_id: str) -> CheckedBatch:
     report, table, raw = validate_batch(root, n, ws.params.validation, earlier)
     quarantine(report, table, ws.quarantine_dir / batch_id)
     if report.rejected:
-        return CheckedBatch(report, raw, None)
+        return CheckedBatch(root, report, raw, None)
     pairs = valid_pairs(table, report)
     if (root / "batch.yaml").exists():
         info = BatchInfo.read(root)
     else:  # annotated classes: the label ids found in the valid masks
         ids = {int(i) for v in table[table["stem"].isin(report.valid_stems)]["label_ids"] for i in str(v).split(",")}
         info = BatchInfo(batch_id, classes=sorted(ids - {255}))
-    return CheckedBatch(report, raw, Batch(batch_id, root, pairs, info))
+    return CheckedBatch(root, report, raw, Batch(batch_id, root, pairs, info))
 
 
 # ---- runs --------------------------------------------------------------------------------
 def start_run(reg: ModelRegistry, kind: str, checked: CheckedBatch, parent: str | None) -> str:
     """An MLflow run for the batch, with params, lineage tags and the validation report."""
     batch_id = checked.report.batch_id
-    lineage = lineage_tags(checked.batch, parent) if checked.batch else {"batch_id": batch_id}
+    lineage = lineage_tags(checked.batch, parent) if checked.batch else {
+        "batch_id": batch_id, "data_hash": batch_hash(checked.root), "parent_version": parent or ""}
     tags = {"incseg.kind": kind, "outcome": "running", **lineage}
     run_id = reg.start_run(f"{kind}-{batch_id}", tags, reg.ws.params.flat())
     reg.client.log_dict(run_id, checked.report.to_dict(), "validation/report.json")
@@ -248,3 +247,13 @@ def record_outcome(reg: ModelRegistry, run_id: str, outcome: str, reason: str) -
     reg.client.set_tag(run_id, "outcome", outcome)
     reg.client.set_tag(run_id, "reason", reason[:4900])
 
+
+
+def champion_metrics(reg: ModelRegistry) -> dict:
+    """The serving version and its holdout IoU, as recorded on its run (for metrics.json)."""
+    mv = reg.champion()
+    if mv is None:
+        return {"champion_version": None}
+    metrics = reg.client.get_run(mv.tags.get("run_id") or mv.run_id).data.metrics
+    return {"champion_version": str(mv.version), "batch_id": mv.tags.get("batch_id"),
+            **{k[len("candidate."):]: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("candidate.")}}

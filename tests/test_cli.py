@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -9,7 +10,9 @@ runner = CliRunner()
 
 
 def test_every_command_has_help():
-    for args in (["--help"], ["init", "--help"], ["data", "synth", "--help"], ["demo", "--help"]):
+    commands = ["init", "validate", "bootstrap", "update", "watch", "serve", "models", "promote", "rollback", "ui",
+                "demo", "data synth", "data add"]
+    for args in [["--help"]] + [c.split() + ["--help"] for c in commands]:
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage" in result.output, args
 
@@ -23,6 +26,8 @@ def test_init_scaffolds_git_and_dvc_with_a_local_remote(tmp_path):
     assert str(ws / "dvc-remote") in remotes.stdout
     log = subprocess.run(["git", "log", "--oneline"], cwd=ws, capture_output=True, text=True).stdout
     assert "incseg init" in log
+    repo_root = Path(__file__).resolve().parents[1]
+    assert (ws / "dvc.yaml").read_text() == (repo_root / "dvc.yaml").read_text()  # one pipeline, kept in sync
 
 
 def test_data_synth_writes_the_layout(tmp_path):

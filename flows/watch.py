@@ -1,0 +1,82 @@
+"""The watcher: run the update for every new data version of the registry, once each."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+
+from flows.update import bootstrap, incremental_update
+from incseg import ledger
+from incseg.config import Workspace
+from incseg.registry import ModelRegistry
+from incseg.update import UpdateResult
+from tasks.update import IO
+
+
+def lock_name(ws: Workspace) -> str:
+    return f"incseg-update-{ws.params.model.name}"
+
+
+@contextmanager
+def update_lock(ws: Workspace):
+    """A Prefect global concurrency limit of 1 per registered model, strict: never two
+    updates at once, across processes and machines sharing the Prefect API."""
+    name = lock_name(ws)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+@task(**IO)
+def find_pending(ws: Workspace) -> list[ledger.PendingBatch]:
+    return ledger.pending(ws)
+
+
+@task(**IO)
+def still_pending(ws: Workspace, item: ledger.PendingBatch) -> bool:
+    return ledger.is_pending(ws, item)
+
+
+@task(**IO)
+def has_champion(ws: Workspace) -> bool:
+    return ModelRegistry(ws).champion() is not None
+
+
+@flow(name="watch-registry")
+def watch_registry(workspace: str = ".") -> list[UpdateResult]:
+    """Read the registry's data version from DVC, then update on each unprocessed batch, oldest first."""
+    log = get_run_logger()
+    ws = Workspace(workspace)
+    for name in ledger.untracked(ws):
+        log.warning("batch %s is not tracked by DVC (run `incseg data add`); ignored", name)
+    todo = find_pending(ws)
+    if not todo:
+        log.info("no new data version in %s: nothing to do", ws.registry_dir)
+        return []
+    results = []
+    for item in todo:
+        with update_lock(ws):
+            if not still_pending(ws, item):
+                log.info("batch %s was processed by another run meanwhile", item.batch_id)
+                continue
+            run = incremental_update if has_champion(ws) else bootstrap
+            results.append(run(item.batch_id, str(ws.root)))
+    return results
+
+
+def serve_watcher(ws: Workspace) -> None:
+    """Serve the watcher on the schedule from params (interval or cron); overlapping runs are cancelled."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    s = ws.params.schedule
+    watch_registry.serve(
+        name=f"watch-{ws.params.model.name}",
+        interval=None if s.cron else s.interval_seconds,
+        cron=s.cron,
+        parameters={"workspace": str(ws.root)},
+        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+    )

@@ -1,0 +1,136 @@
+"""Bring outside data into the registry layout: plain folders, Pascal VOC, Cityscapes.
+
+VOC and Cityscapes are parsed with torchvision's own dataset classes (`download=False`);
+their label conventions are mapped to the registry's: VOC palette indices are label ids,
+Cityscapes `labelIds` are mapped to its 19 train ids, everything else to 255 (ignore).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, read_mask, write_classes
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+LAYOUTS = ("folder", "voc", "cityscapes")
+
+
+def detect_layout(src: Path) -> str:
+    if (src / "JPEGImages").is_dir() and (src / "SegmentationClass").is_dir():
+        return "voc"
+    if (src / "VOCdevkit").is_dir():
+        return "voc"
+    if (src / "leftImg8bit").is_dir() and (src / "gtFine").is_dir():
+        return "cityscapes"
+    if (src / "images").is_dir() and (src / "masks").is_dir():
+        return "folder"
+    raise DataError(f"{src}: not a known layout (images/+masks/, VOC JPEGImages/+SegmentationClass/, "
+                    "or Cityscapes leftImg8bit/+gtFine/)")
+
+
+def voc_pairs(src: Path, split: str) -> list[Pair]:
+    """Pairs of a VOC2012 folder (or a folder holding VOCdevkit/VOC2012) via VOCSegmentation."""
+    from torchvision.datasets import VOCSegmentation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapped = not (src / "VOCdevkit").is_dir()
+        root = Path(tmp) if wrapped else src
+        voc_root = root / "VOCdevkit" / "VOC2012"
+        if wrapped:  # SRC is VOC2012 itself: give torchvision the root it expects
+            voc_root.parent.mkdir()
+            voc_root.symlink_to(src.resolve(), target_is_directory=True)
+        try:
+            ds = VOCSegmentation(str(root), year="2012", image_set=split, download=False)
+        except (RuntimeError, FileNotFoundError) as err:
+            raise DataError(f"{src}: not a readable VOC layout for split '{split}': {err}") from err
+        real = src if wrapped else voc_root
+        return [Pair(Path(i).stem, real / Path(i).relative_to(voc_root), real / Path(m).relative_to(voc_root))
+                for i, m in zip(ds.images, ds.masks)]
+
+
+def cityscapes_pairs(src: Path, split: str) -> tuple[list[Pair], np.ndarray, dict[int, str]]:
+    """Pairs (image, labelIds mask), the labelId -> trainId table, and the train-id class names."""
+    from torchvision.datasets import Cityscapes
+
+    try:
+        ds = Cityscapes(str(src), split=split, mode="fine", target_type="semantic")
+    except (RuntimeError, FileNotFoundError) as err:
+        raise DataError(f"{src}: not a readable Cityscapes layout for split '{split}': {err}") from err
+    lut = np.full(256, IGNORE, dtype=np.uint8)
+    names: dict[int, str] = {}
+    for c in ds.classes:
+        if 0 <= c.train_id < 255 and c.id >= 0:
+            lut[c.id] = c.train_id
+            names[c.train_id] = c.name
+    pairs = [Pair(Path(i).stem.replace("_leftImg8bit", ""), Path(i), Path(t[0])) for i, t in zip(ds.images, ds.targets)]
+    return pairs, lut, dict(sorted(names.items()))
+
+
+def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train",
+                 classes_out: Path | None = None) -> BatchInfo:
+    """Copy SRC into the batch folder `dst` in the registry layout; returns its batch.yaml.
+
+    `classes_out` receives the layout's class list (VOC / Cityscapes) when it is not there yet.
+    """
+    layout = detect_layout(src) if layout == "auto" else layout
+    if dst.exists():
+        raise DataError(f"{dst} already exists; choose another --batch-id")
+    if layout == "folder":
+        pairs, lut, names = find_pairs(src), None, None
+    elif layout == "voc":
+        pairs, lut, names = voc_pairs(src, split), None, dict(enumerate(VOC_CLASSES))
+    elif layout == "cityscapes":
+        pairs, lut, names = cityscapes_pairs(src, split)
+    else:
+        raise DataError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
+    if not pairs:
+        raise DataError(f"{src}: no image/mask pairs found ({layout} layout)")
+    tmp = dst.with_name(f".{dst.name}.importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    (tmp / "masks").mkdir()
+    try:
+        ids = _copy_pairs(pairs, tmp, lut)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused import leaves nothing behind
+        raise
+    src_info = BatchInfo.read(src) if layout == "folder" and (src / "batch.yaml").exists() else None
+    info = BatchInfo(batch_id=dst.name, classes=src_info.classes if src_info else sorted(ids - {IGNORE}),
+                     new_classes=src_info.new_classes if src_info else [], kind=src_info.kind if src_info else layout,
+                     made_by=f"incseg data add ({layout}) from {src}", seed=src_info.seed if src_info else None)
+    info.write(tmp)
+    if classes_out is not None and names and not classes_out.exists():
+        write_classes(classes_out, names)
+    tmp.rename(dst)
+    return info
+
+
+def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None) -> set[int]:
+    """Copy images as they are and masks as label maps (through `lut` if given); returns the ids seen."""
+    from PIL import Image
+
+    ids: set[int] = set()
+    for p in pairs:
+        _refuse_link(p.image)
+        _refuse_link(p.mask)
+        shutil.copyfile(p.image, out / "images" / f"{p.stem}{p.image.suffix.lower()}")
+        mask = read_mask(p.mask)
+        if lut is not None:
+            mask = lut[mask]
+            Image.fromarray(mask, "L").save(out / "masks" / f"{p.stem}.png")
+        else:
+            shutil.copyfile(p.mask, out / "masks" / f"{p.stem}.png")
+        ids |= set(np.unique(mask).tolist())
+    return ids
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise DataError(f"{path}: symbolic links are refused, copy the file instead")

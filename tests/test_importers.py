@@ -1,0 +1,93 @@
+"""VOC and Cityscapes layouts, made here in miniature, imported with torchvision's parsers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from incseg.config import Workspace
+from incseg.data.layout import DataError, read_classes, read_mask
+from incseg.datastore import add_data, init_workspace, tracked_batches
+
+
+@pytest.fixture
+def ws(tmp_path):
+    return Workspace(init_workspace(tmp_path / "ws"))
+
+
+def make_voc(root):
+    voc = root / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    ids = {"2007_000001": 15, "2007_000002": 12}
+    for stem, cls in ids.items():
+        Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(voc / "JPEGImages" / f"{stem}.jpg")
+        mask = np.zeros((40, 48), np.uint8)
+        mask[10:30, 10:30] = cls
+        mask[9, 9:31] = 255  # VOC's ignore border
+        im = Image.fromarray(mask, "P")
+        im.putpalette([v for i in range(256) for v in (i * 3 % 256, i * 7 % 256, i * 11 % 256)])
+        im.save(voc / "SegmentationClass" / f"{stem}.png")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
+    return voc, ids
+
+
+def test_voc_layout_imports_with_label_ids(ws, tmp_path):
+    voc, ids = make_voc(tmp_path)
+    dst, info, h = add_data(ws, voc, "voc-01")
+    assert read_classes(ws.classes_file)[15] == "person"
+    assert info.classes == [0, 12, 15] and h.startswith("md5:")
+    for stem, cls in ids.items():
+        assert (dst / "images" / f"{stem}.jpg").exists()
+        assert set(np.unique(read_mask(dst / "masks" / f"{stem}.png")).tolist()) == {0, cls, 255}
+    assert tracked_batches(ws.registry_dir) == {"voc-01": h}
+
+
+def test_cityscapes_layout_maps_label_ids_to_train_ids(ws, tmp_path):
+    cs = tmp_path / "cityscapes"
+    (cs / "leftImg8bit/train/aachen").mkdir(parents=True)
+    (cs / "gtFine/train/aachen").mkdir(parents=True)
+    stem = "aachen_000000_000019"
+    Image.fromarray(np.full((32, 64, 3), 120, np.uint8)).save(cs / f"leftImg8bit/train/aachen/{stem}_leftImg8bit.png")
+    label_ids = np.zeros((32, 64), np.uint8)  # 0 = unlabeled -> ignore
+    label_ids[:16] = 7  # road -> train id 0
+    label_ids[16:, :32] = 26  # car -> train id 13
+    Image.fromarray(label_ids, "L").save(cs / f"gtFine/train/aachen/{stem}_gtFine_labelIds.png")
+    dst, info, _ = add_data(ws, cs, "cs-01")
+    mask = read_mask(dst / "masks" / f"{stem}.png")
+    assert mask[0, 0] == 0 and mask[20, 0] == 13 and mask[20, 40] == 255
+    assert info.classes == [0, 13]
+    classes = read_classes(ws.classes_file)
+    assert len(classes) == 19 and classes[0] == "road" and classes[13] == "car"
+
+
+def test_plain_folder_and_hostile_ids(ws, stream_dir):
+    add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
+    dst, info, _ = add_data(ws, stream_dir / "registry" / "batch-01")
+    assert info.classes == [3] and dst == ws.registry_dir / "batch-01"
+    for bad in ("../escape", "/abs", ".hidden", "a/b"):
+        with pytest.raises(DataError, match="invalid batch id"):
+            add_data(ws, stream_dir / "registry" / "batch-02", bad)
+
+
+def test_holdout_is_fixed_unless_forced(ws, stream_dir):
+    add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
+    with pytest.raises(DataError, match="incomparable"):
+        add_data(ws, stream_dir / "registry" / "batch-00", holdout=True)
+    add_data(ws, stream_dir / "registry" / "batch-00", holdout=True, force=True)
+    assert len(list((ws.holdout_dir / "masks").iterdir())) == len(list((stream_dir / "registry/batch-00/masks").iterdir()))
+
+
+def test_symlinked_files_are_refused(ws, stream_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "linky"
+    shutil.copytree(stream_dir / "registry" / "batch-01", src)
+    victim = sorted((src / "images").iterdir())[0]
+    victim.unlink()
+    victim.symlink_to("/etc/hostname")
+    with pytest.raises(DataError, match="symbolic links are refused"):
+        add_data(ws, src, "linky")
+    assert not (ws.registry_dir / "linky").exists()
+    assert [p.name for p in ws.registry_dir.iterdir()] == []

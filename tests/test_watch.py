@@ -1,0 +1,126 @@
+"""The watcher on a real git + DVC workspace, real MLflow store, real Prefect."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from incseg.config import Workspace
+from incseg.datastore import add_data, init_workspace, track
+from incseg.registry import ModelRegistry
+
+from conftest import tiny_params
+
+
+@pytest.fixture(scope="module")
+def dvc_ws(tmp_path_factory, stream_dir):
+    root = tmp_path_factory.mktemp("dvc-ws") / "ws"
+    init_workspace(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params().model_dump()))
+    ws = Workspace(root)
+    add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
+    return ws
+
+
+def versions(ws):
+    return [str(v.version) for v in ModelRegistry(ws).versions()]
+
+
+def test_each_data_version_is_processed_exactly_once(dvc_ws, stream_dir, prefect_api):
+    from flows.watch import watch_registry
+
+    ws = dvc_ws
+    add_data(ws, stream_dir / "registry" / "batch-00")
+    first = watch_registry(str(ws.root))
+    assert [(r.batch_id, r.status) for r in first] == [("batch-00", "promoted")]
+    assert watch_registry(str(ws.root)) == []  # no data change: nothing to do
+    assert versions(ws) == ["1"]
+
+    add_data(ws, stream_dir / "registry" / "batch-01")
+    second = watch_registry(str(ws.root))
+    assert [r.batch_id for r in second] == ["batch-01"]
+    assert versions(ws) == ["1", "2"]
+
+    # same id, new content: a new data version, processed again
+    mask_file = sorted((ws.registry_dir / "batch-01" / "masks").iterdir())[0]
+    mask = np.array(Image.open(mask_file))
+    mask[:2, :2] = 3
+    Image.fromarray(mask).save(mask_file)
+    track(ws.root, ws.registry_dir / "batch-01", "data: fix a mask of batch-01")
+    third = watch_registry(str(ws.root))
+    assert [r.batch_id for r in third] == ["batch-01"]
+    assert versions(ws) == ["1", "2", "3"]
+    ledger = ModelRegistry(ws).ledger()
+    assert sum(1 for (b, _) in ledger if b == "batch-01") == 2
+
+
+def test_two_watchers_at_once_update_each_batch_once(dvc_ws, stream_dir, prefect_api):
+    from flows.watch import watch_registry
+
+    ws = dvc_ws
+    before = len(versions(ws))
+    add_data(ws, stream_dir / "registry" / "batch-02")
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(watch_registry(str(ws.root)))
+        except BaseException as err:  # noqa: BLE001 - surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(len(r) for r in results) == [0, 1]
+    assert len(versions(ws)) == before + 1
+
+
+def dvc_status(root: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out or "{}")
+
+
+def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path, stream_dir):
+    """`dvc repro` runs bootstrap/validate/update through the CLI; status tracks data and params."""
+    root = tmp_path / "ws"
+    init_workspace(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(train={"bootstrap_epochs": 4, "update_epochs": 2})
+                                                     .model_dump()))
+    ws = Workspace(root)
+    add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
+    add_data(ws, stream_dir / "registry" / "batch-00")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def repro():
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=env, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    repro()
+    assert dvc_status(root) == {}
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["champion_version"] == "1" and "iou.square" in metrics
+
+    add_data(ws, stream_dir / "registry" / "batch-01")
+    assert {"validate", "update"} <= set(dvc_status(root)) and "bootstrap" not in dvc_status(root)
+    repro()
+    assert dvc_status(root) == {}
+    assert len(ModelRegistry(ws).versions()) == 2
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["gate"]["max_class_drop"] = 0.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert set(dvc_status(root)) == {"update"}
