@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 
 from prefect import flow, get_run_logger, task
@@ -66,6 +70,43 @@ def watch_registry(workspace: str = ".") -> list[UpdateResult]:
             run = incremental_update if has_champion(ws) else bootstrap
             results.append(run(item.batch_id, str(ws.root)))
     return results
+
+
+@contextmanager
+def prefect_api(port: int = 4200):
+    """The configured Prefect API (PREFECT_API_URL), or a local `prefect server` started for the
+    duration: the ephemeral API has no scheduler, so schedules need a real server process."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    url = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(url, server)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"`prefect server start` exited with code {server.returncode} (port in use?)")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"Prefect server at {url} did not become healthy within {timeout:.0f} s")
 
 
 def serve_watcher(ws: Workspace) -> None:

@@ -136,14 +136,20 @@ def watch(
 
 
 @app.command()
-def serve(ctx: typer.Context) -> None:
+def serve(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port of the local Prefect server started when PREFECT_API_URL is unset.")] = 4200,
+) -> None:
     """Serve the watcher on the schedule in params.yaml (Prefect; Ctrl-C stops)."""
-    from flows.watch import serve_watcher
+    quiet_prefect()
+    os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"  # a long-running service should say what it does
+    from flows.watch import prefect_api, serve_watcher
 
     ws = workspace(ctx)
     s = ws.params.schedule
-    console.print(f"serving the watcher for {ws.root} every {s.cron or f'{s.interval_seconds} s'}")
-    serve_watcher(ws)
+    with prefect_api(port) as url:
+        console.print(f"serving the watcher for {ws.root} every {s.cron or f'{s.interval_seconds} s'} via {url}")
+        serve_watcher(ws)
 
 
 @app.command()
@@ -203,8 +209,9 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def quiet_prefect() -> None:
-    """Prefect's own INFO lines would drown the CLI's output; warnings still show."""
+    """Prefect's INFO lines and MLflow's download bars would drown the CLI's output; warnings still show."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 

@@ -124,3 +124,42 @@ def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path, stream_dir):
     params["gate"]["max_class_drop"] = 0.5
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     assert set(dvc_status(root)) == {"update"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
+    """`incseg serve` starts a local Prefect server and the schedule picks up a new batch."""
+    import signal
+    import time
+
+    root = tmp_path / "ws"
+    init_workspace(root)
+    params = tiny_params(train={"bootstrap_epochs": 2}, schedule={"interval_seconds": 3})
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
+    ws = Workspace(root)
+    add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
+    add_data(ws, stream_dir / "registry" / "batch-00")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "incseg", "-C", str(root), "serve", "--port", str(free_port())],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not ModelRegistry(ws).ledger():
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(2)
+        assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
