@@ -8,7 +8,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
@@ -17,7 +17,7 @@ from incseg import ledger
 from incseg.config import Workspace
 from incseg.registry import ModelRegistry
 from incseg.update import UpdateResult
-from tasks.update import IO
+from tasks.update import registry_task
 
 
 def lock_name(ws: Workspace) -> str:
@@ -35,17 +35,17 @@ def update_lock(ws: Workspace):
         yield
 
 
-@task(**IO)
+@registry_task
 def find_pending(ws: Workspace) -> list[ledger.PendingBatch]:
     return ledger.pending(ws)
 
 
-@task(**IO)
+@registry_task
 def still_pending(ws: Workspace, item: ledger.PendingBatch) -> bool:
     return ledger.is_pending(ws, item)
 
 
-@task(**IO)
+@registry_task
 def has_champion(ws: Workspace) -> bool:
     return ModelRegistry(ws).champion() is not None
 

@@ -331,6 +331,42 @@ def ui(
 
 
 @app.command()
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option("--quick", help="A reduced scenario (about two minutes).")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the .md table, .json numbers and .png plot.")] = Path(
+        "benchmarks/results"),
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies to compare.")] = ",".join(
+        ("naive", "replay", "distill", "replay+distill", "joint")),
+) -> None:
+    """Benchmark the continual strategies on a seeded class-incremental stream; print and write tables."""
+    import json
+    import sys
+
+    from rich.markdown import Markdown
+
+    from incseg import bench as b
+
+    ws = workspace(ctx)
+    params = b.quick_params(ws.params) if quick else b.full_params(ws.params)
+    chosen = tuple(x.strip() for x in strategies.split(",") if x.strip())
+    unknown = set(chosen) - set(b.STRATEGIES)
+    if unknown:
+        raise Failure(f"unknown strategies {sorted(unknown)}; choose from {', '.join(b.STRATEGIES)}")
+    scenario = b.run_scenario(params, chosen, console)
+    summ = b.summary(scenario)
+    name = "continual-quick" if quick else "continual"
+    command = "incseg bench" + (" --quick" if quick else "")
+    text = b.markdown(scenario, summ, params.continual.strategy, command)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text + f"\n![plot]({name}.png)\n")
+    (out / f"{name}.json").write_text(json.dumps(summ, indent=2))
+    b.plot(scenario, out / f"{name}.png")
+    console.print(Markdown(text))
+    console.print(f"written: {out / name}.md, .json, .png  (python {sys.version.split()[0]})")
+
+
+@app.command()
 def demo(
     directory: Annotated[Path, typer.Argument(help="Demo workspace (re-created on each run).")] = Path("demo-workspace"),
 ) -> None:

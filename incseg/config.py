@@ -55,6 +55,8 @@ class TrainParams(Section):
     dice_weight: float = Field(0.5, ge=0)
     bootstrap_epochs: int = Field(20, ge=1)
     update_epochs: int = Field(16, ge=1)
+    min_bootstrap_steps: int = Field(300, ge=0, description="more epochs if the epochs give fewer optimizer steps")
+    min_update_steps: int = Field(200, ge=0, description="likewise for an update, so small batches still learn")
     augment: bool = True
     num_workers: int = Field(0, ge=0)
 

@@ -19,7 +19,7 @@ from incseg.data.dataset import SegmentationFolder, eval_transforms, train_trans
 from incseg.data.layout import BatchInfo, DataError, Pair, find_pairs, read_classes
 from incseg.metrics import ConfusionMatrix
 from incseg.models import build_model, expand_classes, num_classes
-from incseg.training import EpochStats, TrainResult, evaluate, make_loader, resolve_device, seed_everything, train
+from incseg.training import EpochStats, TrainResult, epochs_for, evaluate, make_loader, resolve_device, seed_everything, train
 
 
 @dataclass
@@ -70,7 +70,7 @@ def train_base(
     loader = make_loader(data, p.train.batch_size, shuffle=True, num_workers=p.train.num_workers, seed=p.train.seed)
     result = train(
         model, loader, make_objective("naive", p.train, p.continual, None),
-        epochs=p.train.bootstrap_epochs, lr=p.train.lr, weight_decay=p.train.weight_decay,
+        epochs=epochs_for(loader, p.train.bootstrap_epochs, p.train.min_bootstrap_steps), lr=p.train.lr, weight_decay=p.train.weight_decay,
         device=resolve_device(p.train.device), checkpoint_path=checkpoint_path, on_epoch=on_epoch,
         progress=progress, description=f"bootstrap {batch.batch_id}",
     )
@@ -101,7 +101,7 @@ def train_candidate(
                          num_workers=p.train.num_workers, seed=p.train.seed)
     result = train(
         student, loader, make_objective(strategy, p.train, p.continual, teacher),
-        epochs=p.train.update_epochs, lr=p.train.update_lr, weight_decay=p.train.weight_decay, device=device,
+        epochs=epochs_for(loader, p.train.update_epochs, p.train.min_update_steps), lr=p.train.update_lr, weight_decay=p.train.weight_decay, device=device,
         checkpoint_path=checkpoint_path, on_epoch=on_epoch, progress=progress,
         description=f"update {batch.batch_id} ({strategy})",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,28 @@ MEMORY = "memory"
 
 class RegistryError(RuntimeError):
     """An expected registry failure: no champion yet, unknown version, unreachable store."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The tracking store did not answer (closed port, locked SQLite file): worth a retry."""
+
+
+@contextmanager
+def reachable(uri: str):
+    """Turn store failures into `RegistryUnavailable` with a message that names the URI."""
+    import sqlite3
+
+    import requests
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except RegistryError:
+        raise
+    except (MlflowException, requests.exceptions.RequestException, sqlalchemy.exc.OperationalError,
+            sqlite3.OperationalError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise RegistryUnavailable(f"MLflow store at {uri} failed: {first}") from err
 
 
 @dataclass
@@ -68,16 +91,16 @@ class ModelRegistry:
         self.ws = ws
         self.uri = ws.tracking_uri
         self.name = ws.params.model.name
+        # bounded: our tasks retry with backoff, MLflow's own HTTP retries would take minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         use_store(self.uri)
         self.client = MlflowClient(self.uri, self.uri)
 
     # ---- runs -------------------------------------------------------------------------
     def experiment_id(self) -> str:
         name = self.ws.params.mlflow.experiment
-        try:
-            exp = self.client.get_experiment_by_name(name)
-        except MlflowException as err:
-            raise RegistryError(f"MLflow tracking store {self.uri} is unreachable: {err}") from err
+        exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         return self.client.create_experiment(name, artifact_location=self.ws.artifact_location)
@@ -159,7 +182,7 @@ class ModelRegistry:
         except MlflowException as err:
             if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower():
                 return None
-            raise RegistryError(f"MLflow registry at {self.uri}: {err}") from err
+            raise
 
     def require_champion(self) -> ModelVersion:
         mv = self.champion()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Callable
@@ -148,6 +149,11 @@ def _resume(path: Path | None, model, opt, sched, result: TrainResult, planned: 
     result.resumed_from = len(result.epochs)
     log.info("resumed from %s after epoch %d", path, result.resumed_from)
     return result.resumed_from
+
+
+def epochs_for(loader: DataLoader, epochs: int, min_steps: int) -> int:
+    """`epochs`, raised so that training takes at least `min_steps` optimizer steps."""
+    return max(epochs, math.ceil(min_steps / max(1, len(loader))))
 
 
 @torch.no_grad()

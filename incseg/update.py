@@ -21,7 +21,7 @@ from incseg.config import Workspace
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import eval_transforms, to_sample
 from incseg.data.layout import BatchInfo, DataError, find_pairs, read_classes, read_image, read_mask
-from incseg.datastore import dvc_hash
+from incseg.datastore import dvc_hash, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
 from incseg.models import num_classes
@@ -91,7 +91,9 @@ class CheckedBatch:
 
 def check_batch(ws: Workspace, batch_id: str) -> CheckedBatch:
     """Run the GX suite on the batch; quarantine failing pairs; keep the rest for training."""
-    root = ws.registry_dir / batch_id
+    root = ws.registry_dir / safe_batch_id(batch_id)
+    if root.is_symlink():
+        raise DataError(f"{root} is a symbolic link: batches must be real folders of the registry")
     if not root.is_dir():
         raise DataError(f"no batch '{batch_id}' in {ws.registry_dir}")
     n = len(read_classes(ws.classes_file))

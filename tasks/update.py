@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -10,7 +12,7 @@ from incseg.continual.memory import ExemplarMemory
 from incseg.config import Workspace
 from incseg.models import num_classes
 from incseg.data.layout import DataError
-from incseg.registry import LoadedModel, ModelRegistry, RegistryError
+from incseg.registry import LoadedModel, ModelRegistry, RegistryError, RegistryUnavailable, reachable
 from incseg.training import DivergenceError
 
 
@@ -18,6 +20,8 @@ def transient(task, task_run, state) -> bool:
     """Retry I/O and registry hiccups, never deterministic failures (bad data, no champion, NaN)."""
     try:
         state.result()
+    except RegistryUnavailable:
+        return True
     except (DataError, RegistryError, DivergenceError, ValueError):
         return False
     except Exception:
@@ -28,19 +32,30 @@ def transient(task, task_run, state) -> bool:
 IO = {"retries": 3, "retry_delay_seconds": [1, 2, 4], "retry_condition_fn": transient, "cache_policy": NO_CACHE}
 
 
+def registry_task(fn):
+    """A task that talks to the tracking store: store failures name the URI and are retried."""
+
+    @functools.wraps(fn)
+    def wrapper(ws: Workspace, *args, **kwargs):
+        with reachable(ws.tracking_uri):
+            return fn(ws, *args, **kwargs)
+
+    return task(**IO)(wrapper)
+
+
 @task(cache_policy=NO_CACHE)
 def validate_batch(ws: Workspace, batch_id: str) -> update.CheckedBatch:
     """Great Expectations suite over the batch; bad pairs go to quarantine/<batch_id>/."""
     return update.check_batch(ws, batch_id)
 
 
-@task(**IO)
+@registry_task
 def load_champion(ws: Workspace) -> LoadedModel:
     reg = ModelRegistry(ws)
     return reg.load(reg.require_champion(), ws.runs_dir / "models")
 
 
-@task(**IO)
+@registry_task
 def start_run(ws: Workspace, kind: str, checked: update.CheckedBatch, parent: str | None) -> str:
     return update.start_run(ModelRegistry(ws), kind, checked, parent)
 
@@ -49,7 +64,9 @@ def start_run(ws: Workspace, kind: str, checked: update.CheckedBatch, parent: st
 def train_base(ws: Workspace, batch: pipeline.Batch, run_id: str):
     reg = ModelRegistry(ws)
     logger = update.epoch_logger(ws, reg, run_id, batch.classes)
-    model, _ = pipeline.train_base(ws, batch, on_epoch=logger, checkpoint_path=ws.runs_dir / run_id / "train.pt")
+    key = f"bootstrap-{batch.batch_id}-{update.batch_hash(batch.root)[-12:]}"
+    model, result = pipeline.train_base(ws, batch, on_epoch=logger, checkpoint_path=ws.runs_dir / key / "train.pt")
+    reg.client.set_tag(run_id, "resumed_from_epoch", str(result.resumed_from))
     return model, update.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id)
 
 
@@ -60,14 +77,15 @@ def train_candidate(ws: Workspace, champion: LoadedModel, batch: pipeline.Batch,
     reg = ModelRegistry(ws)
     scope = sorted(set(range(num_classes(champion.model))) | set(batch.classes))
     key = f"update-{batch.batch_id}-v{champion.version}-{update.batch_hash(batch.root)[-12:]}"
-    model, _ = pipeline.train_candidate(
+    model, result = pipeline.train_candidate(
         ws.params, champion.model, batch, champion.memory,
         on_epoch=update.epoch_logger(ws, reg, run_id, scope), checkpoint_path=ws.runs_dir / key / "train.pt",
     )
+    reg.client.set_tag(run_id, "resumed_from_epoch", str(result.resumed_from))
     return model, update.refresh_memory(ws, champion.memory, batch, run_id)
 
 
-@task(**IO)
+@registry_task
 def register_candidate(ws: Workspace, run_id: str, model, memory, batch: pipeline.Batch, parent: str | None) -> str:
     return update.log_candidate(ws, ModelRegistry(ws), run_id, model, memory, update.lineage_tags(batch, parent))
 
@@ -81,12 +99,12 @@ def evaluate_candidate(ws: Workspace, run_id: str, candidate, champion, batch: p
     return judgement
 
 
-@task(**IO)
+@registry_task
 def publish_verdict(ws: Workspace, run_id: str, version: str, judgement: update.Judgement) -> str | None:
     return update.publish(ModelRegistry(ws), run_id, version, judgement)
 
 
-@task(**IO)
+@registry_task
 def finish_run(ws: Workspace, run_id: str, outcome: str, reason: str, failed: bool = False,
                version: str | None = None) -> None:
     """Close the MLflow run; a version left pending by a failure is marked `failed`, never served."""

@@ -26,7 +26,8 @@ def tiny_params(**sections) -> Params:
         "data": {"image_size": 32},
         "synth": {"size": 32, "base_images": 96, "step_images": 64, "holdout_per_class": 6, "new_classes": 2},
         "model": {"width": 8},
-        "train": {"bootstrap_epochs": 30, "update_epochs": 12, "batch_size": 16},
+        "train": {"bootstrap_epochs": 30, "update_epochs": 12, "batch_size": 16, "min_bootstrap_steps": 0,
+                  "min_update_steps": 0},
         "continual": {"memory_size": 32},
         "eval": {"preview_images": 4},
     }

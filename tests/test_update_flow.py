@@ -107,9 +107,13 @@ def test_rollback_and_promote_from_the_cli(history):
     ws, *_ = history
     runner = CliRunner()
     reg = ModelRegistry(ws)
+    memory_of = {v: {it.stem for it in reg.load(reg.version(v), ws.runs_dir / "t").memory.items} for v in ("1", "2")}
+    assert memory_of["1"] != memory_of["2"]
     result = runner.invoke(app, ["-C", str(ws.root), "rollback", "--reason", "test"])
     assert result.exit_code == 0, result.output
     assert reg.aliases()["champion"] == "1"
+    served = reg.load(reg.require_champion(), ws.runs_dir / "after-rollback").memory
+    assert {it.stem for it in served.items} == memory_of["1"]  # the memory rolled back with the model
     assert reg.version("2").tags["rolled_back_reason"] == "test"
     before = reg.aliases()
     result = runner.invoke(app, ["-C", str(ws.root), "promote", "42"])

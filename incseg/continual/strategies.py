@@ -42,8 +42,24 @@ def training_set(
     return ConcatDataset(parts), WeightedRandomSampler(weights, n_samples, replacement=True)
 
 
+def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
+                       train: TrainParams) -> torch.Tensor:
+    """Unbiased CE + Dice where labels are trustworthy: the background of a partially
+    labelled sample may hide classes its batch did not annotate."""
+    partial = (~annotated).any(dim=1)[:, None, None]
+    dice_target = torch.where(partial & (target == 0), torch.full_like(target, IGNORE), target)
+    return train.ce_weight * unbiased_cross_entropy(logits, target, annotated) + train.dice_weight * dice_loss(
+        logits, dice_target)
+
+
 def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, teacher: nn.Module | None) -> Objective:
-    """loss(logits, images, target, annotated) for the strategy; `teacher` is the old model."""
+    """loss(logits, images, target, annotated) for the strategy; `teacher` is the old model.
+
+    `joint` (retraining from scratch on every batch so far, the benchmark's upper bound) uses
+    the partial-label loss alone, since its batches annotate different classes.
+    """
+    if strategy == "joint":
+        return lambda logits, images, target, annotated: partial_label_loss(logits, target, annotated, train)
     if not uses_distillation(strategy) or teacher is None:
         return lambda logits, images, target, annotated: segmentation_loss(
             logits, target, train.ce_weight, train.dice_weight
@@ -55,13 +71,7 @@ def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, tea
             old = teacher(images)
         if cont.pseudo_label_threshold > 0:
             target = pseudo_label(target, old, cont.pseudo_label_threshold)
-        # Dice only where labels are trustworthy: background of a partially labelled sample may hide old classes.
-        partial = (~annotated).any(dim=1)[:, None, None]
-        dice_target = torch.where(partial & (target == 0), torch.full_like(target, IGNORE), target)
-        return (
-            train.ce_weight * unbiased_cross_entropy(logits, target, annotated)
-            + train.dice_weight * dice_loss(logits, dice_target)
-            + cont.distill_weight * unbiased_distillation(logits, old)
-        )
+        return partial_label_loss(logits, target, annotated, train) + cont.distill_weight * unbiased_distillation(
+            logits, old)
 
     return objective

@@ -1,0 +1,227 @@
+"""The continual-learning benchmark: every strategy on one seeded class-incremental stream.
+
+Each strategy starts from the same base model and sees the batches in order; `joint`
+retrains from scratch on every batch so far (the upper bound). No gate is applied: the
+benchmark measures the strategies themselves. Results: the accuracy matrix, final
+mIoU (all / old / new / hIoU), average forgetting and cost per step.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from torch.utils.data import ConcatDataset
+
+from incseg.config import Params, Workspace
+from incseg.continual.memory import ExemplarMemory
+from incseg.continual.strategies import make_objective
+from incseg.data.dataset import SegmentationFolder, train_transforms
+from incseg.data.layout import list_batches, read_classes
+from incseg.data.synthetic import synthesize
+from incseg.models import build_model
+from incseg.pipeline import Batch, holdout_matrix, train_base, train_candidate
+from incseg.training import epochs_for, make_loader, resolve_device, seed_everything, train
+
+STRATEGIES = ("naive", "replay", "distill", "replay+distill", "joint")
+
+
+@dataclass
+class Step:
+    batch_id: str
+    iou: list[float]  # per class id over classes.yaml, NaN where absent from the holdout
+    images: int
+    seconds: float
+
+
+@dataclass
+class Scenario:
+    classes: dict[int, str]
+    learned_at: dict[int, int]  # class id -> step that introduced it
+    runs: dict[str, list[Step]] = field(default_factory=dict)
+
+
+def quick_params(base: Params) -> Params:
+    """A couple of minutes on 2 cores: 32 px, a width-8 U-Net, two new classes."""
+    p = base.model_copy(deep=True)
+    p.data.image_size = p.synth.size = 32
+    p.synth.base_images, p.synth.step_images, p.synth.holdout_per_class, p.synth.new_classes = 96, 64, 6, 2
+    p.model.width = 8
+    p.train.bootstrap_epochs, p.train.update_epochs = 30, 12
+    p.continual.memory_size = 32
+    return p
+
+
+def full_params(base: Params) -> Params:
+    """The user's params with a longer stream: three new classes, then the domain shift."""
+    p = base.model_copy(deep=True)
+    p.synth.new_classes = max(p.synth.new_classes, 3)
+    p.synth.domain_shift = True
+    return p
+
+
+def train_joint(ws: Workspace, batches: list[Batch], n_classes: int):
+    """From scratch on every batch so far, each with the classes it annotates."""
+    p = ws.params
+    seed_everything(p.train.seed)
+    model = build_model(p.model.arch, n_classes, p.model.width)
+    tf = train_transforms(p.data.image_size, p.train.augment)
+    data = ConcatDataset([SegmentationFolder(b.pairs, tf, n_classes, b.classes) for b in batches])
+    loader = make_loader(data, p.train.batch_size, shuffle=True, seed=p.train.seed)
+    epochs = epochs_for(loader, p.train.bootstrap_epochs, p.train.min_bootstrap_steps)
+    result = train(model, loader, make_objective("joint", p.train, p.continual, None), epochs=epochs,
+                   lr=p.train.lr, weight_decay=p.train.weight_decay, device=resolve_device(p.train.device),
+                   progress=False)
+    return model.cpu(), result
+
+
+def run_scenario(params: Params, strategies: tuple[str, ...] = STRATEGIES, console: Console | None = None) -> Scenario:
+    console = console or Console()
+    with tempfile.TemporaryDirectory(prefix="incseg-bench-") as tmp:
+        ws = Workspace(Path(tmp), params)
+        infos = synthesize(ws.data_dir, params.synth)
+        classes = read_classes(ws.classes_file)
+        batches = [Batch.load(ws.registry_dir / b) for b in list_batches(ws.registry_dir)]
+        learned = {c: 0 for c in batches[0].classes}
+        for i, info in enumerate(infos[1:], start=1):
+            learned.update({c: i for c in info.new_classes})
+        scenario = Scenario(classes, learned)
+        t0 = time.perf_counter()
+        base, result = train_base(ws, batches[0], progress=False)
+        base_step = Step(batches[0].batch_id, _iou(ws, base), result.images_processed, time.perf_counter() - t0)
+        console.print(f"base model on {batches[0].batch_id}: {result.images_processed} images, {base_step.seconds:.0f} s")
+        for strategy in strategies:
+            steps = [base_step]
+            model, memory = base, ExemplarMemory.empty()
+            memory = memory.refreshed(batches[0].pairs, batches[0].batch_id, batches[0].classes,
+                                      params.continual.memory_size, Path(tmp) / strategy / "memory-0")
+            for i, batch in enumerate(batches[1:], start=1):
+                t0 = time.perf_counter()
+                if strategy == "joint":
+                    n = max(c for b in batches[: i + 1] for c in b.classes) + 1
+                    model, result = train_joint(ws, batches[: i + 1], n)
+                else:
+                    p = params.model_copy(deep=True)
+                    p.continual.strategy = strategy
+                    model, result = train_candidate(p, model, batch, memory, progress=False)
+                    memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, params.continual.memory_size,
+                                              Path(tmp) / strategy / f"memory-{i}")
+                steps.append(Step(batch.batch_id, _iou(ws, model), result.images_processed, time.perf_counter() - t0))
+                console.print(f"  {strategy:>14} after {batch.batch_id}: mIoU(all) "
+                              f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {steps[-1].seconds:.0f} s")
+            scenario.runs[strategy] = steps
+    return scenario
+
+
+def _iou(ws: Workspace, model) -> list[float]:
+    return [float(v) for v in holdout_matrix(ws, model).iou()]
+
+
+def _known(s: Scenario, step: int) -> list[int]:
+    return sorted(c for c, at in s.learned_at.items() if at <= step)
+
+
+def _mean(iou: list[float], classes: list[int]) -> float:
+    vals = [iou[c] for c in classes if not math.isnan(iou[c])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summary(s: Scenario) -> dict[str, dict]:
+    """Final mIoU all/old/new, hIoU, average forgetting (IoU points) and cost, per strategy."""
+    last = max(s.learned_at.values()) if s.learned_at else 0
+    old = [c for c, at in s.learned_at.items() if at == 0]
+    new = [c for c, at in s.learned_at.items() if at > 0]
+    out = {}
+    for name, steps in s.runs.items():
+        final = steps[-1].iou
+        m_old, m_new = _mean(final, old), _mean(final, new)
+        forgetting = [steps[at].iou[c] - final[c] for c, at in s.learned_at.items()
+                      if at < last and c != 0 and not math.isnan(final[c])]
+        out[name] = {
+            "miou_all": _mean(final, sorted(s.learned_at)), "miou_old": m_old, "miou_new": m_new,
+            "hiou": 2 * m_old * m_new / (m_old + m_new) if m_old + m_new > 0 else 0.0,
+            "forgetting_points": 100 * float(np.mean(forgetting)) if forgetting else 0.0,
+            "images": sum(st.images for st in steps), "seconds": sum(st.seconds for st in steps),
+            "step_seconds": [round(st.seconds, 1) for st in steps[1:]],
+        }
+    return out
+
+
+def accuracy_matrix(s: Scenario, strategy: str) -> tuple[list[str], list[list[float]]]:
+    """Rows: steps; columns: the base classes, then each class as it is introduced (mIoU)."""
+    groups = {"base": [c for c, at in s.learned_at.items() if at == 0]}
+    for c, at in sorted(s.learned_at.items()):
+        if at > 0:
+            groups[s.classes[c]] = [c]
+    rows = [[_mean(st.iou, cols) if min(s.learned_at[c] for c in cols) <= i else float("nan")
+             for cols in groups.values()] for i, st in enumerate(s.runs[strategy])]
+    return list(groups), rows
+
+
+def targets(summ: dict[str, dict], default: str) -> list[tuple[str, bool, str]]:
+    """The issue's targets, each with whether it is met and the measured numbers."""
+    d, j, n = summ[default], summ.get("joint"), summ.get("naive")
+    out = []
+    if j:
+        out.append(("final mIoU(all) >= 0.90 x joint", d["miou_all"] >= 0.9 * j["miou_all"],
+                    f"{d['miou_all']:.3f} vs {0.9 * j['miou_all']:.3f}"))
+        out.append(("images processed <= 0.25 x joint", d["images"] <= 0.25 * j["images"],
+                    f"{d['images']} vs {0.25 * j['images']:.0f} ({d['images'] / j['images']:.2f} x)"))
+    out.append(("average forgetting <= 3 IoU points", d["forgetting_points"] <= 3,
+                f"{d['forgetting_points']:.1f} points"))
+    if n:
+        out.append(("naive visibly forgets (> 10 points)", n["forgetting_points"] > 10,
+                    f"{n['forgetting_points']:.1f} points"))
+    if j and len(d["step_seconds"]) > 1:
+        ds, js = d["step_seconds"], j["step_seconds"]
+        flat = ds[-1] <= 1.5 * ds[0] + 1
+        out.append(("update time flat while joint grows", flat and js[-1] > 1.5 * js[0],
+                    f"{default}: {ds} s; joint: {js} s"))
+    return out
+
+
+def markdown(s: Scenario, summ: dict, default: str, command: str) -> str:
+    lines = ["# Continual-learning benchmark", "", f"Made by `{command}`.", "",
+             "| strategy | mIoU all | old | new | hIoU | forgetting (pts) | images | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in summ.items():
+        lines.append(f"| {name}{' (default)' if name == default else ''} | {r['miou_all']:.3f} | {r['miou_old']:.3f} | "
+                     f"{r['miou_new']:.3f} | {r['hiou']:.3f} | {r['forgetting_points']:.1f} | {r['images']} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
+    lines += [f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets(summ, default)]
+    for name in s.runs:
+        cols, rows = accuracy_matrix(s, name)
+        lines += ["", f"## Accuracy matrix: {name}", "", "| after | " + " | ".join(cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for st, row in zip(s.runs[name], rows):
+            lines.append(f"| {st.batch_id} | " + " | ".join("" if math.isnan(v) else f"{v:.3f}" for v in row) + " |")
+    lines += ["", "## Seconds per step (update time as history grows)", "", "| strategy | " +
+              " | ".join(st.batch_id for st in next(iter(s.runs.values()))[1:]) + " |",
+              "|---|" + "---|" * (len(next(iter(s.runs.values()))) - 1)]
+    lines += [f"| {name} | " + " | ".join(str(x) for x in r["step_seconds"]) + " |" for name, r in summ.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(s: Scenario, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, steps in s.runs.items():
+        a.plot(range(len(steps)), [_mean(st.iou, _known(s, i)) for i, st in enumerate(steps)], marker="o", label=name)
+        b.plot(range(1, len(steps)), [st.seconds for st in steps[1:]], marker="o", label=name)
+    a.set(title="holdout mIoU over the classes known so far", xlabel="step", ylabel="mIoU")
+    b.set(title="wall time per update", xlabel="step", ylabel="seconds")
+    a.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,71 @@
+"""Hostile names and poisoned labels: refused or rejected, never followed, never promoted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from incseg.cli import app
+from incseg.data.layout import DataError
+from incseg.data.synthetic import poison_batch
+from incseg.datastore import add_data
+from incseg.registry import ModelRegistry
+
+
+@pytest.mark.parametrize("batch_id", ["../outside", "/etc", "..", ".hidden", "a/b"])
+def test_hostile_batch_ids_are_refused(champion_ws, stream_dir, batch_id):
+    runner = CliRunner()
+    result = runner.invoke(app, ["-C", str(champion_ws.root), "update", batch_id])
+    assert result.exit_code == 1 and "invalid batch id" in result.output
+    result = runner.invoke(app, ["-C", str(champion_ws.root), "data", "add", str(stream_dir / "registry" / "batch-01"),
+                                 "--batch-id", batch_id])
+    assert result.exit_code == 1 and "invalid batch id" in result.output
+    assert ModelRegistry(champion_ws).aliases() == {"champion": "1"}
+
+
+def test_symlinked_batch_folder_is_refused(champion_ws, tmp_path, stream_dir):
+    from incseg.update import check_batch
+
+    outside = tmp_path / "outside"
+    shutil.copytree(stream_dir / "registry" / "batch-01", outside)
+    link = champion_ws.registry_dir / "batch-07-link"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        with pytest.raises(DataError, match="symbolic link"):
+            check_batch(champion_ws, "batch-07-link")
+    finally:
+        link.unlink()
+
+
+def test_symlinked_files_inside_a_batch_are_not_followed(champion_ws, stream_dir, tmp_path):
+    from incseg.update import check_batch
+
+    batch = champion_ws.registry_dir / "batch-08-links"
+    shutil.copytree(stream_dir / "registry" / "batch-02", batch)
+    victim = sorted((batch / "images").iterdir())[0]
+    victim.unlink()
+    os.symlink("/etc/hostname", victim)
+    try:
+        checked = check_batch(champion_ws, "batch-08-links")
+        failure = next(f for f in checked.report.failures if f.stem == victim.stem)
+        assert failure.check == "image_readable" and "symbolic link" in failure.observed
+        assert victim.stem not in {p.stem for p in checked.batch.pairs}
+        assert not (champion_ws.quarantine_dir / "batch-08-links" / "images" / victim.name).exists()
+    finally:
+        shutil.rmtree(batch)
+
+
+def test_poisoned_batch_passes_validation_and_is_rejected_by_the_gate(champion_ws, tmp_path, stream_dir):
+    from flows.update import incremental_update
+
+    ws = champion_ws
+    poison_batch(stream_dir / "registry" / "batch-00", tmp_path / "batch-09-poisoned")
+    add_data(ws, tmp_path / "batch-09-poisoned")
+    result = incremental_update("batch-09-poisoned", str(ws.root))
+    assert result.status == "rejected"
+    assert "class_drop:" in result.reason and any(n in result.reason for n in ("'square'", "'circle'", "'background'"))
+    assert not (ws.quarantine_dir / "batch-09-poisoned").exists()  # validation found nothing wrong
+    assert ModelRegistry(ws).aliases() == {"champion": "1"}

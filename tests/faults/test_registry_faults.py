@@ -1,0 +1,92 @@
+"""The tracking store fails: bounded retries, a clear message naming the URI, champion untouched."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from faults.conftest import fault_params, set_params
+from incseg.datastore import add_data
+from incseg.registry import ModelRegistry, RegistryUnavailable
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns
+
+
+def test_unreachable_server_fails_cleanly_naming_the_uri(champion_ws, tmp_path):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    proc = subprocess.run([sys.executable, "-m", "incseg", "-C", str(champion_ws.root), "update", "batch-00"],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1
+    assert uri in proc.stderr and "Traceback" not in proc.stderr
+    assert ModelRegistry(champion_ws).aliases() == {"champion": "1"}
+
+
+def test_locked_sqlite_store_is_retried_then_fails_with_champion_untouched(champion_ws, stream_dir):
+    from flows.update import incremental_update
+
+    ws = set_params(champion_ws, fault_params())
+    add_data(ws, stream_dir / "registry" / "batch-03")
+    reg = ModelRegistry(ws)
+    before, n = reg.aliases(), len(reg.versions())
+    lock = sqlite3.connect(ws.root / "mlflow.db", timeout=1)
+    lock.execute("BEGIN EXCLUSIVE")  # another writer holds the file
+    try:
+        with pytest.raises(RegistryUnavailable, match="mlflow.db"):
+            incremental_update("batch-03", str(ws.root))
+    finally:
+        lock.rollback()
+        lock.close()
+    assert reg.aliases() == before and len(reg.versions()) == n
+
+
+def test_racing_promotions_leave_a_consistent_alias(champion_ws):
+    from flows.update import incremental_update
+
+    reg = ModelRegistry(champion_ws)
+    assert incremental_update("batch-03", str(champion_ws.root)).candidate_version == "2"
+    targets = ["1", "2"]
+    procs = [subprocess.Popen([sys.executable, "-m", "incseg", "-C", str(champion_ws.root), "promote", v],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in targets]
+    outs = [p.communicate(timeout=120) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert all(c in (0, 1) for c in codes), outs
+    assert any(c == 0 for c in codes), outs
+    champion = reg.champion()
+    assert str(champion.version) in targets
+    assert reg.aliases()["champion"] == str(champion.version)
+    assert champion.tags.get("status") in ("promoted", "rejected")
+
+
+def test_unwritable_model_store_registers_nothing(champion_ws, stream_dir):
+    """The model cannot be logged: the run fails, no version appears, no alias moves."""
+    from flows.update import incremental_update
+
+    ws = set_params(champion_ws, fault_params())
+    add_data(ws, stream_dir / "registry" / "batch-02", "batch-05")
+    reg = ModelRegistry(ws)
+    before, n = reg.aliases(), len(reg.versions())
+    exp = reg.client.get_experiment_by_name(ws.params.mlflow.experiment)
+    models_dir = ws.root / "mlartifacts" / exp.experiment_id / "models"
+    parked = models_dir.with_name("models.parked")
+    models_dir.rename(parked)
+    models_dir.write_text("not a folder: logged models cannot be written here")
+    try:
+        with pytest.raises(Exception):
+            incremental_update("batch-05", str(ws.root))
+    finally:
+        models_dir.unlink()
+        parked.rename(models_dir)
+    assert reg.aliases() == before and len(reg.versions()) == n
+    failed = [r for r in reg.client.search_runs([exp.experiment_id]) if r.data.tags.get("batch_id") == "batch-05"]
+    assert failed and all(r.info.status == "FAILED" for r in failed)
+

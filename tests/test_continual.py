@@ -1,0 +1,79 @@
+"""Continual-learning pieces: distillation, the exemplar memory, and the quick benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from incseg.cli import app
+from incseg.continual.distillation import pseudo_label, unbiased_cross_entropy, unbiased_distillation
+from incseg.continual.memory import ExemplarMemory
+from incseg.data.layout import BatchInfo, find_pairs
+
+
+def test_distillation_is_zero_when_student_equals_teacher():
+    teacher = torch.randn(2, 4, 8, 8)
+    assert unbiased_distillation(teacher.clone(), teacher).abs().item() < 1e-6
+    # a student grown by two classes that it never predicts still equals the teacher
+    grown = torch.cat([teacher, torch.full((2, 2, 8, 8), -1e4)], dim=1)
+    assert unbiased_distillation(grown, teacher).abs().item() < 1e-6
+    assert unbiased_distillation(torch.randn(2, 4, 8, 8), teacher).item() > 0.01
+
+
+def test_distillation_lets_new_classes_take_background():
+    """MiB: a student moving background mass to a new class is not punished."""
+    teacher = torch.tensor([5.0, 0.0, 0.0]).view(1, 3, 1, 1)  # old model: surely background
+    moved = torch.tensor([0.0, 0.0, 0.0, 5.0]).view(1, 4, 1, 1)  # student: the new class 3
+    kept_old = torch.tensor([0.0, 5.0, 0.0, 0.0]).view(1, 4, 1, 1)  # student: old class 1
+    assert unbiased_distillation(moved, teacher) < 0.05 < unbiased_distillation(kept_old, teacher)
+
+
+def test_unbiased_ce_lets_background_hide_unannotated_classes():
+    logits = torch.tensor([0.0, 8.0, 0.0]).view(1, 3, 1, 1)  # predicts class 1 on a "background" pixel
+    target = torch.zeros(1, 1, 1, dtype=torch.long)
+    labelled_everything = torch.ones(1, 3, dtype=torch.bool)
+    class_1_unlabelled = torch.tensor([[True, False, True]])
+    assert unbiased_cross_entropy(logits, target, class_1_unlabelled) < 0.01
+    assert unbiased_cross_entropy(logits, target, labelled_everything) > 5
+
+
+def test_pseudo_labels_fill_confident_background_only():
+    teacher = torch.tensor([[0.0, 9.0], [0.0, 0.1]]).T.reshape(1, 2, 1, 2)  # pixel 0 confident class 1
+    target = torch.tensor([[[0, 0]]])
+    assert pseudo_label(target, teacher, 0.9).tolist() == [[[1, 0]]]
+
+
+def test_memory_stays_bounded_and_class_balanced(stream_dir, tmp_path):
+    memory = ExemplarMemory.empty()
+    for i, batch in enumerate(("batch-00", "batch-01", "batch-02")):
+        root = stream_dir / "registry" / batch
+        info = BatchInfo.read(root)
+        memory = memory.refreshed(find_pairs(root), batch, info.classes, 12, tmp_path / f"m{i}")
+        assert len(memory.items) <= 12
+        assert len(list((tmp_path / f"m{i}" / "images").iterdir())) == len(memory.items)
+    counts = memory.per_class()
+    assert set(counts) == {1, 2, 3, 4}
+    assert max(counts.values()) - min(counts.values()) <= 1
+    reloaded = ExemplarMemory.load(tmp_path / "m2")
+    assert reloaded.items == memory.items
+    # exemplars keep the label set of their own batch (triangle batch annotated only class 3)
+    assert {it.annotated for it in memory.items if it.batch_id == "batch-01"} == {(3,)}
+
+
+def test_quick_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"min_bootstrap_steps": 200,
+                                                                     "min_update_steps": 120}}))
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["-C", str(tmp_path), "bench", "--quick", "--out", str(out),
+                                      "--strategies", "naive,replay+distill"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "continual-quick.json").read_text())
+    naive, ours = summary["naive"], summary["replay+distill"]
+    assert ours["forgetting_points"] < naive["forgetting_points"]
+    assert naive["forgetting_points"] > 5  # naive visibly forgets
+    assert ours["miou_all"] > naive["miou_all"]
+    assert (out / "continual-quick.png").stat().st_size > 1000
+    assert "Accuracy matrix: replay+distill" in (out / "continual-quick.md").read_text()
