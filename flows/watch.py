@@ -26,9 +26,23 @@ def lock_name(ws: Workspace) -> str:
 
 @contextmanager
 def update_lock(ws: Workspace):
-    """A Prefect global concurrency limit of 1 per registered model, strict: never two
-    updates at once, across processes and machines sharing the Prefect API."""
+    """Never two updates of one registered model at once.
+
+    With a Prefect server (PREFECT_API_URL set): a strict global concurrency limit of 1, shared by
+    every process and machine on that server; the server revokes the lease of a crashed holder.
+    With the ephemeral API there is no server to do that, so the lock is an OS file lock in the
+    workspace, which the kernel releases when its holder dies.
+    """
+    from prefect.settings import PREFECT_API_URL
+
     name = lock_name(ws)
+    if not PREFECT_API_URL.value():
+        from filelock import FileLock
+
+        ws.runs_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(ws.runs_dir / f"{name}.lock"):
+            yield
+        return
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
     with concurrency(name, occupy=1, strict=True):

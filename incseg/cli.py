@@ -209,9 +209,23 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def quiet_prefect() -> None:
-    """Prefect's INFO lines and MLflow's download bars would drown the CLI's output; warnings still show."""
+    """Prefect's INFO lines and MLflow's download bars would drown the CLI's output; warnings still
+    show, as one line each: the failure itself is reported by the CLI (INCSEG_DEBUG=1 keeps tracebacks)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if os.environ.get("INCSEG_DEBUG"):
+        return
+    import logging
+
+    make_record = logging.getLogRecordFactory()
+
+    def one_line(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if record.name.startswith("prefect"):
+            record.exc_info = None
+        return record
+
+    logging.setLogRecordFactory(one_line)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 

@@ -16,36 +16,8 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest  # noqa: E402
 
-from incseg.config import Params, Workspace  # noqa: E402
+from helpers import make_workspace, tiny_params  # noqa: E402
 from incseg.data.synthetic import synthesize  # noqa: E402
-
-
-def tiny_params(**sections) -> Params:
-    """32x32 images, a width-8 U-Net: seconds per training run on 2 CPU cores."""
-    base = {
-        "data": {"image_size": 32},
-        "synth": {"size": 32, "base_images": 96, "step_images": 64, "holdout_per_class": 6, "new_classes": 2},
-        "model": {"width": 8},
-        "train": {"bootstrap_epochs": 30, "update_epochs": 12, "batch_size": 16, "min_bootstrap_steps": 0,
-                  "min_update_steps": 0},
-        "continual": {"memory_size": 32},
-        "eval": {"preview_images": 4},
-    }
-    for name, values in sections.items():
-        base[name] = {**base.get(name, {}), **values}
-    return Params.model_validate(base)
-
-
-def make_workspace(root: Path, params: Params | None = None) -> Workspace:
-    """A workspace folder with params.yaml and the tiny synthetic stream."""
-    import yaml
-
-    params = params or tiny_params()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
-    ws = Workspace(root)
-    synthesize(ws.data_dir, params.synth)
-    return ws
 
 
 @pytest.fixture(scope="session")

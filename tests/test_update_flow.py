@@ -12,7 +12,7 @@ from incseg.config import Workspace
 from incseg.data.synthetic import poison_batch
 from incseg.registry import ModelRegistry, RegistryError
 
-from conftest import make_workspace, tiny_params
+from helpers import make_workspace, tiny_params
 
 NEW_CLASS_FLOOR = 0.3
 

@@ -18,7 +18,7 @@ from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace, track
 from incseg.registry import ModelRegistry
 
-from conftest import tiny_params
+from helpers import tiny_params
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import tiny_params
+from helpers import fault_params
 from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
-
-
-def fault_params(**train):
-    return tiny_params(train={"bootstrap_epochs": 12, "update_epochs": 4, **train})
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +23,3 @@ def champion_ws(tmp_path_factory, stream_dir, prefect_api):
     assert [r.status for r in watch_registry(str(root))] == ["promoted"]
     return ws
 
-
-def set_params(ws: Workspace, params) -> Workspace:
-    (ws.root / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
-    return Workspace(ws.root)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from faults.conftest import fault_params, set_params
+from helpers import fault_params, set_params
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
 

@@ -1,6 +1,6 @@
 """A NaN/inf loss stops the update with a reason; nothing is registered as promoted."""
 
-from faults.conftest import fault_params, set_params
+from helpers import fault_params, set_params
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
 

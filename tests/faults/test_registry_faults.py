@@ -7,10 +7,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from faults.conftest import fault_params, set_params
+from helpers import fault_params, set_params
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry, RegistryUnavailable
 
@@ -76,7 +77,10 @@ def test_unwritable_model_store_registers_nothing(champion_ws, stream_dir):
     reg = ModelRegistry(ws)
     before, n = reg.aliases(), len(reg.versions())
     exp = reg.client.get_experiment_by_name(ws.params.mlflow.experiment)
-    models_dir = ws.root / "mlartifacts" / exp.experiment_id / "models"
+    from urllib.parse import urlparse
+
+    models_dir = Path(urlparse(exp.artifact_location).path) / "models"  # where MLflow 3 logs models
+    assert models_dir.is_dir()
     parked = models_dir.with_name("models.parked")
     models_dir.rename(parked)
     models_dir.write_text("not a folder: logged models cannot be written here")
