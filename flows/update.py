@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 from incseg.config import Workspace
 from incseg.training import DivergenceError
 from incseg.update import UpdateResult, metric_dict
+from flows.validation import batch_file_table
 from tasks.update import (
     evaluate_candidate,
     finish_run,
@@ -33,7 +34,7 @@ def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> U
 def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Train the first model on one batch and make it version 1, `champion`."""
     ws = Workspace(workspace)
-    checked = validate_batch(ws, batch_id)
+    checked = validate_batch(ws, batch_id, batch_file_table(ws, batch_id))
     if checked.batch is None:
         return rejected_batch(ws, "bootstrap", checked, None)
     batch = checked.batch
@@ -58,7 +59,7 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
     log = get_run_logger()
     ws = Workspace(workspace)
     champion = load_champion(ws)
-    checked = validate_batch(ws, batch_id)
+    checked = validate_batch(ws, batch_id, batch_file_table(ws, batch_id))
     if checked.batch is None:
         return rejected_batch(ws, "update", checked, champion.version)
     batch = checked.batch

@@ -44,6 +44,12 @@ class ModelParams(Section):
     width: int = Field(16, ge=4, description="U-Net base channel count")
 
 
+class DistributedParams(Section):
+    nproc: int = Field(1, ge=1, description="processes per node; > 1 runs training under torchrun (DDP)")
+    torchrun_args: list[str] = Field(default_factory=list,
+                                     description="extra torchrun flags, e.g. ['--nnodes=2', '--rdzv-endpoint=host:29400']")
+
+
 class TrainParams(Section):
     device: str = "auto"
     seed: int = 0
@@ -59,6 +65,7 @@ class TrainParams(Section):
     min_update_steps: int = Field(200, ge=0, description="likewise for an update, so small batches still learn")
     augment: bool = True
     num_workers: int = Field(0, ge=0)
+    distributed: DistributedParams = DistributedParams()
 
 
 class ContinualParams(Section):
@@ -86,6 +93,10 @@ class ValidationParams(Section):
     drift_max_class_distance: float = Field(0.25, ge=0, le=1, description="total-variation distance of class pixel shares")
     drift_max_brightness_shift: float = Field(2.0, ge=0, description="|mean brightness shift| in reference std units")
     drift_blocks: bool = Field(False, description="drift rejects the batch instead of warning")
+    task_runner: Literal["thread", "dask", "ray"] = Field("thread", description="Prefect task runner of the per-file extraction")
+    workers: int = Field(4, ge=1, description="threads or local Dask/Ray workers")
+    runner_address: str | None = Field(None, description="an existing Dask scheduler or Ray cluster instead of a local one")
+    shard_size: int = Field(256, ge=1, description="files per mapped extraction task")
 
 
 class GateParams(Section):

@@ -23,9 +23,10 @@ class ConfusionMatrix:
         self.mat += torch.bincount(idx, minlength=self.n**2).reshape(self.n, self.n)
 
     def all_reduce(self) -> None:
-        """Sum the matrix over all processes of a distributed run."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.mat)
+        """Sum the matrix over all processes of a distributed run (a no-op in one process)."""
+        from incseg.distributed import all_sum
+
+        all_sum(self.mat)
 
     def iou(self) -> torch.Tensor:
         """Per-class IoU; NaN for a class neither in ground truth nor predicted."""

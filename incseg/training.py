@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from incseg import distributed
 from incseg.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,12 @@ class DivergenceError(RuntimeError):
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """`auto` is CUDA when present, else CPU; INCSEG_DEVICE (the CLI's --device) overrides params."""
+    """`auto` is CUDA when present, else CPU; INCSEG_DEVICE (the CLI's --device) overrides params.
+    In a distributed run `cuda` is the rank's own GPU."""
     spec = os.environ.get("INCSEG_DEVICE") or spec
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.local_device(torch.device(spec))
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -44,6 +46,11 @@ def make_loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool, sampler: Sampler | None = None,
     num_workers: int = 0, seed: int = 0,
 ) -> DataLoader:
+    """In a distributed run each rank gets its shard and `batch_size / world` per step, so the
+    global batch and the steps per epoch stay what they are in one process."""
+    if distributed.active():
+        sampler = distributed.shard(dataset, sampler, shuffle=shuffle, seed=seed)
+        batch_size, shuffle = max(1, batch_size // distributed.world_size()), False
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=num_workers, drop_last=False, generator=torch.Generator().manual_seed(seed),
@@ -61,6 +68,7 @@ class EpochStats:
 class TrainResult:
     epochs: list[EpochStats] = field(default_factory=list)
     resumed_from: int = 0
+    world_size: int = 1  # processes that trained it (torchrun / DDP)
 
     @property
     def images_processed(self) -> int:
@@ -88,20 +96,24 @@ def train(
     progress: bool = True,
     description: str = "train",
 ) -> TrainResult:
-    """AdamW + cosine schedule. Saves a resumable checkpoint after every epoch and, when
-    `checkpoint_path` already holds one for the same model shape, resumes from it."""
+    """AdamW + one-cycle schedule. Saves a resumable checkpoint after every epoch and, when
+    `checkpoint_path` already holds one for the same model shape, resumes from it.
+    Under torchrun the model trains as DDP; only rank 0 writes checkpoints and shows progress."""
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(loader)),
                                                 pct_start=0.1)
     result = TrainResult()
     start = _resume(checkpoint_path, model, opt, sched, result, epochs)
-    with progress_bar(progress) as bar:
+    parallel = distributed.wrap(model, device)
+    with progress_bar(progress and distributed.is_main()) as bar:
         task = bar.add_task(description, total=epochs, completed=start, info="")
         for epoch in range(start, epochs):
-            stats = _train_epoch(model, loader, objective, opt, sched, device, epoch)
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            stats = _train_epoch(parallel, loader, objective, opt, sched, device, epoch)
             result.epochs.append(stats)
-            if checkpoint_path is not None:
+            if checkpoint_path is not None and distributed.is_main():
                 _save_state(checkpoint_path, model, opt, sched, result, epochs)
             if on_epoch is not None:
                 on_epoch(stats, model)
@@ -115,7 +127,7 @@ def _train_epoch(model, loader, objective, opt, sched, device, epoch) -> EpochSt
     for images, masks, annotated in loader:
         images, masks, annotated = images.to(device), masks.to(device), annotated.to(device)
         loss = objective(model(images), images, masks, annotated)
-        if not torch.isfinite(loss):
+        if not distributed.all_finite(loss):
             raise DivergenceError(f"loss became {loss.item()} in epoch {epoch + 1}; update stopped")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,7 +135,8 @@ def _train_epoch(model, loader, objective, opt, sched, device, epoch) -> EpochSt
         sched.step()
         total += loss.item() * len(images)
         seen += len(images)
-    return EpochStats(epoch + 1, total / max(seen, 1), seen)
+    total, seen = distributed.all_sum(torch.tensor([total, float(seen)], dtype=torch.float64)).tolist()
+    return EpochStats(epoch + 1, total / max(seen, 1), int(seen))
 
 
 def _save_state(path: Path, model, opt, sched, result: TrainResult, planned: int) -> None:
@@ -158,10 +171,12 @@ def epochs_for(loader: DataLoader, epochs: int, min_steps: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> ConfusionMatrix:
-    """Confusion matrix of the model's argmax over every pixel of `loader`."""
+    """Confusion matrix of the model's argmax over every pixel of `loader` (of every rank's shard,
+    all-reduced, in a distributed run)."""
     model.to(device).eval()
     cm = ConfusionMatrix(num_classes)
     for images, masks, _ in loader:
         cm.update(masks, model(images.to(device)).argmax(dim=1).cpu())
+    cm.all_reduce()
     return cm
 

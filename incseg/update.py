@@ -25,9 +25,10 @@ from incseg.datastore import dvc_hash, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
 from incseg.models import num_classes
+from incseg import pipeline
 from incseg.pipeline import Batch, holdout_matrix
 from incseg.registry import ModelRegistry
-from incseg.training import EpochStats
+from incseg.training import EpochStats, TrainResult
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
 from incseg.validation.history import earlier_profiles
 
@@ -89,16 +90,23 @@ class CheckedBatch:
     batch: Batch | None
 
 
-def check_batch(ws: Workspace, batch_id: str) -> CheckedBatch:
-    """Run the GX suite on the batch; quarantine failing pairs; keep the rest for training."""
+def batch_root(ws: Workspace, batch_id: str) -> Path:
+    """The batch's folder in the registry; refuses links and unknown ids."""
     root = ws.registry_dir / safe_batch_id(batch_id)
     if root.is_symlink():
         raise DataError(f"{root} is a symbolic link: batches must be real folders of the registry")
     if not root.is_dir():
         raise DataError(f"no batch '{batch_id}' in {ws.registry_dir}")
+    return root
+
+
+def check_batch(ws: Workspace, batch_id: str, table=None) -> CheckedBatch:
+    """Run the GX suite on the batch; quarantine failing pairs; keep the rest for training.
+    `table` is the batch's file table when it was extracted in parallel shards."""
+    root = batch_root(ws, batch_id)
     n = len(read_classes(ws.classes_file))
     earlier = earlier_profiles(ws.registry_dir, batch_id, n, ws.runs_dir / "profiles")
-    report, table, raw = validate_batch(root, n, ws.params.validation, earlier)
+    report, table, raw = validate_batch(root, n, ws.params.validation, earlier, table)
     quarantine(report, table, ws.quarantine_dir / batch_id)
     if report.rejected:
         return CheckedBatch(root, report, raw, None)
@@ -126,15 +134,45 @@ def start_run(reg: ModelRegistry, kind: str, checked: CheckedBatch, parent: str 
 
 
 def epoch_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]):
-    """on_epoch callback: logs train loss and holdout mIoU (over `scope`) per epoch."""
+    """on_epoch callback: logs train loss and holdout mIoU (over `scope`) per epoch.
+    Every rank of a distributed run evaluates its holdout shard; only rank 0 logs."""
+    from incseg import distributed
 
     def log(stats: EpochStats, model: nn.Module) -> None:
         miou = mean_iou(holdout_matrix(ws, model), scope)
-        reg.client.log_metric(run_id, "train_loss", stats.loss, step=stats.epoch)
-        reg.client.log_metric(run_id, "holdout_miou", miou, step=stats.epoch)
+        if distributed.is_main():
+            reg.client.log_metric(run_id, "train_loss", stats.loss, step=stats.epoch)
+            reg.client.log_metric(run_id, "holdout_miou", miou, step=stats.epoch)
         model.train()
 
     return log
+
+
+def train_step(ws: Workspace, reg: ModelRegistry, run_id: str, batch: Batch, checkpoint_path: Path,
+               champion: nn.Module | None = None, memory: ExemplarMemory | None = None) -> tuple[nn.Module, TrainResult]:
+    """Bootstrap (no champion) or continue the champion on the batch, logging each epoch to the run.
+
+    With `train.distributed.nproc > 1` this runs under torchrun (DDP) and returns rank 0's model.
+    """
+    from incseg import distributed
+
+    spec = ws.params.train.distributed
+    if spec.nproc > 1 and not distributed.active():
+        job = distributed.job_for(ws, run_id, batch, checkpoint_path, champion, memory)
+        return distributed.launch(job, spec.nproc, spec.torchrun_args)
+    if champion is None:
+        logger = epoch_logger(ws, reg, run_id, batch.classes)
+        return pipeline.train_base(ws, batch, on_epoch=logger, checkpoint_path=checkpoint_path,
+                                   progress=distributed.is_main())
+    scope = sorted(set(range(num_classes(champion))) | set(batch.classes))
+    return pipeline.train_candidate(ws.params, champion, batch, memory or ExemplarMemory.empty(),
+                                    on_epoch=epoch_logger(ws, reg, run_id, scope), checkpoint_path=checkpoint_path,
+                                    progress=distributed.is_main())
+
+
+def record_training(reg: ModelRegistry, run_id: str, result: TrainResult) -> None:
+    reg.client.set_tag(run_id, "resumed_from_epoch", str(result.resumed_from))
+    reg.client.set_tag(run_id, "world_size", str(result.world_size))
 
 
 def input_example(ws: Workspace) -> np.ndarray:

@@ -10,7 +10,6 @@ from prefect.cache_policies import NO_CACHE
 from incseg import pipeline, update
 from incseg.continual.memory import ExemplarMemory
 from incseg.config import Workspace
-from incseg.models import num_classes
 from incseg.data.layout import DataError
 from incseg.registry import LoadedModel, ModelRegistry, RegistryError, RegistryUnavailable, reachable
 from incseg.training import DivergenceError
@@ -44,9 +43,9 @@ def registry_task(fn):
 
 
 @task(cache_policy=NO_CACHE)
-def validate_batch(ws: Workspace, batch_id: str) -> update.CheckedBatch:
-    """Great Expectations suite over the batch; bad pairs go to quarantine/<batch_id>/."""
-    return update.check_batch(ws, batch_id)
+def validate_batch(ws: Workspace, batch_id: str, table=None) -> update.CheckedBatch:
+    """Great Expectations suite over the batch's file table; bad pairs go to quarantine/<batch_id>/."""
+    return update.check_batch(ws, batch_id, table)
 
 
 @registry_task
@@ -63,10 +62,9 @@ def start_run(ws: Workspace, kind: str, checked: update.CheckedBatch, parent: st
 @task(cache_policy=NO_CACHE)
 def train_base(ws: Workspace, batch: pipeline.Batch, run_id: str):
     reg = ModelRegistry(ws)
-    logger = update.epoch_logger(ws, reg, run_id, batch.classes)
     key = f"bootstrap-{batch.batch_id}-{update.batch_hash(batch.root)[-12:]}"
-    model, result = pipeline.train_base(ws, batch, on_epoch=logger, checkpoint_path=ws.runs_dir / key / "train.pt")
-    reg.client.set_tag(run_id, "resumed_from_epoch", str(result.resumed_from))
+    model, result = update.train_step(ws, reg, run_id, batch, ws.runs_dir / key / "train.pt")
+    update.record_training(reg, run_id, result)
     return model, update.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id)
 
 
@@ -75,13 +73,10 @@ def train_candidate(ws: Workspace, champion: LoadedModel, batch: pipeline.Batch,
     """Continue the champion on the batch. Resumes from the last epoch checkpoint of an
     interrupted attempt at the same (batch content, champion) pair."""
     reg = ModelRegistry(ws)
-    scope = sorted(set(range(num_classes(champion.model))) | set(batch.classes))
     key = f"update-{batch.batch_id}-v{champion.version}-{update.batch_hash(batch.root)[-12:]}"
-    model, result = pipeline.train_candidate(
-        ws.params, champion.model, batch, champion.memory,
-        on_epoch=update.epoch_logger(ws, reg, run_id, scope), checkpoint_path=ws.runs_dir / key / "train.pt",
-    )
-    reg.client.set_tag(run_id, "resumed_from_epoch", str(result.resumed_from))
+    model, result = update.train_step(ws, reg, run_id, batch, ws.runs_dir / key / "train.pt",
+                                      champion.model, champion.memory)
+    update.record_training(reg, run_id, result)
     return model, update.refresh_memory(ws, champion.memory, batch, run_id)
 
 

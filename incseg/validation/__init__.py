@@ -128,10 +128,11 @@ def _batch_level(report: ValidationReport, table: pd.DataFrame, p: ValidationPar
             (report.batch_errors if p.drift_blocks else report.warnings).append(msg)
 
 
-def validate_batch(batch_dir: Path, n_classes: int, p: ValidationParams,
-                   earlier: list[BatchProfile] | None = None) -> tuple[ValidationReport, pd.DataFrame, dict]:
-    """Validate the batch folder; `earlier` are the profiles of data seen so far."""
-    table = file_table(batch_dir, n_classes)
+def validate_batch(batch_dir: Path, n_classes: int, p: ValidationParams, earlier: list[BatchProfile] | None = None,
+                   table: pd.DataFrame | None = None) -> tuple[ValidationReport, pd.DataFrame, dict]:
+    """Validate the batch folder; `earlier` are the profiles of data seen so far. `table` is the
+    batch's file table when it was extracted elsewhere (in parallel shards)."""
+    table = file_table(batch_dir, n_classes) if table is None else table
     report, raw = validate_table(batch_dir.name, table, p, n_classes, earlier or [])
     return report, table, raw
 

@@ -73,26 +73,53 @@ def mask_row(path: Path, n_classes: int) -> dict:
     return row
 
 
-def file_table(batch_dir: Path, n_classes: int) -> pd.DataFrame:
-    """Rows for every stem seen in `images/` or `masks/`, with why a file is unusable."""
+Entry = tuple[str, str | None, str | None]  # (stem, image path, mask path)
+
+
+def file_entries(batch_dir: Path) -> list[Entry]:
+    """Every stem seen in `images/` or `masks/`, with its files (None where one is missing)."""
     images = _files(batch_dir / "images", IMAGE_SUFFIXES)
     masks = _files(batch_dir / "masks", (MASK_SUFFIX,))
+    return [(stem, _str(images.get(stem)), _str(masks.get(stem))) for stem in sorted(images.keys() | masks.keys())]
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def file_rows(entries: list[Entry], n_classes: int) -> list[dict]:
+    """The table rows of some entries: the expensive part (decoding every file), run per shard."""
     rows = []
-    for stem in sorted(images.keys() | masks.keys()):
-        row = {"stem": stem, "has_image": stem in images, "has_mask": stem in masks, "image_ok": False, "mask_ok": False}
-        if stem in images:
-            row.update(image_row(images[stem]))
-        if stem in masks:
-            row.update(mask_row(masks[stem], n_classes))
+    for stem, image, mask in entries:
+        row = {"stem": stem, "has_image": image is not None, "has_mask": mask is not None, "image_ok": False,
+               "mask_ok": False}
+        if image is not None:
+            row.update(image_row(Path(image)))
+        if mask is not None:
+            row.update(mask_row(Path(mask), n_classes))
         rows.append(row)
+    return rows
+
+
+def assemble(rows: list[dict], n_classes: int) -> pd.DataFrame:
+    """The table from its rows (in any shard order), with every column even when no file was readable."""
     columns = COLUMNS + [f"class_fraction_{c}" for c in range(n_classes)]
-    table = pd.DataFrame(rows).reindex(columns=columns)  # every column, even when no file was readable
+    table = pd.DataFrame(sorted(rows, key=lambda r: r["stem"])).reindex(columns=columns)
     table["size_match"] = (table["width"] == table["mask_width"]) & (table["height"] == table["mask_height"])
     for col in ("image_error", "mask_error", "unknown_label_ids", "image_path", "mask_path"):
         table[col] = table[col].fillna("").astype(object)
     for col in ("has_image", "has_mask", "image_ok", "mask_ok"):
         table[col] = table[col].fillna(False).astype(bool)
     return table
+
+
+def shards(entries: list[Entry], size: int) -> list[list[Entry]]:
+    return [entries[i:i + size] for i in range(0, len(entries), size)]
+
+
+def file_table(batch_dir: Path, n_classes: int) -> pd.DataFrame:
+    """Rows for every stem seen in `images/` or `masks/`, with why a file is unusable."""
+    return assemble(file_rows(file_entries(batch_dir), n_classes), n_classes)
 
 
 COLUMNS = [
