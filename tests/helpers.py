@@ -44,3 +44,29 @@ def fault_params(**train) -> Params:
 def set_params(ws: Workspace, params: Params) -> Workspace:
     (ws.root / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     return Workspace(ws.root)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc, timeout: float = 120) -> None:
+    """Until `url` answers 200; fails early with the output if `proc` exits."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")

@@ -18,7 +18,7 @@ from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace, track
 from incseg.registry import ModelRegistry
 
-from helpers import tiny_params
+from helpers import free_port, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +124,6 @@ def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path, stream_dir):
     params["gate"]["max_class_drop"] = 0.5
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     assert set(dvc_status(root)) == {"update"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
