@@ -31,7 +31,7 @@ def task_runner(p: ValidationParams):
         if p.runner_address:
             return DaskTaskRunner(address=p.runner_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": p.workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+                                              "dashboard_address": ":0"})
     try:
         from prefect_ray import RayTaskRunner
     except ImportError as err:

@@ -213,6 +213,7 @@ def quiet_prefect() -> None:
     show, as one line each: the failure itself is reported by the CLI (INCSEG_DEBUG=1 keeps tracebacks)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if os.environ.get("INCSEG_DEBUG"):
         return
     import logging
@@ -329,6 +330,69 @@ def rollback(
     console.print(f"champion: {frm} -> {to}")
 
 
+VersionOpt = Annotated[Optional[str], typer.Option("--version", help="Model version (default: the champion).")]
+AliasOpt = Annotated[Optional[str], typer.Option("--alias", help="Model alias instead of a version, e.g. challenger.")]
+
+
+@app.command()
+def predict(
+    ctx: typer.Context,
+    images: Annotated[Path, typer.Argument(help="Folder of images (png/jpg) to segment.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png label masks (palette PNGs).")],
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+    with_overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png.")] = False,
+) -> None:
+    """Segment every image with the champion (or --version / --alias) at the image's own size."""
+    from rich.progress import track
+
+    from incseg.inference import predict_folder
+    from incseg.registry import ModelRegistry
+    from incseg.training import resolve_device
+
+    if not images.is_dir():
+        raise Failure(f"{images}: not a folder of images")
+    quiet_prefect()
+    ws = workspace(ctx)
+    reg = ModelRegistry(ws)
+    loaded = reg.load(reg.resolve(version, alias), ws.runs_dir / "models")
+    size = ws.params.data.image_size
+    console.print(f"model '{reg.name}' version {loaded.version}, {len(loaded.classes)} classes, tiles of {size} px")
+    report = predict_folder(loaded.model, images, out, size, with_overlay=with_overlay,
+                            device=resolve_device(ws.params.train.device),
+                            progress=lambda files: track(files, description="segmenting", console=console))
+    for name, why in report.skipped.items():
+        console.print(f"[yellow]skipped[/yellow] {name}: {why}")
+    console.print(f"{len(report.written)} written, {len(report.skipped)} skipped -> {out}")
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    version: VersionOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder for the exported file.")] = Path("exports"),
+) -> None:
+    """Export a model version (default: the champion) to ONNX, check it against PyTorch with
+    ONNX Runtime on the holdout, and log it as an artifact of that version."""
+    from incseg.export import MIN_AGREEMENT
+    from incseg.registry import ModelRegistry
+    from incseg.update import export_version
+
+    if fmt != "onnx":
+        raise Failure(f"unknown --format {fmt!r}; supported: onnx")
+    quiet_prefect()
+    ws = workspace(ctx)
+    reg = ModelRegistry(ws)
+    path, check = export_version(ws, reg, reg.resolve(version), ws.path(out))
+    console.print(f"{path}: argmax agreement {check.agreement:.4%} on {check.pixels} holdout pixels, "
+                  f"max abs logit difference {check.max_abs_diff:.2e}")
+    if not check.ok:
+        raise Failure(f"ONNX Runtime disagrees with PyTorch on {1 - check.agreement:.3%} of pixels "
+                      f"(allowed {1 - MIN_AGREEMENT:.1%}); not logged")
+    console.print("logged to the version's run under onnx/")
+
+
 @app.command()
 def ui(
     ctx: typer.Context,
@@ -352,16 +416,21 @@ def bench(
         "benchmarks/results"),
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies to compare.")] = ",".join(
         ("naive", "replay", "distill", "replay+distill", "joint")),
+    scale: Annotated[bool, typer.Option("--scale", help="Validation files/s per task runner and worker count; "
+                                        "DDP vs one-process training throughput.")] = False,
 ) -> None:
-    """Benchmark the continual strategies on a seeded class-incremental stream; print and write tables."""
+    """Benchmark the continual strategies on a seeded class-incremental stream (default), or
+    scale-out (--scale); print and write tables."""
     import json
     import sys
 
     from rich.markdown import Markdown
 
-    from incseg import bench as b
+    from incseg.bench import continual as b
 
     ws = workspace(ctx)
+    if scale:
+        return bench_scale(ws, quick, out)
     params = b.quick_params(ws.params) if quick else b.full_params(ws.params)
     chosen = tuple(x.strip() for x in strategies.split(",") if x.strip())
     unknown = set(chosen) - set(b.STRATEGIES)
@@ -378,6 +447,36 @@ def bench(
     b.plot(scenario, out / f"{name}.png")
     console.print(Markdown(text))
     console.print(f"written: {out / name}.md, .json, .png  (python {sys.version.split()[0]})")
+
+
+def bench_scale(ws: Workspace, quick: bool, out: Path) -> None:
+    import json
+
+    from rich.markdown import Markdown
+
+    from incseg.bench import scale
+
+    quiet_prefect()
+    command = "incseg bench --scale" + (" --quick" if quick else "")
+    result = scale.run(ws.params, extract_with_runner, quick, console)
+    name = "scale-quick" if quick else "scale"
+    text = scale.markdown(result, command)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    console.print(Markdown(text))
+    console.print(f"written: {out / name}.md, .json")
+
+
+def extract_with_runner(batch: Path, n_classes: int, runner: str, workers: int, address: str | None):
+    """The validation table of `batch`, extracted by the Prefect flow on the named task runner."""
+    from flows.validation import extract_file_table, task_runner
+    from incseg.config import ValidationParams
+
+    files = sum(1 for _ in (batch / "images").iterdir())
+    p = ValidationParams(task_runner=runner, workers=workers, runner_address=address,
+                         shard_size=max(16, files // (4 * workers)))
+    return extract_file_table.with_options(task_runner=task_runner(p))(str(batch), n_classes, p.shard_size)
 
 
 @app.command()

@@ -3,7 +3,7 @@
 The serving model is the version behind the alias `champion`; a candidate carries
 `challenger` while it is judged. Every version keeps a plain, pickle-free checkpoint
 (`checkpoint/model.pt`: arch, classes, state_dict) and its exemplar memory (`memory/`)
-beside the MLflow-logged PyTorch model, so an update can always load it.
+beside the MLflow pyfunc (`incseg.serving`), so an update can always load it.
 """
 
 from __future__ import annotations
@@ -131,25 +131,25 @@ class ModelRegistry:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
     def log_model(self, run_id: str, model: nn.Module, classes: dict[int, str], memory: ExemplarMemory,
-                  input_example) -> str:
-        """Log the PyTorch model (signature + example), the plain checkpoint and the memory."""
+                  image_size: int) -> str:
+        """Log the plain checkpoint, the memory, and the pyfunc (images in, label masks out)."""
         import torch
-        from mlflow.models import infer_signature
 
-        model = model.cpu().eval()
-        with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).numpy()
+        import incseg
+        from incseg.serving import CHECKPOINT_ARTIFACT, SegmentationModel
+
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = save_checkpoint(Path(tmp) / "model.pt", model, classes)
+            ckpt = save_checkpoint(Path(tmp) / "model.pt", model.cpu().eval(), classes, image_size=image_size)
             self.client.log_artifact(run_id, str(ckpt), "checkpoint")
-        if memory.root is not None and memory.items:
-            self.client.log_artifacts(run_id, str(memory.root), MEMORY)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", signature=infer_signature(input_example, output),
-                input_example=input_example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                serialization_format="pickle",  # torch.export would fix the input size
-            )
+            if memory.root is not None and memory.items:
+                self.client.log_artifacts(run_id, str(memory.root), MEMORY)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=SegmentationModel(), artifacts={CHECKPOINT_ARTIFACT: str(ckpt)},
+                    code_paths=[str(Path(incseg.__file__).parent)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                                      "torchvision", "numpy", "pandas", "pillow", "pyyaml", "pydantic"],
+                )
         return info.model_uri
 
     # ---- versions ---------------------------------------------------------------------
@@ -195,6 +195,17 @@ class ModelRegistry:
             return self.client.get_model_version(self.name, str(version))
         except MlflowException as err:
             raise RegistryError(f"model '{self.name}' has no version {version}") from err
+
+    def resolve(self, version: str | None = None, alias: str | None = None) -> ModelVersion:
+        """The version asked for: by number, by alias, or the champion."""
+        if version is not None:
+            return self.version(version)
+        if alias is None or alias == CHAMPION:
+            return self.require_champion()
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException as err:
+            raise RegistryError(f"model '{self.name}' has no alias '{alias}' (aliases: {self.aliases()})") from err
 
     def set_champion(self, version: str | int, reason: str) -> str | None:
         """Move `champion` to `version`; the version remembers the one it replaced."""

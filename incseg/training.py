@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ def make_loader(
 class EpochStats:
     epoch: int
     loss: float
-    images: int
+    images: int  # over all ranks
+    seconds: float = 0.0  # wall time of the epoch's optimizer steps (no evaluation)
 
 
 @dataclass
@@ -123,6 +125,7 @@ def train(
 
 def _train_epoch(model, loader, objective, opt, sched, device, epoch) -> EpochStats:
     model.train()
+    start = time.perf_counter()
     total, seen = 0.0, 0
     for images, masks, annotated in loader:
         images, masks, annotated = images.to(device), masks.to(device), annotated.to(device)
@@ -136,7 +139,7 @@ def _train_epoch(model, loader, objective, opt, sched, device, epoch) -> EpochSt
         total += loss.item() * len(images)
         seen += len(images)
     total, seen = distributed.all_sum(torch.tensor([total, float(seen)], dtype=torch.float64)).tolist()
-    return EpochStats(epoch + 1, total / max(seen, 1), int(seen))
+    return EpochStats(epoch + 1, total / max(seen, 1), int(seen), time.perf_counter() - start)
 
 
 def _save_state(path: Path, model, opt, sched, result: TrainResult, planned: int) -> None:

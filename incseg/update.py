@@ -13,14 +13,13 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 import incseg
 from incseg.config import Workspace
 from incseg.continual.memory import ExemplarMemory
-from incseg.data.dataset import eval_transforms, to_sample
-from incseg.data.layout import BatchInfo, DataError, find_pairs, read_classes, read_image, read_mask
+from incseg.data.dataset import eval_transforms
+from incseg.data.layout import BatchInfo, DataError, find_pairs, read_classes
 from incseg.datastore import dvc_hash, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
@@ -175,12 +174,6 @@ def record_training(reg: ModelRegistry, run_id: str, result: TrainResult) -> Non
     reg.client.set_tag(run_id, "world_size", str(result.world_size))
 
 
-def input_example(ws: Workspace) -> np.ndarray:
-    pair = find_pairs(ws.holdout_dir)[0]
-    x, _ = eval_transforms(ws.params.data.image_size)(*to_sample(read_image(pair.image), read_mask(pair.mask)))
-    return x[None].numpy().astype(np.float32)
-
-
 def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:
     names = read_classes(ws.classes_file)
     return {c: names.get(c, str(c)) for c in range(num_classes(model))}
@@ -196,7 +189,7 @@ def refresh_memory(ws: Workspace, memory: ExemplarMemory, batch: Batch, run_id: 
 def log_candidate(ws: Workspace, reg: ModelRegistry, run_id: str, model: nn.Module, memory: ExemplarMemory,
                   tags: dict[str, str]) -> str:
     """Log the model, its checkpoint and memory, and register it as a pending challenger."""
-    uri = reg.log_model(run_id, model, class_names(ws, model), memory, input_example(ws))
+    uri = reg.log_model(run_id, model, class_names(ws, model), memory, ws.params.data.image_size)
     return str(reg.register(run_id, uri, tags).version)
 
 
@@ -281,6 +274,26 @@ def publish(reg: ModelRegistry, run_id: str, version: str, j: Judgement) -> str 
     reg.client.set_tag(run_id, "model_version", version)
     champion = reg.champion()
     return str(champion.version) if champion else None
+
+
+def export_version(ws: Workspace, reg: ModelRegistry, mv, out: Path):
+    """ONNX file of the version, checked on the holdout; logged to its run (and tagged) when it agrees."""
+    from incseg.export import check_onnx, check_record, export_onnx
+    from incseg.training import make_loader
+
+    loaded = reg.load(mv, ws.runs_dir / "models")
+    size = ws.params.data.image_size
+    path = export_onnx(loaded.model, out / f"{reg.name}-v{loaded.version}.onnx", size, loaded.classes)
+    holdout = pipeline.holdout_set(ws, len(read_classes(ws.classes_file)))
+    check = check_onnx(path, loaded.model, (x for x, _, _ in make_loader(holdout, ws.params.eval.batch_size, shuffle=False)))
+    if check.ok:
+        for f in (path, path.with_name("classes.json")):
+            reg.client.log_artifact(loaded.run_id, str(f), "onnx")
+        reg.client.log_dict(loaded.run_id, check_record(check), "onnx/check.json")
+        for k, v in {"onnx": f"onnx/{path.name}", "onnx_argmax_agreement": f"{check.agreement:.6f}",
+                     "onnx_max_abs_diff": f"{check.max_abs_diff:.3g}"}.items():
+            reg.client.set_model_version_tag(reg.name, loaded.version, k, v)
+    return path, check
 
 
 def record_outcome(reg: ModelRegistry, run_id: str, outcome: str, reason: str) -> None:

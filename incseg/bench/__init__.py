@@ -1,0 +1,1 @@
+"""Benchmarks behind `incseg bench`: continual strategies, scale-out, inference latency."""

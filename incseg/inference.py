@@ -1,0 +1,141 @@
+"""Segmenting images with a trained model: at their own size, as palette PNGs and overlays.
+
+An image no larger than the training size is resized to it and the logits resized back; a
+larger one is covered by overlapping training-size tiles whose logits are averaged (sliding
+window), so objects keep the scale the model learned. `predict_folder` never stops on a bad
+file: it reports it and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from incseg.data.dataset import MEAN, STD
+from incseg.data.layout import IGNORE, IMAGE_SUFFIXES
+
+
+def normalize(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 → 1x3xHxW float, normalised as in training."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255)
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    return ((x - mean) / std)[None]
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    starts = list(range(0, max(1, length - tile + 1), stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+@torch.no_grad()
+def logits_at_own_size(model: nn.Module, rgb: np.ndarray, size: int, device: torch.device,
+                       overlap: float = 0.25) -> torch.Tensor:
+    """Class logits (C x H x W) for the whole image at its own resolution."""
+    model.eval()
+    x = normalize(rgb).to(device)
+    h, w = x.shape[-2:]
+    if h <= size and w <= size:
+        out = model(nn.functional.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False))
+        return nn.functional.interpolate(out, (h, w), mode="bilinear", align_corners=False)[0].cpu()
+    ph, pw = max(0, size - h), max(0, size - w)  # a thin, long image: pad the short side up to a tile
+    x = nn.functional.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+    stride = max(1, int(size * (1 - overlap)))
+    total, count = None, torch.zeros(1, 1, *x.shape[-2:], device=device)
+    for top in _starts(x.shape[-2], size, stride):
+        for left in _starts(x.shape[-1], size, stride):
+            out = model(x[..., top:top + size, left:left + size])
+            if total is None:
+                total = torch.zeros(1, out.shape[1], *x.shape[-2:], device=device)
+            total[..., top:top + size, left:left + size] += out
+            count[..., top:top + size, left:left + size] += 1
+    return (total / count)[0, :, :h, :w].cpu()
+
+
+def segment(model: nn.Module, rgb: np.ndarray, size: int, device: torch.device | None = None) -> np.ndarray:
+    """The label-id mask (H x W, uint8) of one RGB image."""
+    return logits_at_own_size(model, rgb, size, device or torch.device("cpu")).argmax(0).numpy().astype(np.uint8)
+
+
+def palette() -> list[int]:
+    """Pascal VOC's colour map (256 entries); 255 (ignore) is white."""
+    colours = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours += [r, g, b]
+    colours[3 * IGNORE: 3 * IGNORE + 3] = [255, 255, 255]
+    return colours
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """A palette PNG of label ids: the pixel values are the ids, viewers show colours."""
+    im = Image.fromarray(mask.astype(np.uint8), mode="P")
+    im.putpalette(palette())
+    return im
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The image with the mask's colours blended over its labelled (non-background) pixels."""
+    colours = np.array(palette(), dtype=np.float32).reshape(256, 3)[mask]
+    blend = rgb.astype(np.float32) * (1 - alpha) + colours * alpha
+    out = np.where((mask > 0)[..., None], blend, rgb.astype(np.float32))
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """The image as HxWx3 uint8; raises ValueError naming what is wrong."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"not a readable image ({type(err).__name__}: {err})") from err
+
+
+@dataclass
+class PredictReport:
+    written: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # file name -> why
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "n_written": len(self.written), "n_skipped": len(self.skipped)}
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, with_overlay: bool = False,
+                   device: torch.device | None = None, progress: Iterator | None = None) -> PredictReport:
+    """Write `out/<stem>.png` (palette mask) and, with `with_overlay`, `out/<stem>_overlay.png` for
+    every image of `src`; unreadable images are listed in the report and in `out/report.json`."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = PredictReport()
+    files = image_files(src)
+    for path in progress(files) if progress else files:
+        try:
+            rgb = read_rgb(path)
+        except ValueError as err:
+            report.skipped[path.name] = str(err)
+            continue
+        mask = segment(model, rgb, size, device)
+        mask_image(mask).save(out / f"{path.stem}.png")
+        if with_overlay:
+            overlay(rgb, mask).save(out / f"{path.stem}_overlay.png")
+        report.written.append(path.name)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report

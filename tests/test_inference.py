@@ -1,0 +1,126 @@
+"""Using the champion: batch prediction, the pyfunc behind `mlflow models serve`, ONNX export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from helpers import fault_params, free_port, make_workspace, wait_http
+from incseg.cli import app
+from incseg.data.layout import find_pairs, read_mask
+from incseg.inference import read_rgb, segment
+from incseg.registry import ModelRegistry
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, prefect_api):
+    """A workspace whose champion is a tiny U-Net bootstrapped on batch-00 (classes 0-2)."""
+    from flows.update import bootstrap
+
+    ws = make_workspace(tmp_path_factory.mktemp("infer") / "ws", fault_params())
+    assert bootstrap("batch-00", str(ws.root)).status == "promoted"
+    reg = ModelRegistry(ws)
+    return ws, reg.load(reg.require_champion(), ws.runs_dir / "test-models")
+
+
+def holdout_with_objects(ws, n):
+    """Holdout pairs whose masks show one of the champion's classes (1 or 2)."""
+    pairs = [p for p in find_pairs(ws.holdout_dir) if set(np.unique(read_mask(p.mask))) & {1, 2}]
+    return pairs[:n]
+
+
+def test_predict_writes_palette_masks_at_each_images_size_and_skips_bad_files(champion, tmp_path):
+    ws, loaded = champion
+    size = ws.params.data.image_size
+    pairs = holdout_with_objects(ws, 4)
+    src, out = tmp_path / "images", tmp_path / "masks"
+    src.mkdir()
+    for p in pairs[:2]:
+        Image.open(p.image).save(src / p.image.name)
+    tiles = [read_rgb(p.image) for p in pairs]
+    mosaic = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
+    Image.fromarray(mosaic).save(src / "mosaic.png")  # 2x the training size: sliding window
+    Image.fromarray(tiles[0][:, : size // 2]).save(src / "narrow.jpg")  # smaller than a tile
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "predict", str(src), "--out", str(out), "--overlay"])
+    assert result.exit_code == 0, result.output
+    assert "4 written, 1 skipped" in result.output and "broken.png" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["skipped"]) == ["broken.png"] and report["n_written"] == 4
+
+    for name, shape in [("mosaic", mosaic.shape[:2]), ("narrow", (size, size // 2)), (pairs[0].stem, (size, size))]:
+        mask = Image.open(out / f"{name}.png")
+        assert mask.mode == "P" and mask.size == shape[::-1]
+        assert set(np.unique(np.asarray(mask))) <= set(loaded.classes)
+        assert Image.open(out / f"{name}_overlay.png").size == shape[::-1]
+    # the sliding window sees each quarter of the mosaic as the model saw the tile alone
+    alone = np.concatenate([np.concatenate([segment(loaded.model, t, size) for t in tiles[:2]], axis=1),
+                            np.concatenate([segment(loaded.model, t, size) for t in tiles[2:]], axis=1)], axis=0)
+    assert (np.asarray(Image.open(out / "mosaic.png")) == alone).mean() > 0.9
+    truth = read_mask(pairs[0].mask)
+    assert (np.asarray(Image.open(out / f"{pairs[0].stem}.png")) == truth).mean() > 0.7
+
+
+def test_mlflow_models_serve_answers_an_image_with_its_mask(champion, tmp_path):
+    import httpx
+
+    from incseg.serving import encode_png
+
+    ws, loaded = champion
+    pair = holdout_with_objects(ws, 1)[0]
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)  # the scoring server is `uvicorn` from the same venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ws.tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                             f"models:/{ws.params.model.name}@champion", "--env-manager", "local",
+                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
+        url = f"http://127.0.0.1:{port}/invocations"
+        png = httpx.post(url, json={"dataframe_records": [{"image": encode_png(pair.image)}]}, timeout=60)
+        assert png.status_code == 200, png.text
+        rgb = read_rgb(pair.image)
+        array = httpx.post(url, json={"inputs": rgb.tolist()}, timeout=60)
+        assert array.status_code == 200, array.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    expected = segment(loaded.model, rgb, ws.params.data.image_size)
+    for response in (png, array):
+        (mask,) = [np.array(m) for m in response.json()["predictions"]]
+        assert mask.shape == rgb.shape[:2]
+        assert set(np.unique(mask)) <= set(loaded.classes)
+        assert np.array_equal(mask, expected)
+
+
+def test_onnx_export_agrees_with_pytorch_and_is_logged_to_the_version(champion, tmp_path):
+    import onnx
+
+    from incseg.export import session
+
+    ws, loaded = champion
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "export", "--format", "onnx", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "max abs logit difference" in " ".join(result.output.split())
+    path = tmp_path / f"{ws.params.model.name}-v{loaded.version}.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["classes"]) == {str(k): v for k, v in loaded.classes.items()}
+
+    reg = ModelRegistry(ws)
+    tags = reg.version(loaded.version).tags
+    assert float(tags["onnx_argmax_agreement"]) >= 0.999
+    logged = {f.path for f in reg.client.list_artifacts(loaded.run_id, "onnx")}
+    assert {f"onnx/{path.name}", "onnx/classes.json", "onnx/check.json"} <= logged
+    # dynamic batch and spatial size
+    out = session(path).run(["logits"], {"image": np.zeros((2, 3, 40, 56), np.float32)})[0]
+    assert out.shape == (2, len(loaded.classes), 40, 56)
