@@ -418,6 +418,8 @@ def bench(
         ("naive", "replay", "distill", "replay+distill", "joint")),
     scale: Annotated[bool, typer.Option("--scale", help="Validation files/s per task runner and worker count; "
                                         "DDP vs one-process training throughput.")] = False,
+    inference: Annotated[bool, typer.Option("--inference", help="Per-image latency of PyTorch eager and ONNX "
+                                            "Runtime on CPU at 64, 256 and 512 px.")] = False,
 ) -> None:
     """Benchmark the continual strategies on a seeded class-incremental stream (default), or
     scale-out (--scale); print and write tables."""
@@ -431,6 +433,8 @@ def bench(
     ws = workspace(ctx)
     if scale:
         return bench_scale(ws, quick, out)
+    if inference:
+        return bench_inference(ws, quick, out)
     params = b.quick_params(ws.params) if quick else b.full_params(ws.params)
     chosen = tuple(x.strip() for x in strategies.split(",") if x.strip())
     unknown = set(chosen) - set(b.STRATEGIES)
@@ -450,17 +454,27 @@ def bench(
 
 
 def bench_scale(ws: Workspace, quick: bool, out: Path) -> None:
-    import json
-
-    from rich.markdown import Markdown
-
     from incseg.bench import scale
 
     quiet_prefect()
     command = "incseg bench --scale" + (" --quick" if quick else "")
     result = scale.run(ws.params, extract_with_runner, quick, console)
-    name = "scale-quick" if quick else "scale"
-    text = scale.markdown(result, command)
+    write_bench(out, "scale-quick" if quick else "scale", result, scale.markdown(result, command))
+
+
+def bench_inference(ws: Workspace, quick: bool, out: Path) -> None:
+    from incseg.bench import inference
+
+    command = "incseg bench --inference" + (" --quick" if quick else "")
+    result = inference.run(ws.params, quick, console)
+    write_bench(out, "inference-quick" if quick else "inference", result, inference.markdown(result, command))
+
+
+def write_bench(out: Path, name: str, result: dict, text: str) -> None:
+    import json
+
+    from rich.markdown import Markdown
+
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
