@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,17 +158,24 @@ def launch(job: TrainingJob, nproc: int, extra_args: list[str] | None = None):
     job_file = out / "job.json"
     job_file.write_text(json.dumps(asdict(job), indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    proc = subprocess.run(torchrun_command(job_file, nproc, extra_args or []), env=env, capture_output=True, text=True)
+    tail: deque[str] = deque(maxlen=20)
+    with subprocess.Popen(torchrun_command(job_file, nproc, extra_args or []), env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:  # rank 0's progress, as it happens
+            tail.append(line.rstrip())
+            print(f"[torchrun] {line.rstrip()}", flush=True)
     if (out / "error.json").exists():
         err = json.loads((out / "error.json").read_text())
         if err["type"] == "DivergenceError":
             raise DivergenceError(err["message"])
         raise RuntimeError(f"distributed training failed: {err['type']}: {err['message']}")
     if proc.returncode != 0 or not (out / "model.pt").exists():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-        raise RuntimeError(f"torchrun exited with code {proc.returncode}:\n{tail}")
+        joined = "\n".join(tail)
+        raise RuntimeError(f"torchrun exited with code {proc.returncode}:\n{joined}")
     model, _, _ = load_checkpoint(out / "model.pt")
     raw = json.loads((out / "result.json").read_text())
+    for done in ("model.pt", "champion.pt"):  # job.json and result.json stay for the record
+        (out / done).unlink(missing_ok=True)
     return model, TrainResult([EpochStats(**e) for e in raw["epochs"]], raw["resumed_from"], raw["world_size"])
 
 

@@ -24,7 +24,7 @@ from incseg.data.layout import IGNORE, IMAGE_SUFFIXES
 
 def normalize(rgb: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 → 1x3xHxW float, normalised as in training."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).div(255)
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     return ((x - mean) / std)[None]
 

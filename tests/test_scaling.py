@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import make_workspace, tiny_params
+from helpers import make_workspace, set_params, tiny_params
 from incseg.config import ValidationParams
 from incseg.pipeline import Batch, train_candidate
 from incseg.registry import ModelRegistry
@@ -69,3 +69,10 @@ def test_ddp_update_matches_one_process_and_registers_one_version(tmp_path, pref
     assert run.data.tags["world_size"] == "2"
     steps = [m.step for m in reg.client.get_metric_history(result.run_id, "train_loss")]
     assert steps == list(range(1, 7))  # one value per epoch: only rank 0 logs
+
+    # a NaN on the ranks stops them all; the parent sees the divergence, nothing is registered
+    diverging = tiny_params(train={"update_epochs": 2, "update_lr": 1e30, "distributed": {"nproc": 2}})
+    ws = set_params(ws, diverging)
+    bad = incremental_update("batch-02", str(ws.root))
+    assert bad.status == "diverged" and "loss became" in bad.reason
+    assert len(reg.versions()) == 2 and reg.aliases()["champion"] == result.champion_after

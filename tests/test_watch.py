@@ -93,7 +93,7 @@ def dvc_status(root: Path) -> dict:
     return json.loads(out or "{}")
 
 
-def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path, stream_dir):
+def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path, stream_dir, prefect_api):
     """`dvc repro` runs bootstrap/validate/update through the CLI; status tracks data and params."""
     root = tmp_path / "ws"
     init_workspace(root)
@@ -102,7 +102,11 @@ def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path, stream_dir):
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
     add_data(ws, stream_dir / "registry" / "batch-00")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    from prefect.settings import PREFECT_API_URL
+
+    # the stages' CLI calls use the session's Prefect API instead of each starting its own
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_API_URL": PREFECT_API_URL.value()}
 
     def repro():
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=env, capture_output=True,
