@@ -373,8 +373,8 @@ def export(
     version: VersionOpt = None,
     out: Annotated[Path, typer.Option(help="Folder for the exported file.")] = Path("exports"),
 ) -> None:
-    """Export a model version (default: the champion) to ONNX, check it against PyTorch with
-    ONNX Runtime on the holdout, and log it as an artifact of that version."""
+    """Export a version (default: the champion) to ONNX, check it with ONNX Runtime on the
+    holdout, and log it to the version."""
     from incseg.export import MIN_AGREEMENT
     from incseg.registry import ModelRegistry
     from incseg.update import export_version
@@ -421,8 +421,8 @@ def bench(
     inference: Annotated[bool, typer.Option("--inference", help="Per-image latency of PyTorch eager and ONNX "
                                             "Runtime on CPU at 64, 256 and 512 px.")] = False,
 ) -> None:
-    """Benchmark the continual strategies on a seeded class-incremental stream (default), or
-    scale-out (--scale); print and write tables."""
+    """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
+    (--inference); print and write tables."""
     import json
     import sys
 

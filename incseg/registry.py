@@ -136,7 +136,7 @@ class ModelRegistry:
         import torch
 
         import incseg
-        from incseg.serving import CHECKPOINT_ARTIFACT, SegmentationModel
+        from incseg.serving import CHECKPOINT_ARTIFACT
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = save_checkpoint(Path(tmp) / "model.pt", model.cpu().eval(), classes, image_size=image_size)
@@ -144,8 +144,9 @@ class ModelRegistry:
             if memory.root is not None and memory.items:
                 self.client.log_artifacts(run_id, str(memory.root), MEMORY)
             with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model", python_model=SegmentationModel(), artifacts={CHECKPOINT_ARTIFACT: str(ckpt)},
+                info = mlflow.pyfunc.log_model(  # models from code: the definition is a file, not a pickle
+                    name="model", python_model=str(Path(incseg.__file__).parent / "pyfunc_model.py"),
+                    artifacts={CHECKPOINT_ARTIFACT: str(ckpt)},
                     code_paths=[str(Path(incseg.__file__).parent)],
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                                       "torchvision", "numpy", "pandas", "pillow", "pyyaml", "pydantic"],

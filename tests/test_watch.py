@@ -142,15 +142,17 @@ def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
     add_data(ws, stream_dir / "registry" / "batch-00")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    # the server's scheduler looks for new schedules every 60 s by default, the runner polls every 10 s
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     env.pop("PREFECT_API_URL", None)
+    log = (tmp_path / "serve.log").open("w")  # a pipe nobody reads could fill and block `serve`
     proc = subprocess.Popen([sys.executable, "-m", "incseg", "-C", str(root), "serve", "--port", str(free_port())],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not ModelRegistry(ws).ledger():
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(2)
         assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]
     finally:
@@ -159,3 +161,4 @@ def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
