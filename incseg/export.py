@@ -43,7 +43,8 @@ def export_onnx(model: nn.Module, path: Path, size: int, classes: dict[int, str]
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(graph, {"classes": json.dumps({str(k): v for k, v in classes.items()}),
                                         "image_size": str(size), "producer": "incseg"})
-    onnx.save(graph, str(path))
+    onnx.save(graph, str(path))  # one self-contained file: the weights inline
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # the exporter's external-data copy
     path.with_name("classes.json").write_text(json.dumps({str(k): v for k, v in classes.items()}, indent=2))
     return path
 

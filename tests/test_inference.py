@@ -113,6 +113,7 @@ def test_onnx_export_agrees_with_pytorch_and_is_logged_to_the_version(champion, 
     assert result.exit_code == 0, result.output
     assert "max abs logit difference" in " ".join(result.output.split())
     path = tmp_path / f"{ws.params.model.name}-v{loaded.version}.onnx"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["classes.json", path.name]  # self-contained
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["classes"]) == {str(k): v for k, v in loaded.classes.items()}
 
