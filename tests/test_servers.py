@@ -76,7 +76,8 @@ def test_prefect_yaml_deploys_the_watcher_to_a_process_work_pool(tmp_path, strea
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": url,
-           "INCSEG_CODE_DIR": str(PROJECT), "INCSEG_WORKSPACE": str(root)}
+           "INCSEG_CODE_DIR": str(PROJECT), "INCSEG_WORKSPACE": str(root),
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # the worker polls every 15 s by default
     prefect = [sys.executable, "-m", "prefect"]
     logs = (tmp_path / "server.log").open("w"), (tmp_path / "worker.log").open("w")
     server = subprocess.Popen(prefect + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
