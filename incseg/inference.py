@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from incseg.data.dataset import MEAN, STD
-from incseg.data.layout import IGNORE, IMAGE_SUFFIXES
+from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, DataError, read_image
 
 
 def normalize(rgb: np.ndarray) -> torch.Tensor:
@@ -96,16 +96,6 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> Image.Imag
     return Image.fromarray(out.round().astype(np.uint8))
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """The image as HxWx3 uint8; raises ValueError naming what is wrong."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"not a readable image ({type(err).__name__}: {err})") from err
-
-
 @dataclass
 class PredictReport:
     written: list[str] = field(default_factory=list)
@@ -128,8 +118,8 @@ def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, with_ov
     files = image_files(src)
     for path in progress(files) if progress else files:
         try:
-            rgb = read_rgb(path)
-        except ValueError as err:
+            rgb = read_image(path)
+        except DataError as err:
             report.skipped[path.name] = str(err)
             continue
         mask = segment(model, rgb, size, device)

@@ -108,7 +108,7 @@ def train(
     result = TrainResult()
     start = _resume(checkpoint_path, model, opt, sched, result, epochs)
     parallel = distributed.wrap(model, device)
-    with progress_bar(progress and distributed.is_main() and not distributed.active()) as bar:
+    with progress_bar(progress and not distributed.active()) as bar:
         task = bar.add_task(description, total=epochs, completed=start, info="")
         for epoch in range(start, epochs):
             if hasattr(loader.sampler, "set_epoch"):
@@ -120,7 +120,7 @@ def train(
             if on_epoch is not None:
                 on_epoch(stats, model)
             bar.update(task, advance=1, info=f"loss {stats.loss:.4f}")
-            if progress and distributed.active() and distributed.is_main():  # a pipe shows no bar
+            if progress and distributed.active() and distributed.is_main():  # lines: a pipe shows no bar
                 print(f"{description}: epoch {stats.epoch}/{epochs} loss {stats.loss:.4f} "
                       f"({stats.images / max(stats.seconds, 1e-9):.0f} images/s on {distributed.world_size()} ranks)",
                       flush=True)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from helpers import fault_params, free_port, make_workspace, wait_http
 from incseg.cli import app
-from incseg.data.layout import find_pairs, read_mask
-from incseg.inference import read_rgb, segment
+from incseg.data.layout import find_pairs, read_image, read_mask
+from incseg.inference import segment
 from incseg.registry import ModelRegistry
 
 
@@ -44,7 +44,7 @@ def test_predict_writes_palette_masks_at_each_images_size_and_skips_bad_files(ch
     src.mkdir()
     for p in pairs[:2]:
         Image.open(p.image).save(src / p.image.name)
-    tiles = [read_rgb(p.image) for p in pairs]
+    tiles = [read_image(p.image) for p in pairs]
     mosaic = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
     Image.fromarray(mosaic).save(src / "mosaic.png")  # 2x the training size: sliding window
     Image.fromarray(tiles[0][:, : size // 2]).save(src / "narrow.jpg")  # smaller than a tile
@@ -88,7 +88,7 @@ def test_mlflow_models_serve_answers_an_image_with_its_mask(champion, tmp_path):
         url = f"http://127.0.0.1:{port}/invocations"
         png = httpx.post(url, json={"dataframe_records": [{"image": encode_png(pair.image)}]}, timeout=60)
         assert png.status_code == 200, png.text
-        rgb = read_rgb(pair.image)
+        rgb = read_image(pair.image)
         array = httpx.post(url, json={"inputs": rgb.tolist()}, timeout=60)
         assert array.status_code == 200, array.text
     finally:

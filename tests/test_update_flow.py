@@ -96,10 +96,10 @@ def test_logged_state_dict_round_trips(history, tmp_path):
     assert loaded.classes[3] == "triangle"
     assert len(loaded.memory.items) <= ws.params.continual.memory_size
     import mlflow.pyfunc
-    from incseg.data.layout import find_pairs
-    from incseg.inference import read_rgb, segment
+    from incseg.data.layout import find_pairs, read_image
+    from incseg.inference import segment
 
-    rgb = read_rgb(find_pairs(ws.holdout_dir)[0].image)
+    rgb = read_image(find_pairs(ws.holdout_dir)[0].image)
     served = mlflow.pyfunc.load_model(f"models:/{reg.name}/{good.candidate_version}").predict(rgb)
     assert np.array_equal(np.array(served[0]), segment(loaded.model, rgb, ws.params.data.image_size))
 
