@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 from prefect import flow, get_run_logger
 
 from incseg.config import Workspace
 from incseg.training import DivergenceError
-from incseg.update import UpdateResult, metric_dict
+from incseg.update import UpdateResult, clear_scratch, metric_dict
 from flows.validation import batch_file_table
 from tasks.update import (
+    close_orphaned_runs,
     evaluate_candidate,
     finish_run,
     load_champion,
@@ -20,6 +24,40 @@ from tasks.update import (
     validate_batch,
 )
 
+FAILPOINT_ENV = "INCSEG_FAILPOINT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a named point of a flow when INCSEG_FAILPOINT names it (fault-injection tests)."""
+
+
+def failpoint(name: str) -> None:
+    if os.environ.get(FAILPOINT_ENV) == name:
+        raise InjectedFault(f"fault injected at {name} ({FAILPOINT_ENV})")
+
+
+class Attempt:
+    """What a run has produced so far, for the failure bookkeeping."""
+
+    def __init__(self, ws: Workspace, run_id: str):
+        self.ws, self.run_id, self.version = ws, run_id, None
+
+
+@contextmanager
+def recorded(ws: Workspace, run_id: str):
+    """Any failure inside closes the run FAILED with the error as its reason and marks a version
+    it registered `failed` (never served); a divergence closes it `diverged`. The error still
+    propagates. The one place for a flow's failure bookkeeping."""
+    attempt = Attempt(ws, run_id)
+    try:
+        yield attempt
+    except DivergenceError as err:  # a verdict, not a crash: in the ledger, so the batch is not retried
+        finish_run(ws, run_id, "diverged", str(err), version=attempt.version)
+        raise
+    except BaseException as err:
+        finish_run(ws, run_id, "failed", f"{type(err).__name__}: {err}", failed=True, version=attempt.version)
+        raise
+
 
 def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> UpdateResult:
     """A batch-level validation failure: recorded as a run with its report; nothing trains."""
@@ -27,6 +65,7 @@ def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> U
     get_run_logger().error("batch %s rejected: %s", checked.report.batch_id, reason)
     run_id = start_run(ws, kind, checked, champion)
     finish_run(ws, run_id, "invalid", reason)
+    clear_scratch(ws, run_id, None, champion)
     return UpdateResult(checked.report.batch_id, "invalid", reason, None, champion, champion, run_id)
 
 
@@ -34,22 +73,21 @@ def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> U
 def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Train the first model on one batch and make it version 1, `champion`."""
     ws = Workspace(workspace)
+    close_orphaned_runs(ws)
     checked = validate_batch(ws, batch_id, batch_file_table(ws, batch_id))
     if checked.batch is None:
         return rejected_batch(ws, "bootstrap", checked, None)
     batch = checked.batch
     run_id = start_run(ws, "bootstrap", checked, None)
-    version = None
-    try:
+    with recorded(ws, run_id) as attempt:
         model, memory = train_base(ws, batch, run_id)
-        version = register_candidate(ws, run_id, model, memory, batch, None)
+        attempt.version = register_candidate(ws, run_id, model, memory, batch, None)
+        failpoint("after_register")
         judgement = evaluate_candidate(ws, run_id, model, None, batch)
-        champion = publish_verdict(ws, run_id, version, judgement)
-    except BaseException as err:
-        finish_run(ws, run_id, "failed", f"{type(err).__name__}: {err}", failed=True, version=version)
-        raise
+        champion = publish_verdict(ws, run_id, attempt.version, judgement)
     finish_run(ws, run_id, judgement.decision.status, judgement.decision.reason)
-    return UpdateResult(batch_id, "promoted", judgement.decision.reason, version, None, champion, run_id,
+    clear_scratch(ws, run_id, batch, None)
+    return UpdateResult(batch_id, "promoted", judgement.decision.reason, attempt.version, None, champion, run_id,
                         metric_dict("candidate", judgement.candidate))
 
 
@@ -58,6 +96,7 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Validate the batch, continue the champion on it, judge on the holdout, promote or keep."""
     log = get_run_logger()
     ws = Workspace(workspace)
+    close_orphaned_runs(ws)
     champion = load_champion(ws)
     checked = validate_batch(ws, batch_id, batch_file_table(ws, batch_id))
     if checked.batch is None:
@@ -65,23 +104,19 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
     batch = checked.batch
     run_id = start_run(ws, "update", checked, champion.version)
     try:
-        candidate, memory = train_candidate(ws, champion, batch, run_id)
-    except DivergenceError as err:
-        finish_run(ws, run_id, "diverged", str(err))
+        with recorded(ws, run_id) as attempt:
+            candidate, memory = train_candidate(ws, champion, batch, run_id)
+            attempt.version = register_candidate(ws, run_id, candidate, memory, batch, champion.version)
+            failpoint("after_register")
+            judgement = evaluate_candidate(ws, run_id, candidate, champion.model, batch)
+            after = publish_verdict(ws, run_id, attempt.version, judgement)
+    except DivergenceError as err:  # recorded above; nothing was registered
+        clear_scratch(ws, run_id, batch, champion.version)
         return UpdateResult(batch_id, "diverged", str(err), None, champion.version, champion.version, run_id)
-    except BaseException as err:
-        finish_run(ws, run_id, "failed", f"{type(err).__name__}: {err}", failed=True)
-        raise
-    version = None
-    try:
-        version = register_candidate(ws, run_id, candidate, memory, batch, champion.version)
-        judgement = evaluate_candidate(ws, run_id, candidate, champion.model, batch)
-        after = publish_verdict(ws, run_id, version, judgement)
-    except BaseException as err:
-        finish_run(ws, run_id, "failed", f"{type(err).__name__}: {err}", failed=True, version=version)
-        raise
     decision = judgement.decision
     finish_run(ws, run_id, decision.status, decision.reason)
+    clear_scratch(ws, run_id, batch, champion.version)
     log.info("batch %s: %s (%s)", batch_id, decision.status, decision.reason)
     metrics = {**metric_dict("candidate", judgement.candidate), **metric_dict("champion", judgement.champion)}
-    return UpdateResult(batch_id, decision.status, decision.reason, version, champion.version, after, run_id, metrics)
+    return UpdateResult(batch_id, decision.status, decision.reason, attempt.version, champion.version, after, run_id,
+                        metrics)

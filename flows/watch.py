@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 from flows.update import bootstrap, incremental_update
-from incseg import ledger
+from incseg import ledger, processes
 from incseg.config import Workspace
 from incseg.registry import ModelRegistry
 from incseg.update import UpdateResult
@@ -94,17 +94,13 @@ def prefect_api(port: int = 4200):
         yield os.environ["PREFECT_API_URL"]
         return
     url = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with processes.running(command, grace=20, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) as server:
         _wait_healthy(url, server)
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:

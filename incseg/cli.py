@@ -81,12 +81,17 @@ def data_synth(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: the workspace's data/).")] = None,
     size: Annotated[Optional[int], typer.Option(help="Image side in pixels.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    style: Annotated[Optional[str], typer.Option(help="The look: shapes | blobs (default: synth.style).")] = None,
 ) -> None:
     """Write the seeded synthetic class-incremental stream: holdout, batches, classes.yaml."""
-    from incseg.data.synthetic import synthesize
+    from incseg.config import SynthParams
+    from incseg.data.synthetic import STYLES, synthesize
 
     ws = workspace(ctx)
-    p = ws.params.synth.model_copy(update={k: v for k, v in {"size": size, "seed": seed}.items() if v is not None})
+    if style is not None and style not in STYLES:
+        raise Failure(f"unknown --style {style!r}; choose one of {', '.join(STYLES)}")
+    chosen = {"size": size, "seed": seed, "style": style}
+    p = SynthParams.model_validate({**ws.params.synth.model_dump(), **{k: v for k, v in chosen.items() if v is not None}})
     target = out or ws.data_dir
     infos = synthesize(target, p)
     table = Table("batch", "kind", "annotated classes", "new classes", title=f"synthetic stream in {target}")
@@ -399,13 +404,20 @@ def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the workspace's store (runs, metrics, pictures, model versions)."""
-    import subprocess
+    import signal
     import sys
 
+    from incseg import processes
+
     ws = workspace(ctx)
-    console.print(f"MLflow UI for {ws.tracking_uri} at http://127.0.0.1:{port}")
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri,
-                    "--host", "127.0.0.1", "--port", str(port)], check=False)
+    console.print(f"MLflow UI for {ws.tracking_uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri, "--host", "127.0.0.1",
+               "--port", str(port)]
+    with processes.running(command, sig=signal.SIGINT) as proc:
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()

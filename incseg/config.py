@@ -27,6 +27,7 @@ class DataParams(Section):
 
 
 class SynthParams(Section):
+    style: Literal["shapes", "blobs"] = Field("shapes", description="the look: geometric shapes or lobed blobs")
     seed: int = 0
     size: int = Field(64, ge=16)
     holdout_per_class: int = Field(16, ge=1)
@@ -55,14 +56,17 @@ class TrainParams(Section):
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-2, gt=0, description="peak learning rate from scratch (bootstrap)")
-    update_lr: float = Field(5e-3, gt=0, description="peak learning rate when continuing the champion")
+    update_lr: float = Field(1e-2, gt=0, description="peak learning rate when continuing the champion")
     weight_decay: float = Field(1e-4, ge=0)
     ce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(0.5, ge=0)
-    bootstrap_epochs: int = Field(20, ge=1)
-    update_epochs: int = Field(16, ge=1)
-    min_bootstrap_steps: int = Field(300, ge=0, description="more epochs if the epochs give fewer optimizer steps")
-    min_update_steps: int = Field(200, ge=0, description="likewise for an update, so small batches still learn")
+    bootstrap_max_steps: int = Field(4000, ge=1, description="most optimizer steps of a model trained from scratch")
+    bootstrap_min_steps: int = Field(800, ge=0, description="no early stop before this many steps (from scratch)")
+    update_max_steps: int = Field(1600, ge=1, description="most optimizer steps of an update")
+    update_min_steps: int = Field(400, ge=0, description="no early stop before this many steps (update)")
+    eval_every: int = Field(200, ge=1, description="steps between evaluations of the validation split")
+    patience: int = Field(3, ge=1, description="evaluations without improvement before training stops")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of a batch held out for early stopping")
     augment: bool = True
     num_workers: int = Field(0, ge=0)
     distributed: DistributedParams = DistributedParams()
@@ -74,6 +78,7 @@ class ContinualParams(Section):
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each epoch drawn from memory")
     distill_weight: float = Field(1.0, ge=0)
     pseudo_label_threshold: float = Field(0.0, ge=0, le=1, description="0 disables PLOP pseudo-labels")
+    head_lr_scale: float = Field(10.0, gt=0, description="learning-rate factor of the classifier during an update")
 
 
 class EvalParams(Section):

@@ -46,59 +46,7 @@ def dvc(root: Path, *args: str) -> str:
     return run([sys.executable, "-m", "dvc", *args], root)
 
 
-PIPELINE_YAML = """\
-# `dvc repro` re-runs exactly what changed; `dvc metrics show` / `dvc params diff` work as usual.
-# The code is the installed `incseg` (its commit is tagged on every model version), not a file of
-# this workspace: after upgrading it, `dvc repro --force update` re-runs the update.
-stages:
-  bootstrap:  # trains only while there is no champion: a later repro never replaces the served model
-    cmd: incseg bootstrap --if-missing --metrics metrics/bootstrap.json
-    deps:
-      - data/classes.yaml
-      - data/holdout
-    params:
-      - data.image_size
-      - model.arch
-      - model.width
-      - train.seed
-      - train.batch_size
-      - train.lr
-      - train.bootstrap_epochs
-      - train.ce_weight
-      - train.dice_weight
-      - train.augment
-    metrics:
-      - metrics/bootstrap.json:
-          cache: false
-  validate:
-    cmd: incseg validate data/registry --no-fail --report reports/validation.json
-    deps:
-      - data/registry
-      - data/classes.yaml
-    params:
-      - validation
-    metrics:
-      - reports/validation.json:
-          cache: false
-  update:
-    cmd: incseg watch --metrics metrics.json
-    deps:
-      - data/registry
-      - data/holdout
-      - reports/validation.json
-      - metrics/bootstrap.json
-    params:
-      - continual
-      - gate
-      - validation
-      - train.update_epochs
-      - train.update_lr
-      - train.batch_size
-      - train.seed
-    metrics:
-      - metrics.json:
-          cache: false
-"""
+PIPELINE_YAML = Path(__file__).parent / "templates" / "dvc.yaml"  # the one source of the DVC pipeline
 
 
 def write_default_params(path: Path) -> None:
@@ -112,7 +60,7 @@ def init_workspace(root: Path, remote: str | None = None) -> Path:
     if not (root / PARAMS_FILE).exists():
         write_default_params(root / PARAMS_FILE)
     if not (root / "dvc.yaml").exists():
-        (root / "dvc.yaml").write_text(PIPELINE_YAML)
+        shutil.copyfile(PIPELINE_YAML, root / "dvc.yaml")
     (root / "data" / "registry").mkdir(parents=True, exist_ok=True)
     gitignore = root / ".gitignore"
     if not gitignore.exists():

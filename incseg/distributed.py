@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from incseg import processes
+
 DIVERGED_EXIT = 3
 
 
@@ -149,7 +151,7 @@ def launch(job: TrainingJob, nproc: int, extra_args: list[str] | None = None):
     RuntimeError carrying the end of torchrun's output.
     """
     from incseg.models import load_checkpoint
-    from incseg.training import DivergenceError, EpochStats, TrainResult
+    from incseg.training import DivergenceError, EvalPoint, TrainResult
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,11 +161,16 @@ def launch(job: TrainingJob, nproc: int, extra_args: list[str] | None = None):
     job_file.write_text(json.dumps(asdict(job), indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     tail: deque[str] = deque(maxlen=20)
-    with subprocess.Popen(torchrun_command(job_file, nproc, extra_args or []), env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    proc = processes.start(torchrun_command(job_file, nproc, extra_args or []), env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
         for line in proc.stdout:  # rank 0's progress, as it happens
             tail.append(line.rstrip())
             print(f"[torchrun] {line.rstrip()}", flush=True)
+        proc.wait()
+    finally:  # also when this process is interrupted: no rank outlives the launcher
+        processes.stop(proc, grace=15)
+        proc.stdout.close()
     if (out / "error.json").exists():
         err = json.loads((out / "error.json").read_text())
         if err["type"] == "DivergenceError":
@@ -176,7 +183,8 @@ def launch(job: TrainingJob, nproc: int, extra_args: list[str] | None = None):
     raw = json.loads((out / "result.json").read_text())
     for done in ("model.pt", "champion.pt"):  # job.json and result.json stay for the record
         (out / done).unlink(missing_ok=True)
-    return model, TrainResult([EpochStats(**e) for e in raw["epochs"]], raw["resumed_from"], raw["world_size"])
+    return model, TrainResult([EvalPoint(**e) for e in raw["evals"]], raw["resumed_from"], raw["world_size"],
+                              raw["best_step"], raw["stopped"])
 
 
 def job_for(ws, run_id: str, batch, checkpoint_path: Path, champion: nn.Module | None, memory) -> TrainingJob:
@@ -239,7 +247,8 @@ def main(job_file: str) -> int:
         ws = Workspace(job.workspace, Params.model_validate(job.params))
         save_checkpoint(out / "model.pt", model, class_names(ws, model))
         (out / "result.json").write_text(json.dumps(
-            {"epochs": [asdict(e) for e in result.epochs], "resumed_from": result.resumed_from, "world_size": world_size()}))
+            {"evals": [asdict(e) for e in result.evals], "resumed_from": result.resumed_from, "world_size": world_size(),
+             "best_step": result.best_step, "stopped": result.stopped}))
     dist.barrier()
     dist.destroy_process_group()
     return 0

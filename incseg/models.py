@@ -85,6 +85,18 @@ def _head_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(clf, str(len(clf) - 1))]
 
 
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classifier convs' parameters (what a new class adds to)."""
+    return [p for parent, name in _head_slots(model) for p in getattr(parent, name).parameters()]
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_scale: float) -> list[dict]:
+    """AdamW groups: the classifier at `lr * head_lr_scale`, the rest at `lr`."""
+    head = {id(p) for p in head_parameters(model)}
+    return [{"params": [p for p in model.parameters() if id(p) not in head], "lr": lr},
+            {"params": [p for p in model.parameters() if id(p) in head], "lr": lr * head_lr_scale}]
+
+
 def num_classes(model: nn.Module) -> int:
     parent, name = _head_slots(model)[0]
     return getattr(parent, name).out_channels

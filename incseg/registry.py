@@ -127,8 +127,18 @@ class ModelRegistry:
                 done[(t["batch_id"], t["data_hash"])] = t["outcome"]
         return done
 
-    def end_run(self, run_id: str, failed: bool = False) -> None:
-        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    def end_run(self, run_id: str, failed: bool = False, status: str | None = None) -> None:
+        self.client.set_terminated(run_id, status or ("FAILED" if failed else "FINISHED"))
+
+    def running_runs(self) -> list:
+        """Runs of this experiment that MLflow still shows as RUNNING."""
+        from mlflow.entities import ViewType
+
+        exp = self.client.get_experiment_by_name(self.ws.params.mlflow.experiment)
+        if exp is None:
+            return []
+        return self.client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'",
+                                       run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
 
     def log_model(self, run_id: str, model: nn.Module, classes: dict[int, str], memory: ExemplarMemory,
                   image_size: int) -> str:
@@ -211,7 +221,7 @@ class ModelRegistry:
     def set_champion(self, version: str | int, reason: str) -> str | None:
         """Move `champion` to `version`; the version remembers the one it replaced."""
         mv = self.version(version)
-        if mv.tags.get("status") in ("pending", "diverged"):
+        if mv.tags.get("status") in ("pending", "diverged", "failed"):
             raise RegistryError(f"version {version} is {mv.tags['status']}; it cannot serve")
         before = self.champion()
         previous = str(before.version) if before else None

@@ -59,22 +59,62 @@ def make_loader(
 
 
 @dataclass
-class EpochStats:
-    epoch: int
+class EvalPoint:
+    """One evaluation of a training run: `step` optimizer steps done, the mean training loss
+    since the previous point, the validation split's mIoU (NaN without a split)."""
+
+    step: int
     loss: float
-    images: int  # over all ranks
-    seconds: float = 0.0  # wall time of the epoch's optimizer steps (no evaluation)
+    val_miou: float
+    images: int  # over all ranks, since the previous point
+    seconds: float = 0.0  # wall time of those optimizer steps (no evaluation)
 
 
 @dataclass
 class TrainResult:
-    epochs: list[EpochStats] = field(default_factory=list)
-    resumed_from: int = 0
+    evals: list[EvalPoint] = field(default_factory=list)
+    resumed_from: int = 0  # optimizer steps restored from a checkpoint
     world_size: int = 1  # processes that trained it (torchrun / DDP)
+    best_step: int = 0  # the step whose weights were kept
+    stopped: str = ""  # why training ended: converged | max_steps
 
     @property
     def images_processed(self) -> int:
-        return sum(e.images for e in self.epochs)
+        return sum(e.images for e in self.evals)
+
+    @property
+    def steps(self) -> int:
+        return self.evals[-1].step if self.evals else 0
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for e in self.evals)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to train: evaluate every `eval_every` steps, stop once `patience` evaluations in
+    a row did not beat the best by `min_delta` (after `min_steps`), never beyond `max_steps`."""
+
+    max_steps: int
+    min_steps: int = 0
+    eval_every: int = 200
+    patience: int = 3
+    min_delta: float = 0.002
+
+
+def warmup_cosine(total: int, warmup: int = 200, floor: float = 0.01) -> Callable[[int], float]:
+    """LR factor: linear warm-up over min(`warmup`, total / 10) steps, then a cosine decay to
+    `floor` at `total`. Early stopping may end training anywhere on it."""
+    warm = max(1, min(warmup, total // 10))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -88,92 +128,135 @@ def train(
     model: nn.Module,
     loader: DataLoader,
     objective: Callable[..., torch.Tensor],
+    budget: Budget,
     *,
-    epochs: int,
     lr: float,
     weight_decay: float = 0.0,
     device: torch.device = torch.device("cpu"),
+    validate: Callable[[nn.Module], float] | None = None,
+    param_groups: list[dict] | None = None,
     checkpoint_path: Path | None = None,
-    on_epoch: Callable[[EpochStats, nn.Module], None] | None = None,
+    on_eval: Callable[[EvalPoint, nn.Module], None] | None = None,
     progress: bool = True,
     description: str = "train",
 ) -> TrainResult:
-    """AdamW + one-cycle schedule. Saves a resumable checkpoint after every epoch and, when
-    `checkpoint_path` already holds one for the same model shape, resumes from it.
-    Under torchrun the model trains as DDP; only rank 0 writes checkpoints and shows progress."""
+    """AdamW with a short warm-up and a cosine decay over `budget.max_steps`, stopped early when
+    `validate(model)` (the validation split's mIoU) stops improving; the best weights are kept.
+
+    A resumable checkpoint is written at every evaluation; when `checkpoint_path` already holds
+    one for the same model and budget, training resumes from it. Under torchrun the model trains
+    as DDP (every rank sees the same all-reduced validation score, so all stop together); only
+    rank 0 writes checkpoints and shows progress."""
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(loader)),
-                                                pct_start=0.1)
-    result = TrainResult()
-    start = _resume(checkpoint_path, model, opt, sched, result, epochs)
+    opt = torch.optim.AdamW(param_groups or model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(budget.max_steps))
+    result = TrainResult(world_size=distributed.world_size())
+    state = _resume(checkpoint_path, model, opt, sched, result, budget)
+    best, best_state, waited = state["best"], state["best_state"], state["waited"]
     parallel = distributed.wrap(model, device)
+    step, epoch = result.steps, state["epoch"]
+    clock, total, seen = time.perf_counter(), 0.0, 0
     with progress_bar(progress and not distributed.active()) as bar:
-        task = bar.add_task(description, total=epochs, completed=start, info="")
-        for epoch in range(start, epochs):
+        task = bar.add_task(description, total=budget.max_steps, completed=step, info="")
+        while step < budget.max_steps and not result.stopped:
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
-            stats = _train_epoch(parallel, loader, objective, opt, sched, device, epoch)
-            result.epochs.append(stats)
-            if checkpoint_path is not None and distributed.is_main():
-                _save_state(checkpoint_path, model, opt, sched, result, epochs)
-            if on_epoch is not None:
-                on_epoch(stats, model)
-            bar.update(task, advance=1, info=f"loss {stats.loss:.4f}")
-            if progress and distributed.active() and distributed.is_main():  # lines: a pipe shows no bar
-                print(f"{description}: epoch {stats.epoch}/{epochs} loss {stats.loss:.4f} "
-                      f"({stats.images / max(stats.seconds, 1e-9):.0f} images/s on {distributed.world_size()} ranks)",
-                      flush=True)
+            epoch += 1
+            parallel.train()
+            for images, masks, annotated in loader:
+                images, masks, annotated = images.to(device), masks.to(device), annotated.to(device)
+                loss = objective(parallel(images), images, masks, annotated)
+                if not distributed.all_finite(loss):
+                    raise DivergenceError(f"loss became {loss.item()} at step {step + 1}; update stopped")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                total += loss.item() * len(images)
+                seen += len(images)
+                bar.update(task, completed=step)
+                if step % budget.eval_every and step < budget.max_steps:
+                    continue
+                total, seen = distributed.all_sum(torch.tensor([total, float(seen)], dtype=torch.float64)).tolist()
+                seconds = time.perf_counter() - clock
+                score = validate(model) if validate is not None else float("nan")
+                point = EvalPoint(step, total / max(seen, 1), score, int(seen), seconds)
+                result.evals.append(point)
+                improved = score == score and score > best + budget.min_delta
+                if validate is None:  # nothing to judge by: the latest weights are the best
+                    result.best_step = step
+                elif improved or best_state is None:
+                    best, waited, result.best_step = (score if improved else best), 0, step
+                    best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+                else:
+                    waited += 1
+                if step >= budget.min_steps and waited >= budget.patience:
+                    result.stopped = "converged"
+                elif step >= budget.max_steps:
+                    result.stopped = "max_steps"
+                if checkpoint_path is not None and distributed.is_main():
+                    _save_state(checkpoint_path, model, opt, sched, result, budget,
+                                {"best": best, "best_state": best_state, "waited": waited, "epoch": epoch})
+                if on_eval is not None:
+                    on_eval(point, model)
+                parallel.train()
+                info = f"loss {point.loss:.4f}" + (f" val mIoU {score:.3f}" if score == score else "")
+                bar.update(task, info=info)
+                if progress and distributed.active() and distributed.is_main():  # lines: a pipe shows no bar
+                    print(f"{description}: step {step}/{budget.max_steps} {info} "
+                          f"({seen / max(seconds, 1e-9):.0f} images/s on {distributed.world_size()} ranks)", flush=True)
+                clock, total, seen = time.perf_counter(), 0.0, 0
+                if result.stopped:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return result
 
 
-def _train_epoch(model, loader, objective, opt, sched, device, epoch) -> EpochStats:
-    model.train()
-    start = time.perf_counter()
-    total, seen = 0.0, 0
-    for images, masks, annotated in loader:
-        images, masks, annotated = images.to(device), masks.to(device), annotated.to(device)
-        loss = objective(model(images), images, masks, annotated)
-        if not distributed.all_finite(loss):
-            raise DivergenceError(f"loss became {loss.item()} in epoch {epoch + 1}; update stopped")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        total += loss.item() * len(images)
-        seen += len(images)
-    total, seen = distributed.all_sum(torch.tensor([total, float(seen)], dtype=torch.float64)).tolist()
-    return EpochStats(epoch + 1, total / max(seen, 1), int(seen), time.perf_counter() - start)
-
-
-def _save_state(path: Path, model, opt, sched, result: TrainResult, planned: int) -> None:
+def _save_state(path: Path, model, opt, sched, result: TrainResult, budget: Budget, loop: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epochs": [vars(e) for e in result.epochs], "planned_epochs": planned}, tmp)
+                "evals": [vars(e) for e in result.evals], "budget": vars(budget), "best_step": result.best_step,
+                "stopped": result.stopped, **loop}, tmp)
     tmp.replace(path)
 
 
-def _resume(path: Path | None, model, opt, sched, result: TrainResult, planned: int) -> int:
+def _resume(path: Path | None, model, opt, sched, result: TrainResult, budget: Budget) -> dict:
+    fresh = {"best": float("-inf"), "best_state": None, "waited": 0, "epoch": 0}
     if path is None or not path.exists():
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    if shapes != {k: v.shape for k, v in state["model"].items()} or state.get("planned_epochs") != planned:
-        log.warning("checkpoint %s is for another model or schedule; starting over", path)
-        return 0
+        return fresh
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        same = shapes == {k: v.shape for k, v in state["model"].items()} and state.get("budget") == vars(budget)
+    except Exception as err:  # noqa: BLE001 - a damaged scratch checkpoint only costs the progress
+        log.warning("checkpoint %s is unreadable (%s); starting over", path, err)
+        return fresh
+    if not same:
+        log.warning("checkpoint %s is for another model or budget; starting over", path)
+        return fresh
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    result.epochs = [EpochStats(**e) for e in state["epochs"]]
-    result.resumed_from = len(result.epochs)
-    log.info("resumed from %s after epoch %d", path, result.resumed_from)
-    return result.resumed_from
+    result.evals = [EvalPoint(**e) for e in state["evals"]]
+    result.best_step, result.stopped = state["best_step"], state["stopped"]
+    result.resumed_from = result.steps
+    log.info("resumed from %s at step %d", path, result.resumed_from)
+    return {k: state[k] for k in fresh}
 
 
-def epochs_for(loader: DataLoader, epochs: int, min_steps: int) -> int:
-    """`epochs`, raised so that training takes at least `min_steps` optimizer steps."""
-    return max(epochs, math.ceil(min_steps / max(1, len(loader))))
+def split_validation(pairs: list, fraction: float, seed: int, at_most: int = 256) -> tuple[list, list]:
+    """(train, validation): a seeded `fraction` of the pairs for early stopping (never the gate's
+    holdout). Batches under 10 pairs keep everything for training and get no validation split."""
+    if fraction <= 0 or len(pairs) < 10:
+        return list(pairs), []
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_val = min(at_most, max(1, round(fraction * len(pairs))))
+    val = sorted(order[:n_val].tolist())
+    keep = sorted(order[n_val:].tolist())
+    return [pairs[i] for i in keep], [pairs[i] for i in val]
 
 
 @torch.no_grad()

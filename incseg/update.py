@@ -27,7 +27,7 @@ from incseg.models import num_classes
 from incseg import pipeline
 from incseg.pipeline import Batch, holdout_matrix
 from incseg.registry import ModelRegistry
-from incseg.training import EpochStats, TrainResult
+from incseg.training import EvalPoint, TrainResult
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
 from incseg.validation.history import earlier_profiles
 
@@ -119,12 +119,70 @@ def check_batch(ws: Workspace, batch_id: str, table=None) -> CheckedBatch:
 
 
 # ---- runs --------------------------------------------------------------------------------
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run: host, pid and the pid's start time (pids are reused)."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return {"owner_host": socket.gethostname(), "owner_pid": str(me.pid), "owner_started": f"{me.create_time():.3f}"}
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    """False only when the owning process is provably gone: on this host and no longer running.
+    A run owned by another host (or without owner tags) is assumed alive."""
+    import socket
+
+    import psutil
+
+    if tags.get("owner_host") != socket.gethostname() or not tags.get("owner_pid"):
+        return True
+    try:
+        proc = psutil.Process(int(tags["owner_pid"]))
+        return f"{proc.create_time():.3f}" == tags.get("owner_started") and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
+        return False
+
+
+def close_orphaned_runs(reg: ModelRegistry) -> list[str]:
+    """Runs left RUNNING by a killed update (SIGKILL, power loss) are marked KILLED with a reason,
+    so the UI shows no phantom runs. Only runs whose owning process is provably dead are touched."""
+    closed = []
+    for run in reg.running_runs():
+        if owner_alive(run.data.tags):
+            continue
+        reason = (f"killed: process {run.data.tags.get('owner_pid')} on {run.data.tags.get('owner_host')} "
+                  "ended before the run finished")
+        reg.client.set_tag(run.info.run_id, "outcome", "killed")
+        reg.client.set_tag(run.info.run_id, "reason", reason)
+        reg.end_run(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def scratch_dir(ws: Workspace, batch: Batch, champion_version: str | None) -> Path:
+    """Where a training attempt keeps its resumable checkpoint: one folder per (batch content,
+    champion), so a retry of the same update resumes and anything else starts afresh."""
+    kind = f"update-{batch.batch_id}-v{champion_version}" if champion_version else f"bootstrap-{batch.batch_id}"
+    return ws.runs_dir / f"{kind}-{batch_hash(batch.root)[-12:]}"
+
+
+def clear_scratch(ws: Workspace, run_id: str, batch: Batch | None, champion_version: str | None) -> None:
+    """Once a verdict is published nothing needs resuming: drop the checkpoint and the run's files."""
+    import shutil
+
+    if batch is not None:
+        shutil.rmtree(scratch_dir(ws, batch, champion_version), ignore_errors=True)
+    shutil.rmtree(ws.runs_dir / run_id, ignore_errors=True)
+
+
 def start_run(reg: ModelRegistry, kind: str, checked: CheckedBatch, parent: str | None) -> str:
     """An MLflow run for the batch, with params, lineage tags and the validation report."""
     batch_id = checked.report.batch_id
     lineage = lineage_tags(checked.batch, parent) if checked.batch else {
         "batch_id": batch_id, "data_hash": batch_hash(checked.root), "parent_version": parent or ""}
-    tags = {"incseg.kind": kind, "outcome": "running", **lineage}
+    tags = {"incseg.kind": kind, "outcome": "running", **lineage, **owner_tags()}
     run_id = reg.start_run(f"{kind}-{batch_id}", tags, reg.ws.params.flat())
     reg.client.log_dict(run_id, checked.report.to_dict(), "validation/report.json")
     reg.client.log_text(run_id, checked.report.markdown(), "validation/report.md")
@@ -132,24 +190,26 @@ def start_run(reg: ModelRegistry, kind: str, checked: CheckedBatch, parent: str 
     return run_id
 
 
-def epoch_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]):
-    """on_epoch callback: logs train loss and holdout mIoU (over `scope`) per epoch.
+def eval_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]):
+    """on_eval callback: logs the training loss, the validation split's mIoU (what early stopping
+    watches) and the holdout mIoU over `scope` (what the gate will judge) at each evaluation.
     Every rank of a distributed run evaluates its holdout shard; only rank 0 logs."""
     from incseg import distributed
 
-    def log(stats: EpochStats, model: nn.Module) -> None:
+    def log(point: EvalPoint, model: nn.Module) -> None:
         miou = mean_iou(holdout_matrix(ws, model), scope)
         if distributed.is_main():
-            reg.client.log_metric(run_id, "train_loss", stats.loss, step=stats.epoch)
-            reg.client.log_metric(run_id, "holdout_miou", miou, step=stats.epoch)
-        model.train()
+            reg.client.log_metric(run_id, "train_loss", point.loss, step=point.step)
+            if point.val_miou == point.val_miou:
+                reg.client.log_metric(run_id, "val_miou", point.val_miou, step=point.step)
+            reg.client.log_metric(run_id, "holdout_miou", miou, step=point.step)
 
     return log
 
 
 def train_step(ws: Workspace, reg: ModelRegistry, run_id: str, batch: Batch, checkpoint_path: Path,
                champion: nn.Module | None = None, memory: ExemplarMemory | None = None) -> tuple[nn.Module, TrainResult]:
-    """Bootstrap (no champion) or continue the champion on the batch, logging each epoch to the run.
+    """Bootstrap (no champion) or continue the champion on the batch, logging each evaluation to the run.
 
     With `train.distributed.nproc > 1` this runs under torchrun (DDP) and returns rank 0's model.
     """
@@ -160,18 +220,22 @@ def train_step(ws: Workspace, reg: ModelRegistry, run_id: str, batch: Batch, che
         job = distributed.job_for(ws, run_id, batch, checkpoint_path, champion, memory)
         return distributed.launch(job, spec.nproc, spec.torchrun_args)
     if champion is None:
-        logger = epoch_logger(ws, reg, run_id, batch.classes)
-        return pipeline.train_base(ws, batch, on_epoch=logger, checkpoint_path=checkpoint_path,
+        logger = eval_logger(ws, reg, run_id, batch.classes)
+        return pipeline.train_base(ws, batch, on_eval=logger, checkpoint_path=checkpoint_path,
                                    progress=distributed.is_main())
     scope = sorted(set(range(num_classes(champion))) | set(batch.classes))
     return pipeline.train_candidate(ws.params, champion, batch, memory or ExemplarMemory.empty(),
-                                    on_epoch=epoch_logger(ws, reg, run_id, scope), checkpoint_path=checkpoint_path,
+                                    on_eval=eval_logger(ws, reg, run_id, scope), checkpoint_path=checkpoint_path,
                                     progress=distributed.is_main())
 
 
 def record_training(reg: ModelRegistry, run_id: str, result: TrainResult) -> None:
-    reg.client.set_tag(run_id, "resumed_from_epoch", str(result.resumed_from))
-    reg.client.set_tag(run_id, "world_size", str(result.world_size))
+    tags = {"resumed_from_step": result.resumed_from, "world_size": result.world_size, "steps": result.steps,
+            "best_step": result.best_step, "stopped": result.stopped or "max_steps"}
+    for k, v in tags.items():
+        reg.client.set_tag(run_id, k, str(v))
+    reg.client.log_metric(run_id, "images_processed", result.images_processed)
+    reg.client.log_metric(run_id, "train_seconds", result.seconds)
 
 
 def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:

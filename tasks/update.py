@@ -62,22 +62,27 @@ def start_run(ws: Workspace, kind: str, checked: update.CheckedBatch, parent: st
 @task(cache_policy=NO_CACHE)
 def train_base(ws: Workspace, batch: pipeline.Batch, run_id: str):
     reg = ModelRegistry(ws)
-    key = f"bootstrap-{batch.batch_id}-{update.batch_hash(batch.root)[-12:]}"
-    model, result = update.train_step(ws, reg, run_id, batch, ws.runs_dir / key / "train.pt")
+    scratch = update.scratch_dir(ws, batch, None)
+    model, result = update.train_step(ws, reg, run_id, batch, scratch / "train.pt")
     update.record_training(reg, run_id, result)
     return model, update.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id)
 
 
 @task(cache_policy=NO_CACHE)
 def train_candidate(ws: Workspace, champion: LoadedModel, batch: pipeline.Batch, run_id: str):
-    """Continue the champion on the batch. Resumes from the last epoch checkpoint of an
-    interrupted attempt at the same (batch content, champion) pair."""
+    """Continue the champion on the batch. Resumes from the last checkpoint of an interrupted
+    attempt at the same (batch content, champion) pair."""
     reg = ModelRegistry(ws)
-    key = f"update-{batch.batch_id}-v{champion.version}-{update.batch_hash(batch.root)[-12:]}"
-    model, result = update.train_step(ws, reg, run_id, batch, ws.runs_dir / key / "train.pt",
-                                      champion.model, champion.memory)
+    scratch = update.scratch_dir(ws, batch, champion.version)
+    model, result = update.train_step(ws, reg, run_id, batch, scratch / "train.pt", champion.model, champion.memory)
     update.record_training(reg, run_id, result)
     return model, update.refresh_memory(ws, champion.memory, batch, run_id)
+
+
+@registry_task
+def close_orphaned_runs(ws: Workspace) -> list[str]:
+    """Runs a killed update left RUNNING are closed KILLED (their owner is provably gone)."""
+    return update.close_orphaned_runs(ModelRegistry(ws))
 
 
 @registry_task

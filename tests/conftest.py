@@ -39,6 +39,43 @@ def base_model(tmp_path_factory):
     return ws, model, result
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """No process outlives the suite: a child of the test session still alive at the end fails
+    the run, named, and is killed. (multiprocessing's resource tracker ends with its parent.)"""
+    import time
+
+    import psutil
+
+    def leftovers() -> list[psutil.Process]:
+        alive = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE and \
+                        "resource_tracker" not in " ".join(child.cmdline()):
+                    alive.append(child)
+            except psutil.Error:
+                pass
+        return alive
+
+    deadline = time.monotonic() + 10  # a process stopped by a finaliser may take a moment to go
+    while (left := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    names = []
+    for child in left:
+        try:
+            names.append(f"pid {child.pid}: {' '.join(child.cmdline())[:200]}")
+            child.kill()
+        except psutil.Error:
+            pass
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = "processes left running by the tests (now killed):\n  " + "\n  ".join(names)
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """Prefect's real ephemeral API, started once per session (a cold start is slow)."""

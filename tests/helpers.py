@@ -16,8 +16,10 @@ def tiny_params(**sections) -> Params:
         "data": {"image_size": 32},
         "synth": {"size": 32, "base_images": 96, "step_images": 64, "holdout_per_class": 6, "new_classes": 2},
         "model": {"width": 8},
-        "train": {"bootstrap_epochs": 30, "update_epochs": 12, "batch_size": 16, "min_bootstrap_steps": 0,
-                  "min_update_steps": 0},
+        "train": {"bootstrap_max_steps": 240, "bootstrap_min_steps": 150, "update_max_steps": 210,
+                  "update_min_steps": 150, "eval_every": 30, "patience": 2, "batch_size": 16},
+        # tiny models learn less than the defaults: thresholds far below what they reach (see test_update_flow)
+        "gate": {"min_new_class_iou": 0.1, "max_class_drop": 0.15},
         "continual": {"memory_size": 32},
         "eval": {"preview_images": 4},
     }
@@ -38,7 +40,8 @@ def make_workspace(root: Path, params: Params | None = None) -> Workspace:
 
 def fault_params(**train) -> Params:
     """Tiny params with short training: the fault tests care about states, not quality."""
-    return tiny_params(train={"bootstrap_epochs": 12, "update_epochs": 4, **train})
+    return tiny_params(train={"bootstrap_max_steps": 72, "bootstrap_min_steps": 72, "update_max_steps": 24,
+                              "update_min_steps": 24, "eval_every": 12, **train})
 
 
 def set_params(ws: Workspace, params: Params) -> Workspace:

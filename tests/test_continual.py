@@ -64,8 +64,6 @@ def test_memory_stays_bounded_and_class_balanced(stream_dir, tmp_path):
 
 
 def test_quick_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"min_bootstrap_steps": 200,
-                                                                     "min_update_steps": 120}}))
     out = tmp_path / "results"
     result = CliRunner().invoke(app, ["-C", str(tmp_path), "bench", "--quick", "--out", str(out),
                                       "--strategies", "naive,replay+distill"])

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from helpers import fault_params, free_port, make_workspace, set_params, wait_http
+from incseg import processes
 from incseg.config import Params
 from incseg.registry import ModelRegistry
 
 PROJECT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 @pytest.fixture
@@ -24,19 +26,14 @@ def mlflow_server(tmp_path):
     port = free_port()
     store = tmp_path / "server"
     store.mkdir()
-    log = (tmp_path / "mlflow-server.log").open("w")  # a pipe nobody reads would fill and block the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination",
+               str(store / "artifacts")]
+    with (tmp_path / "mlflow-server.log").open("w") as log, \
+            processes.running(command, stdout=log, stderr=subprocess.STDOUT) as proc:  # a log file: an unread pipe blocks
         wait_http(f"{url}/health", proc)
         yield url, store
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_update_runs_against_an_mlflow_tracking_server(tmp_path, mlflow_server, prefect_api):
@@ -69,7 +66,7 @@ def test_prefect_yaml_deploys_the_watcher_to_a_process_work_pool(tmp_path, strea
 
     root = tmp_path / "ws"
     init_workspace(root)
-    ws = set_params(Workspace(root), fault_params(bootstrap_epochs=2))
+    ws = set_params(Workspace(root), fault_params(bootstrap_max_steps=12, bootstrap_min_steps=12))
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
     add_data(ws, stream_dir / "registry" / "batch-00")
 
@@ -79,29 +76,24 @@ def test_prefect_yaml_deploys_the_watcher_to_a_process_work_pool(tmp_path, strea
            "INCSEG_CODE_DIR": str(PROJECT), "INCSEG_WORKSPACE": str(root),
            "PREFECT_WORKER_QUERY_SECONDS": "2"}  # the worker polls every 15 s by default
     prefect = [sys.executable, "-m", "prefect"]
-    logs = (tmp_path / "server.log").open("w"), (tmp_path / "worker.log").open("w")
-    server = subprocess.Popen(prefect + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)
-    worker = None
-    try:
+    with ExitStack() as stack:  # unwinds in reverse: the worker stops before the server
+        server_log = stack.enter_context((tmp_path / "server.log").open("w"))
+        worker_log = stack.enter_context((tmp_path / "worker.log").open("w"))
+        server = stack.enter_context(processes.running(
+            prefect + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            grace=15, env=env, stdout=server_log, stderr=subprocess.STDOUT))
         wait_http(f"{url}/health", server, timeout=180)
 
         def cli(*args: str) -> str:
-            proc = subprocess.run(prefect + list(args), env=env, cwd=PROJECT, capture_output=True, text=True)
+            proc = subprocess.run(prefect + list(args), env=env, cwd=PROJECT, capture_output=True, text=True,
+                                  timeout=300)
             assert proc.returncode == 0, proc.stdout + proc.stderr
             return proc.stdout
 
         cli("work-pool", "create", "incseg", "--type", "process")
         cli("--no-prompt", "deploy", "--all")
-        worker = subprocess.Popen(prefect + ["worker", "start", "--pool", "incseg"], env=env, cwd=tmp_path,
-                                  stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True)
+        stack.enter_context(processes.running(prefect + ["worker", "start", "--pool", "incseg"], grace=15,
+                                              env=env, cwd=tmp_path, stdout=worker_log, stderr=subprocess.STDOUT))
         out = cli("deployment", "run", "watch-registry/watch", "--watch", "--watch-timeout", "300")
         assert "Completed" in out, out
         assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]
-    finally:
-        for proc in (worker, server):
-            if proc is not None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
-        for log in logs:
-            log.close()

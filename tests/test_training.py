@@ -1,10 +1,13 @@
+import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from incseg.metrics import mean_iou
 from incseg.models import build_model
 from incseg.pipeline import holdout_matrix
+from incseg.training import Budget, DivergenceError, make_loader, split_validation, train
 
-LEARNED_MIOU = 0.5  # over background + the two base classes
+LEARNED_MIOU = 0.5  # over background + the two base classes; the tiny base model reaches far more
 
 
 def test_short_training_learns_the_base_classes(base_model):
@@ -13,27 +16,80 @@ def test_short_training_learns_the_base_classes(base_model):
     torch.manual_seed(0)
     untrained = mean_iou(holdout_matrix(ws, build_model("unet", 3, 8)), [0, 1, 2])
     assert untrained < LEARNED_MIOU < trained
-    assert result.epochs[-1].loss < result.epochs[0].loss / 2
+    assert result.evals[-1].loss < result.evals[0].loss / 2
+    assert all(e.val_miou == e.val_miou for e in result.evals)  # the validation split was scored every time
+    assert result.best_step in [e.step for e in result.evals]
+
+
+def toy_loader(n: int = 32):
+    images = torch.randn(n, 3, 8, 8)
+    masks = (images[:, 0] > 0).long()
+    return make_loader(TensorDataset(images, masks, torch.ones(n, 2, dtype=torch.bool)), 8, shuffle=True)
+
+
+def toy_objective(logits, images, target, annotated):
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
+def test_training_stops_when_validation_stops_improving_and_keeps_the_best_weights():
+    torch.manual_seed(0)
+    model = build_model("unet", 2, 4)
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # best at the 2nd evaluation, then two without gain
+    snapshots = {}
+
+    def on_eval(point, m):
+        snapshots[point.step] = {k: v.clone() for k, v in m.state_dict().items()}
+
+    result = train(model, toy_loader(), toy_objective, Budget(max_steps=100, min_steps=0, eval_every=5, patience=2),
+                   lr=1e-2, validate=lambda m: next(scores), on_eval=on_eval, progress=False)
+    assert [e.step for e in result.evals] == [5, 10, 15, 20]
+    assert result.stopped == "converged" and result.best_step == 10
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], snapshots[10][k]) for k in kept)
+    assert not all(torch.equal(kept[k], snapshots[20][k]) for k in kept)
+
+
+def test_min_steps_hold_off_the_early_stop_and_max_steps_end_it():
+    model = build_model("unet", 2, 4)
+    result = train(model, toy_loader(), toy_objective, Budget(max_steps=30, min_steps=25, eval_every=5, patience=1),
+                   lr=1e-2, validate=lambda m: 0.5, progress=False)
+    assert result.stopped == "converged" and result.steps == 25  # no gain since step 5, but not before 25
+    result = train(build_model("unet", 2, 4), toy_loader(), toy_objective, Budget(max_steps=12, eval_every=5),
+                   lr=1e-2, progress=False)
+    assert result.stopped == "max_steps" and [e.step for e in result.evals] == [5, 10, 12]
+
+
+def test_a_nan_loss_stops_training():
+    with pytest.raises(DivergenceError, match="loss became"):
+        train(build_model("unet", 2, 4), toy_loader(), lambda *a: torch.tensor(float("nan"), requires_grad=True),
+              Budget(max_steps=10, eval_every=5), lr=1e-2, progress=False)
+
+
+def test_validation_split_is_seeded_disjoint_and_skipped_for_tiny_batches():
+    pairs = list(range(50))
+    fit, held = split_validation(pairs, 0.1, seed=3)
+    assert len(held) == 5 and not set(fit) & set(held) and sorted(fit + held) == pairs
+    assert split_validation(pairs, 0.1, seed=3) == (fit, held)
+    assert split_validation(list(range(9)), 0.5, seed=0) == (list(range(9)), [])
+    assert split_validation(pairs, 0.0, seed=0) == (pairs, [])
 
 
 def test_training_resumes_from_its_checkpoint(base_model, tmp_path):
-    import pytest
-
     from incseg.pipeline import Batch, train_base
 
     ws, _, _ = base_model
     params = ws.params.model_copy(deep=True)
-    params.train.bootstrap_epochs = 3
+    params.train.bootstrap_max_steps, params.train.bootstrap_min_steps, params.train.eval_every = 30, 30, 10
     ws = type(ws)(ws.root, params)
     batch = Batch.load(ws.registry_dir / "batch-00")
     ckpt = tmp_path / "state.pt"
 
-    def crash_after_two(stats, model):
-        if stats.epoch == 2:
+    def crash_after_two(point, model):
+        if point.step == 20:
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
-        train_base(ws, batch, progress=False, checkpoint_path=ckpt, on_epoch=crash_after_two)
+        train_base(ws, batch, progress=False, checkpoint_path=ckpt, on_eval=crash_after_two)
     _, resumed = train_base(ws, batch, progress=False, checkpoint_path=ckpt)
-    assert resumed.resumed_from == 2
-    assert [e.epoch for e in resumed.epochs] == [1, 2, 3]
+    assert resumed.resumed_from == 20
+    assert [e.step for e in resumed.evals] == [10, 20, 30]

@@ -15,7 +15,9 @@ from incseg.registry import ModelRegistry, RegistryError
 
 from helpers import make_workspace, tiny_params
 
-NEW_CLASS_FLOOR = 0.3
+# The tiny config's gate (helpers.tiny_params) asks 0.1 of a new class; the tiny update reaches
+# 0.3-0.5 on every machine seen: a relation to the champion and a wide margin, not an edge.
+NEW_CLASS_MARGIN = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,8 @@ def test_good_batch_with_new_class_is_promoted(history):
     ws, _, _, good, aliases, _ = history
     assert good.status == "promoted", good.reason
     assert aliases == {"champion": "2"}
-    assert good.metrics["candidate.iou.triangle"] > NEW_CLASS_FLOOR
     assert good.metrics["champion.iou.triangle"] == 0.0
+    assert good.metrics["candidate.iou.triangle"] > NEW_CLASS_MARGIN * ws.params.gate.min_new_class_iou
     gate = ws.params.gate
     for name in ("background", "square", "circle"):
         assert good.metrics[f"candidate.iou.{name}"] >= good.metrics[f"champion.iou.{name}"] - gate.max_class_drop
@@ -64,7 +66,9 @@ def test_poisoned_batch_is_rejected_and_champion_stays(history):
 
 def test_lineage_tags_on_every_version(history):
     ws, *_ = history
-    versions = ModelRegistry(ws).versions()
+    _, boot, _, good, _, bad = history
+    reg = ModelRegistry(ws)
+    versions = [reg.version(r.candidate_version) for r in (boot, good, bad)]
     assert [str(v.version) for v in versions] == ["1", "2", "3"]
     for mv in versions:
         for key in ("status", "reason", "parent_version", "batch_id", "data_hash", "code_version", "run_id"):
@@ -80,8 +84,12 @@ def test_run_has_reviewable_artifacts(history):
     assert {"decision.json", "plots", "checkpoint", "memory", "validation"} <= paths
     plots = {a.path for a in reg.client.list_artifacts(good.run_id, "plots")}
     assert {"plots/confusion_candidate.png", "plots/holdout_preview.png"} <= plots
-    history_ = reg.client.get_metric_history(good.run_id, "holdout_miou")
-    assert len(history_) == ws.params.train.update_epochs
+    tags = reg.client.get_run(good.run_id).data.tags
+    steps = [m.step for m in reg.client.get_metric_history(good.run_id, "holdout_miou")]
+    assert steps == [m.step for m in reg.client.get_metric_history(good.run_id, "val_miou")]
+    assert steps[-1] == int(tags["steps"]) and int(tags["best_step"]) in steps
+    assert all(s % ws.params.train.eval_every == 0 for s in steps[:-1])
+    assert tags["stopped"] in ("converged", "max_steps")
     import json
 
     decision = json.loads(open(reg.client.download_artifacts(good.run_id, "decision.json")).read())
@@ -126,26 +134,27 @@ def test_rollback_and_promote_from_the_cli(history):
     assert "champion" in listing.output and "rejected" in listing.output
 
 
-def test_failure_inside_training_leaves_aliases_as_they_were(history, tmp_path):
-    from flows.update import incremental_update
+def test_failure_after_registration_fails_the_run_marks_the_version_and_moves_no_alias(history, monkeypatch):
+    """A fault injected between registering the candidate and judging it (INCSEG_FAILPOINT)."""
+    from flows.update import FAILPOINT_ENV, InjectedFault, incremental_update
 
     ws, *_ = history
-    before = ModelRegistry(ws).aliases()
-    n_versions = len(ModelRegistry(ws).versions())
-    broken = ws.params.model_copy(deep=True)
-    broken.train.device = "no-such-device"
-    (ws.root / "params.yaml").rename(ws.root / "params.good.yaml")
-    import yaml
-
-    (ws.root / "params.yaml").write_text(yaml.safe_dump(broken.model_dump()))
-    try:
-        with pytest.raises(RuntimeError):
-            incremental_update("batch-02", str(ws.root))
-    finally:
-        (ws.root / "params.good.yaml").replace(ws.root / "params.yaml")
     reg = ModelRegistry(ws)
-    assert reg.aliases() == before
-    assert len(reg.versions()) == n_versions
+    before, n_versions = reg.aliases(), len(reg.versions())
+    monkeypatch.setenv(FAILPOINT_ENV, "after_register")
+    with pytest.raises(InjectedFault):
+        incremental_update("batch-02", str(ws.root))
+    monkeypatch.delenv(FAILPOINT_ENV)
+    versions = reg.versions()
+    assert len(versions) == n_versions + 1  # it was registered before the fault ...
+    failed = versions[-1]
+    assert failed.tags["status"] == "failed" and "InjectedFault" in failed.tags["reason"]
+    assert reg.aliases() == before  # ... but never served, and `challenger` was taken off it
+    run = reg.client.get_run(failed.tags["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["outcome"] == "failed"
+    assert not any(b == "batch-02" for b, _ in reg.ledger())  # a failed run is retried later
+    with pytest.raises(RegistryError, match="failed"):
+        reg.set_champion(failed.version, "must not serve")
 
 
 def test_partly_bad_batch_trains_on_the_rest_and_quarantines(history, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from incseg import processes
 from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace, track
 from incseg.registry import ModelRegistry
@@ -97,7 +98,8 @@ def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path, stream_dir, prefect_
     """`dvc repro` runs bootstrap/validate/update through the CLI; status tracks data and params."""
     root = tmp_path / "ws"
     init_workspace(root)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(train={"bootstrap_epochs": 4, "update_epochs": 2})
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(train={"bootstrap_max_steps": 24, "update_max_steps": 12,
+                                                                       "eval_every": 12})
                                                      .model_dump()))
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
@@ -137,7 +139,8 @@ def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
 
     root = tmp_path / "ws"
     init_workspace(root)
-    params = tiny_params(train={"bootstrap_epochs": 2}, schedule={"interval_seconds": 3})
+    params = tiny_params(train={"bootstrap_max_steps": 12, "bootstrap_min_steps": 12},
+                         schedule={"interval_seconds": 3})
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
@@ -146,19 +149,11 @@ def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
            "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     env.pop("PREFECT_API_URL", None)
-    log = (tmp_path / "serve.log").open("w")  # a pipe nobody reads could fill and block `serve`
-    proc = subprocess.Popen([sys.executable, "-m", "incseg", "-C", str(root), "serve", "--port", str(free_port())],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    command = [sys.executable, "-m", "incseg", "-C", str(root), "serve", "--port", str(free_port())]
+    with (tmp_path / "serve.log").open("w") as log, \
+            processes.running(command, grace=20, sig=signal.SIGINT, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not ModelRegistry(ws).ledger():
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(2)
+            time.sleep(1)
         assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()

@@ -16,19 +16,14 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from torch.utils.data import ConcatDataset
-
 from incseg.config import Params, Workspace
+from incseg.continual import strategies
 from incseg.continual.memory import ExemplarMemory
-from incseg.continual.strategies import make_objective
-from incseg.data.dataset import SegmentationFolder, train_transforms
-from incseg.data.layout import list_batches, read_classes
+from incseg.data.layout import BatchInfo, list_batches, read_classes
 from incseg.data.synthetic import synthesize
-from incseg.models import build_model
 from incseg.pipeline import Batch, holdout_matrix, train_base, train_candidate
-from incseg.training import epochs_for, make_loader, resolve_device, seed_everything, train
 
-STRATEGIES = ("naive", "replay", "distill", "replay+distill", "joint")
+STRATEGIES = (*strategies.STRATEGIES, "joint")  # joint: retrain on all data so far (the upper bound)
 
 
 @dataclass
@@ -37,6 +32,8 @@ class Step:
     iou: list[float]  # per class id over classes.yaml, NaN where absent from the holdout
     images: int
     seconds: float
+    steps: int = 0  # optimizer steps
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation mIoU)
 
 
 @dataclass
@@ -44,15 +41,17 @@ class Scenario:
     classes: dict[int, str]
     learned_at: dict[int, int]  # class id -> step that introduced it
     runs: dict[str, list[Step]] = field(default_factory=dict)
+    ceiling_check: dict = field(default_factory=dict)  # joint at twice the budget on the whole stream
 
 
 def quick_params(base: Params) -> Params:
-    """A couple of minutes on 2 cores: 32 px, a width-8 U-Net, two new classes."""
+    """A couple of minutes on 2 cores: 32 px, a width-8 U-Net, two new classes, short budgets."""
     p = base.model_copy(deep=True)
     p.data.image_size = p.synth.size = 32
     p.synth.base_images, p.synth.step_images, p.synth.holdout_per_class, p.synth.new_classes = 96, 64, 6, 2
     p.model.width = 8
-    p.train.bootstrap_epochs, p.train.update_epochs = 30, 12
+    p.train.bootstrap_max_steps, p.train.bootstrap_min_steps = 600, 200
+    p.train.update_max_steps, p.train.update_min_steps, p.train.eval_every = 300, 100, 50
     p.continual.memory_size = 32
     return p
 
@@ -65,37 +64,39 @@ def full_params(base: Params) -> Params:
     return p
 
 
-def train_joint(ws: Workspace, batches: list[Batch], n_classes: int):
-    """From scratch on every batch so far, each with the classes it annotates."""
-    p = ws.params
-    seed_everything(p.train.seed)
-    model = build_model(p.model.arch, n_classes, p.model.width)
-    tf = train_transforms(p.data.image_size, p.train.augment)
-    data = ConcatDataset([SegmentationFolder(b.pairs, tf, n_classes, b.classes) for b in batches])
-    loader = make_loader(data, p.train.batch_size, shuffle=True, seed=p.train.seed)
-    epochs = epochs_for(loader, p.train.bootstrap_epochs, p.train.min_bootstrap_steps)
-    result = train(model, loader, make_objective("joint", p.train, p.continual, None), epochs=epochs,
-                   lr=p.train.lr, weight_decay=p.train.weight_decay, device=resolve_device(p.train.device),
-                   progress=False)
-    return model.cpu(), result
+def train_joint(ws: Workspace, full: list[Batch], classes: list[int], budget_scale: float = 1.0):
+    """The upper bound: from scratch on every batch so far with *full* labels (what the generator
+    knows), with the bootstrap's convergence-driven budget (`budget_scale` x its step limits)."""
+    p = ws.params.model_copy(deep=True)
+    p.train.bootstrap_max_steps = round(p.train.bootstrap_max_steps * budget_scale)
+    p.train.bootstrap_min_steps = round(p.train.bootstrap_min_steps * budget_scale)
+    pairs = [pair for b in full for pair in b.pairs]
+    joint = Batch(f"joint-{full[-1].batch_id}", full[-1].root, pairs, BatchInfo(full[-1].batch_id, classes=classes))
+    return train_base(Workspace(ws.root, p), joint, progress=False)
 
 
-def run_scenario(params: Params, strategies: tuple[str, ...] = STRATEGIES, console: Console | None = None) -> Scenario:
+def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: Console | None = None,
+                 ceiling_check: bool = True) -> Scenario:
     console = console or Console()
     with tempfile.TemporaryDirectory(prefix="incseg-bench-") as tmp:
         ws = Workspace(Path(tmp), params)
         infos = synthesize(ws.data_dir, params.synth)
+        full_synth = params.synth.model_copy(update={"old_classes": "keep"})  # same images, every class labelled
+        synthesize(Path(tmp) / "full", full_synth)
         classes = read_classes(ws.classes_file)
         batches = [Batch.load(ws.registry_dir / b) for b in list_batches(ws.registry_dir)]
+        full = [Batch.load(Path(tmp) / "full" / "registry" / b.batch_id) for b in batches]
         learned = {c: 0 for c in batches[0].classes}
         for i, info in enumerate(infos[1:], start=1):
             learned.update({c: i for c in info.new_classes})
         scenario = Scenario(classes, learned)
         t0 = time.perf_counter()
         base, result = train_base(ws, batches[0], progress=False)
-        base_step = Step(batches[0].batch_id, _iou(ws, base), result.images_processed, time.perf_counter() - t0)
-        console.print(f"base model on {batches[0].batch_id}: {result.images_processed} images, {base_step.seconds:.0f} s")
-        for strategy in strategies:
+        base_step = Step(batches[0].batch_id, _iou(ws, base), result.images_processed, time.perf_counter() - t0,
+                         result.steps, [(e.step, e.val_miou) for e in result.evals])
+        console.print(f"base model on {batches[0].batch_id}: {result.steps} steps, {result.images_processed} images, "
+                      f"{base_step.seconds:.0f} s")
+        for strategy in chosen:
             steps = [base_step]
             model, memory = base, ExemplarMemory.empty()
             memory = memory.refreshed(batches[0].pairs, batches[0].batch_id, batches[0].classes,
@@ -103,18 +104,26 @@ def run_scenario(params: Params, strategies: tuple[str, ...] = STRATEGIES, conso
             for i, batch in enumerate(batches[1:], start=1):
                 t0 = time.perf_counter()
                 if strategy == "joint":
-                    n = max(c for b in batches[: i + 1] for c in b.classes) + 1
-                    model, result = train_joint(ws, batches[: i + 1], n)
+                    model, result = train_joint(ws, full[: i + 1], _known(scenario, i))
                 else:
                     p = params.model_copy(deep=True)
                     p.continual.strategy = strategy
                     model, result = train_candidate(p, model, batch, memory, progress=False)
                     memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, params.continual.memory_size,
                                               Path(tmp) / strategy / f"memory-{i}")
-                steps.append(Step(batch.batch_id, _iou(ws, model), result.images_processed, time.perf_counter() - t0))
+                steps.append(Step(batch.batch_id, _iou(ws, model), result.images_processed, time.perf_counter() - t0,
+                                  result.steps, [(e.step, e.val_miou) for e in result.evals]))
                 console.print(f"  {strategy:>14} after {batch.batch_id}: mIoU(all) "
-                              f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {steps[-1].seconds:.0f} s")
+                              f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps, "
+                              f"{steps[-1].seconds:.0f} s")
             scenario.runs[strategy] = steps
+        if "joint" in chosen and ceiling_check:
+            t0 = time.perf_counter()
+            longer, result = train_joint(ws, full, _known(scenario, len(batches) - 1), budget_scale=2.0)
+            scenario.ceiling_check = {"steps": result.steps, "miou_all": _mean(_iou(ws, longer), sorted(learned)),
+                                      "seconds": round(time.perf_counter() - t0, 1)}
+            console.print(f"  joint with twice the budget: mIoU(all) {scenario.ceiling_check['miou_all']:.3f}, "
+                          f"{result.steps} steps")
     return scenario
 
 

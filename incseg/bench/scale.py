@@ -97,11 +97,11 @@ def training_rows(params: Params, procs: list[int], console: Console) -> list[di
                 job = distributed.job_for(ws, run_id, batch, ckpt, None, None)
                 _, result = distributed.launch(job, n, params.train.distributed.torchrun_args)
             wall = time.perf_counter() - t0
-            steps = result.epochs[1:] or result.epochs  # the first epoch warms up
+            steps = result.evals[1:] or result.evals  # the first stretch warms up
             ips = sum(e.images for e in steps) / max(1e-9, sum(e.seconds for e in steps))
             rows.append({"mode": "one process" if n == 1 else f"torchrun x{n} (DDP, gloo/nccl)", "processes": n,
                          "images_per_s": round(ips, 1), "wall_s": round(wall, 1),
-                         "final_loss": round(result.epochs[-1].loss, 4)})
+                         "final_loss": round(result.evals[-1].loss, 4)})
             console.print(f"  training {rows[-1]['mode']}: {ips:.0f} images/s, {wall:.0f} s wall")
     return rows
 
@@ -112,7 +112,8 @@ def scale_params(base: Params, quick: bool) -> Params:
     p.synth.base_images = 64 if quick else 256
     p.synth.holdout_per_class, p.synth.new_classes = 4, 0
     p.model.width = 8 if quick else 16
-    p.train.bootstrap_epochs, p.train.min_bootstrap_steps = (3 if quick else 6), 0
+    p.train.bootstrap_max_steps, p.train.bootstrap_min_steps = (12 if quick else 96), 0
+    p.train.eval_every, p.train.val_fraction = (4 if quick else 16), 0.0  # fixed length: a throughput probe
     p.train.device = "cpu" if quick else p.train.device
     return p
 

@@ -53,13 +53,7 @@ def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: to
 
 
 def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, teacher: nn.Module | None) -> Objective:
-    """loss(logits, images, target, annotated) for the strategy; `teacher` is the old model.
-
-    `joint` (retraining from scratch on every batch so far, the benchmark's upper bound) uses
-    the partial-label loss alone, since its batches annotate different classes.
-    """
-    if strategy == "joint":
-        return lambda logits, images, target, annotated: partial_label_loss(logits, target, annotated, train)
+    """loss(logits, images, target, annotated) for the strategy; `teacher` is the old model."""
     if not uses_distillation(strategy) or teacher is None:
         return lambda logits, images, target, annotated: segmentation_loss(
             logits, target, train.ce_weight, train.dice_weight

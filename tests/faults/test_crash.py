@@ -16,7 +16,7 @@ from incseg.registry import ModelRegistry
 def test_killed_update_leaves_registry_untouched_and_resumes(champion_ws, stream_dir):
     from flows.watch import watch_registry
 
-    ws = set_params(champion_ws, fault_params(update_epochs=40))
+    ws = set_params(champion_ws, fault_params(update_max_steps=400, update_min_steps=400, eval_every=8))
     add_data(ws, stream_dir / "registry" / "batch-01")
     reg = ModelRegistry(ws)
     before_aliases, before_versions = reg.aliases(), [str(v.version) for v in reg.versions()]
@@ -42,5 +42,5 @@ def test_killed_update_leaves_registry_untouched_and_resumes(champion_ws, stream
     assert [r.batch_id for r in results] == ["batch-01"]
     assert results[0].status in ("promoted", "rejected")
     run = reg.client.get_run(results[0].run_id)
-    assert int(run.data.tags["resumed_from_epoch"]) >= 1  # continued from the last epoch checkpoint
+    assert int(run.data.tags["resumed_from_step"]) >= 8  # continued from the last checkpoint
     assert len(reg.versions()) == len(before_versions) + 1
