@@ -9,12 +9,34 @@ from incseg.cli import app
 runner = CliRunner()
 
 
-def test_every_command_has_help():
-    commands = ["init", "validate", "bootstrap", "update", "watch", "serve", "models", "promote", "rollback", "ui",
-                "demo", "data synth", "data add"]
-    for args in [["--help"]] + [c.split() + ["--help"] for c in commands]:
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0 and "Usage" in result.output, args
+def all_commands():
+    """(path, click command) for every command and sub-command of the app, found by walking it."""
+    import typer.main
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_command_has_help_naming_what_it_does_and_every_option():
+    commands = all_commands()
+    names = {" ".join(path) for path, _ in commands}
+    assert {"init", "data synth", "data add", "validate", "bootstrap", "update", "watch", "serve", "models",
+            "promote", "rollback", "ui", "predict", "export", "bench", "demo"} <= names
+    for path, cmd in commands:
+        result = runner.invoke(app, [*path, "--help"], terminal_width=200)
+        assert result.exit_code == 0, (path, result.output)
+        summary = (cmd.help or "").strip().splitlines()
+        assert summary and summary[0].split()[0] in result.output, (path, "no description")
+        for param in cmd.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.help, (path, param.name, "option without help")
+                assert param.opts[0] in result.output, (path, param.opts[0])
+            if param.param_type_name == "argument":
+                assert param.help and param.name in result.output.lower(), (path, param.name)
 
 
 def test_init_scaffolds_git_and_dvc_with_a_local_remote(tmp_path):

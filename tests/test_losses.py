@@ -26,8 +26,21 @@ def test_dice_ignores_255():
     assert dice_loss(wrong_there, corrupted).item() < 1e-4
 
 
-def test_losses_have_gradients():
+def test_loss_gradient_raises_the_true_class_and_lowers_the_others():
+    """Gradient descent on the loss must move each pixel's logits toward its label."""
+    torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
     target = torch.randint(0, 3, (2, 8, 8))
+    target[0, 0, 0] = 255  # ignored: no gradient at all there
     segmentation_loss(logits, target).backward()
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    grad = logits.grad
+    valid = target != 255
+    onehot = torch.nn.functional.one_hot(target.clamp(0, 2), 3).permute(0, 3, 1, 2).bool()
+    true_grad = grad.masked_select(onehot & valid[:, None])
+    other_grad = grad.masked_select(~onehot & valid[:, None])
+    assert (true_grad < 0).all()  # -grad raises the labelled class's logit at every valid pixel
+    assert (other_grad > 0).float().mean() > 0.95  # and lowers (nearly) every other logit
+    assert grad[0, :, 0, 0].abs().max() < 1e-6  # an ignored pixel gets no gradient from CE; Dice ignores it
+    before = segmentation_loss(logits.detach(), target)
+    after = segmentation_loss(logits.detach() - 0.5 * grad, target)
+    assert after < before

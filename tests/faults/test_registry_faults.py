@@ -66,22 +66,33 @@ def test_locked_sqlite_store_is_waited_out_by_the_retry(champion_ws, stream_dir)
 
 
 def test_racing_promotions_leave_a_consistent_alias(champion_ws):
-    from flows.update import incremental_update
+    """Two `incseg promote` processes race for two new versions: both succeed, `champion` ends on
+    one of them, and that version's tags tell the same story as the alias."""
+    from mlflow import MlflowClient
 
     reg = ModelRegistry(champion_ws)
-    if len(reg.versions()) < 2:  # the locked-store test normally made version 2 already
-        assert incremental_update("batch-03", str(champion_ws.root)).candidate_version == "2"
-    targets = ["1", "2"]
-    procs = [subprocess.Popen([sys.executable, "-m", "incseg", "-C", str(champion_ws.root), "promote", v],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in targets]
+    start = reg.require_champion()
+    targets = []
+    for _ in range(2):  # two more servable versions of the same model, made independently of other tests
+        mv = reg.client.create_model_version(reg.name, start.source, start.run_id,
+                                             tags={**start.tags, "status": "promoted", "reason": "race test"})
+        targets.append(str(mv.version))
+    procs = [subprocess.Popen([sys.executable, "-m", "incseg", "-C", str(champion_ws.root), "promote", v,
+                               "--reason", f"race to {v}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "INCSEG_USER": f"racer-{v}"})
+             for v in targets]
     outs = [p.communicate(timeout=120) for p in procs]
-    codes = [p.returncode for p in procs]
-    assert all(c in (0, 1) for c in codes), outs
-    assert any(c == 0 for c in codes), outs
-    champion = reg.champion()
-    assert str(champion.version) in targets
-    assert reg.aliases()["champion"] == str(champion.version)
-    assert champion.tags.get("status") in ("promoted", "rejected")
+    assert [p.returncode for p in procs] == [0, 0], outs
+    fresh = MlflowClient(reg.uri, reg.uri)  # read back through a new client, not the one that wrote
+    winner = fresh.get_model_version_by_alias(reg.name, "champion")
+    loser = targets[1 - targets.index(str(winner.version))]
+    assert str(winner.version) in targets
+    assert winner.tags["status"] == "promoted"
+    assert winner.tags["champion_set_by"] == f"racer-{winner.version}"
+    assert winner.tags["champion_set_reason"] == f"race to {winner.version}"
+    # the winner replaced either the old champion (ran first) or the loser (ran second)
+    assert winner.tags["previous_champion"] in (str(start.version), loser)
+    assert fresh.get_registered_model(reg.name).aliases == {"champion": winner.version}
 
 
 def test_unwritable_model_store_registers_nothing(champion_ws, stream_dir):
