@@ -147,9 +147,12 @@ def load_params(path: Path) -> Params:
     if not path.exists():
         return Params()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: not readable YAML: {first}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, train, ...), got {type(raw).__name__}")
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

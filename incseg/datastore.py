@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from incseg.config import PARAMS_FILE, Params, Workspace
-from incseg.data.layout import BatchInfo, DataError
+from incseg.data.layout import BatchInfo, DataError, load_yaml
 
 WORKSPACE_GITIGNORE = """\
 # local state of the embedded defaults (MLflow store, scratch, quarantine, DVC remote)
@@ -107,9 +107,12 @@ def dvc_hash(dvc_file: Path) -> str | None:
     """The md5 DVC recorded for the single output of a `.dvc` file."""
     if not dvc_file.exists():
         return None
-    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-    md5 = outs[0].get("md5")
-    return f"md5:{md5}" if md5 else None
+    outs = load_yaml(dvc_file).get("outs") or [{}]
+    md5 = outs[0].get("md5") if isinstance(outs, list) and isinstance(outs[0], dict) else None
+    if not isinstance(md5, str) or not re.fullmatch(r"[0-9a-f]{32}(\.dir)?", md5):
+        raise DataError(f"{dvc_file}: outs[0].md5 is missing or not a DVC hash; restore it with "
+                        f"`git checkout -- {dvc_file.name}` or re-add the batch with `incseg data add`")
+    return f"md5:{md5}"
 
 
 def tracked_batches(registry: Path) -> dict[str, str]:

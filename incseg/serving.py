@@ -27,12 +27,20 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 def decode_images(model_input) -> list[np.ndarray]:
     """The request's images as HxWx3 uint8 arrays."""
     import pandas as pd
-    from PIL import Image
+    from incseg.data.layout import open_image
 
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
             raise ValueError(f"expected a column 'image' of base64 images, got columns {list(model_input.columns)}")
-        return [np.asarray(Image.open(io.BytesIO(base64.b64decode(v))).convert("RGB")) for v in model_input["image"]]
+        out = []
+        for i, value in enumerate(model_input["image"]):
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"image {i}: not base64 ({err})") from err
+            with open_image(io.BytesIO(raw), f"image {i}") as im:
+                out.append(np.asarray(im.convert("RGB")))
+        return out
     if isinstance(model_input, dict) and "image" in model_input:
         return decode_images(pd.DataFrame({"image": np.atleast_1d(model_input["image"])}))
     arr = np.asarray(model_input)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from incseg.cli import app
@@ -63,6 +63,7 @@ def test_memory_stays_bounded_and_class_balanced(stream_dir, tmp_path):
     assert {it.annotated for it in memory.items if it.batch_id == "batch-01"} == {(3,)}
 
 
+@pytest.mark.slow
 def test_quick_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
     out = tmp_path / "results"
     result = CliRunner().invoke(app, ["-C", str(tmp_path), "bench", "--quick", "--out", str(out),

@@ -14,6 +14,8 @@ from incseg.pipeline import Batch, train_candidate
 from incseg.registry import ModelRegistry
 from incseg.validation import validate_table
 
+pytestmark = pytest.mark.slow
+
 N_CLASSES = 5
 
 
@@ -29,7 +31,6 @@ def damaged_batch(stream_dir, tmp_path):
     return dst, images[3].stem, images[7].stem
 
 
-@pytest.mark.slow
 def test_validation_on_a_local_dask_cluster_matches_the_thread_pool(damaged_batch, prefect_api):
     from flows.validation import extract_file_table, task_runner
 
@@ -61,7 +62,6 @@ def ddp_champion(tmp_path_factory, prefect_api):
     return ws
 
 
-@pytest.mark.slow
 def test_ddp_update_tracks_one_process_and_registers_one_version(ddp_champion, tmp_path):
     """Same data, same global batch: the DDP loss curve follows the one-process curve, and rank 0
     alone logs and registers."""
@@ -85,7 +85,6 @@ def test_ddp_update_tracks_one_process_and_registers_one_version(ddp_champion, t
     assert ddp_loss[-1][1] < 0.8 * ddp_loss[0][1]  # and it learns
 
 
-@pytest.mark.slow
 def test_a_nan_on_the_ranks_stops_them_all_and_registers_nothing(ddp_champion):
     from flows.update import incremental_update
 

@@ -15,6 +15,8 @@ from incseg.registry import ModelRegistry, RegistryError
 
 from helpers import make_workspace, tiny_params
 
+pytestmark = pytest.mark.slow
+
 # The tiny config's gate (helpers.tiny_params) asks 0.1 of a new class; the tiny update reaches
 # 0.3-0.5 on every machine seen: a relation to the champion and a wide margin, not an edge.
 NEW_CLASS_MARGIN = 2.0

@@ -33,6 +33,9 @@ def dvc_ws(tmp_path_factory, stream_dir):
     return ws
 
 
+pytestmark = pytest.mark.slow
+
+
 def versions(ws):
     return [str(v.version) for v in ModelRegistry(ws).versions()]
 
@@ -133,6 +136,7 @@ def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path, stream_dir, prefect_
     assert set(dvc_status(root)) == {"update"}
 
 
+@pytest.mark.server
 def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
     """`incseg serve` starts a local Prefect server and the schedule picks up a new batch."""
     import signal
@@ -160,7 +164,6 @@ def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
         assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]
 
 
-@pytest.mark.slow
 def test_two_watch_processes_on_the_file_lock_process_each_batch_once(tmp_path, stream_dir):
     """Two `incseg watch` CLI processes started together, each on its own ephemeral Prefect API, so
     the update lock is the OS file lock: every pending batch gets exactly one run and one version."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from incseg.data.layout import IGNORE, Pair, read_mask
+from incseg.data.layout import IGNORE, DataError, Pair, load_yaml, read_mask
 
 INDEX = "memory.yaml"
 
@@ -42,8 +42,15 @@ class ExemplarMemory:
         index = root / INDEX
         if not index.exists():
             return cls(root, [])
-        raw = yaml.safe_load(index.read_text()) or []
-        return cls(root, [Exemplar(r["stem"], r["batch_id"], tuple(r["annotated"]), r["primary"]) for r in raw])
+        raw = load_yaml(index, list)
+        try:
+            items = [Exemplar(str(r["stem"]), str(r["batch_id"]), tuple(int(c) for c in r["annotated"]), int(r["primary"]))
+                     for r in raw]
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{index}: not an exemplar index ({type(err).__name__}: {err})") from err
+        if any(Path(it.stem).name != it.stem or it.stem.startswith(".") for it in items):
+            raise DataError(f"{index}: an exemplar stem is a path; refused")
+        return cls(root, items)
 
     def pair(self, item: Exemplar) -> Pair:
         assert self.root is not None

@@ -7,8 +7,10 @@ label ids) and an optional `batch.yaml`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import yaml
@@ -27,11 +29,12 @@ def read_classes(path: Path) -> dict[int, str]:
     """Label id -> class name; ids must be 0..K-1 with 0 the background."""
     if not path.exists():
         raise DataError(f"{path}: missing (run `incseg data synth` or write one: `0: background`, `1: ...`)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    try:
-        classes = {int(k): str(v) for k, v in raw.items()}
-    except (TypeError, ValueError, AttributeError) as err:
-        raise DataError(f"{path}: expected a mapping of label id to class name") from err
+    raw = load_yaml(path)
+    if not all(isinstance(k, int) and not isinstance(k, bool) and isinstance(v, (str, int, float)) for k, v in raw.items()):
+        raise DataError(f"{path}: expected a mapping of label id (an integer) to class name")
+    classes = {int(k): str(v) for k, v in raw.items()}
+    if not classes or len(classes) > IGNORE:
+        raise DataError(f"{path}: expected 1..{IGNORE} classes (255 is the ignore label), got {len(classes)}")
     if sorted(classes) != list(range(len(classes))):
         raise DataError(f"{path}: label ids must be 0..{len(classes) - 1} without gaps, got {sorted(classes)}")
     return classes
@@ -62,9 +65,16 @@ class BatchInfo:
         """The batch's `batch.yaml`; without one, the classes are those found in its masks."""
         f = batch_dir / "batch.yaml"
         if f.exists():
-            raw = yaml.safe_load(f.read_text()) or {}
-            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-            return cls(**{"batch_id": batch_dir.name, **known})
+            raw = load_yaml(f)
+            classes = raw.get("classes", [])
+            if not isinstance(classes, list) or not all(isinstance(c, int) and 0 <= c < IGNORE for c in classes):
+                raise DataError(f"{f}: classes: expected a list of label ids (0..254), got {classes!r:.80}")
+            new = raw.get("new_classes", []) or []
+            if not isinstance(new, list) or not all(isinstance(c, int) and 0 <= c < IGNORE for c in new):
+                raise DataError(f"{f}: new_classes: expected a list of label ids (0..254), got {new!r:.80}")
+            seed = raw.get("seed")
+            return cls(batch_dir.name, sorted(set(classes)), new, str(raw.get("kind", "user")),
+                       str(raw.get("made_by", "")), seed if isinstance(seed, int) else None)
         ids: set[int] = set()
         for pair in find_pairs(batch_dir):
             ids |= set(np.unique(read_mask(pair.mask)).tolist())
@@ -91,24 +101,67 @@ def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
 
 
+MAX_PIXELS = 64_000_000  # a decoded image above this (8k x 8k) is refused before it fills memory
+
+
+def open_image(source: Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """The fully decoded image (a truncated file fails here, not at training time). Any failure,
+    a decompression bomb included, is a `DataError` naming the file: these are untrusted bytes."""
+    name = name or str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(source)
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise DataError(f"{name}: {width} x {height} pixels is over the {MAX_PIXELS:,} pixel limit")
+            im.load()
+            return im
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{name}: over the pixel limit ({err})") from err
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds (OSError, SyntaxError, bombs, struct.error...)
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise DataError(f"{name}: not a readable image ({type(err).__name__}{': ' + detail if detail else ''})") from err
+
+
 def read_image(path: Path) -> np.ndarray:
     """An RGB uint8 array (H, W, 3)."""
+    im = open_image(path)
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: unreadable image ({err})") from err
+        return np.array(im.convert("RGB"))
+    except Exception as err:  # noqa: BLE001 - e.g. an exotic mode PIL cannot convert
+        raise DataError(f"{path}: cannot be converted to RGB ({type(err).__name__})") from err
+    finally:
+        im.close()
 
 
 def read_mask(path: Path) -> np.ndarray:
     """A uint8 label-id array (H, W). Palette PNGs give their indices, as Pascal VOC intends."""
+    im = open_image(path)
     try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P"):
-                raise DataError(f"{path}: mask mode {im.mode} is not a single-channel label map (L or P)")
-            return np.array(im, dtype=np.uint8)
-    except (OSError, SyntaxError) as err:
-        raise DataError(f"{path}: unreadable mask ({err})") from err
+        if im.mode not in ("L", "P"):
+            raise DataError(f"{path}: mask mode {im.mode} is not a single-channel label map (L or P)")
+        return np.array(im, dtype=np.uint8)
+    finally:
+        im.close()
+
+
+def load_yaml(path: Path, expect: type | tuple[type, ...] = dict):
+    """A YAML file's content, checked to be of type `expect` (an empty file gives `expect()`).
+    Unreadable, undecodable, malformed or mistyped content is a `DataError` naming the file."""
+    kinds = expect if isinstance(expect, tuple) else (expect,)
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not readable YAML ({first})") from err
+    if raw is None:
+        return kinds[0]()
+    if not isinstance(raw, kinds):
+        raise DataError(f"{path}: expected a YAML {' or '.join(k.__name__ for k in kinds)}, got {type(raw).__name__}")
+    return raw
 
 
 def write_pair(batch_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray) -> None:

@@ -46,6 +46,18 @@ def profile_of(batch_id: str, table: pd.DataFrame, n_classes: int, fp: str = "")
                         float(bright.std(ddof=0)) if len(bright) else float("nan"))
 
 
+def read_cached_profile(f: Path) -> BatchProfile | None:
+    """A cached profile, or None when it is missing or damaged (it is then recomputed)."""
+    try:
+        prof = BatchProfile(**json.loads(f.read_bytes().decode("utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return None
+    fields_ok = (isinstance(prof.fingerprint, str) and isinstance(prof.images, int) and isinstance(prof.image_sha256, list)
+                 and isinstance(prof.class_share, list) and all(isinstance(x, (int, float)) for x in prof.class_share)
+                 and all(isinstance(x, (int, float)) for x in (prof.brightness_mean, prof.brightness_std)))
+    return prof if fields_ok else None
+
+
 def earlier_profiles(registry: Path, batch_id: str | None, n_classes: int, cache: Path) -> list[BatchProfile]:
     """Profiles of the batches that sort before `batch_id` (the data seen so far); all when None."""
     from incseg.validation.table import file_table
@@ -57,11 +69,10 @@ def earlier_profiles(registry: Path, batch_id: str | None, n_classes: int, cache
             continue
         fp = fingerprint(registry / other)
         f = cache / f"{other}.json"
-        if f.exists():
-            cached = BatchProfile(**json.loads(f.read_text()))
-            if cached.fingerprint == fp and len(cached.class_share) == n_classes:
-                out.append(cached)
-                continue
+        cached = read_cached_profile(f)
+        if cached is not None and cached.fingerprint == fp and len(cached.class_share) == n_classes:
+            out.append(cached)
+            continue
         prof = profile_of(other, file_table(registry / other, n_classes), n_classes, fp)
         f.write_text(json.dumps(asdict(prof)))
         out.append(prof)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, MASK_SUFFIX
+from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, MASK_SUFFIX, DataError, open_image
 
 LABEL_MODES = ("L", "P")
 
@@ -27,11 +27,11 @@ def _open(path: Path) -> tuple[Image.Image | None, str]:
             return None, "symbolic link (refused)"
         if path.stat().st_size == 0:
             return None, "empty file (0 bytes)"
-        im = Image.open(path)
-        im.load()  # decodes everything: a truncated file fails here, not at training time
-        return im, ""
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return None, f"not a readable image ({type(err).__name__}: {err})"
+        return open_image(path), ""
+    except OSError as err:
+        return None, f"not a readable file ({type(err).__name__}: {err})"
+    except DataError as err:
+        return None, str(err).removeprefix(f"{path}: ")
 
 
 def image_row(path: Path) -> dict:
@@ -40,7 +40,11 @@ def image_row(path: Path) -> dict:
     if im is None:
         row["image_error"] = err
         return row
-    rgb = np.asarray(im.convert("RGB"))
+    try:
+        rgb = np.asarray(im.convert("RGB"))
+    except Exception as conv:  # noqa: BLE001 - a mode PIL cannot convert is an unreadable image
+        row["image_error"] = f"cannot be converted to RGB ({type(conv).__name__})"
+        return row
     row.update(
         image_ok=True, width=im.width, height=im.height, image_mode=im.mode, channels=len(im.getbands()),
         brightness=float(rgb.mean()), image_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),

@@ -14,6 +14,7 @@ from incseg.data.synthetic import poison_batch
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
 
+pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("batch_id", ["../outside", "/etc", "..", ".hidden", "a/b"])
 def test_hostile_batch_ids_are_refused(champion_ws, stream_dir, batch_id):

@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import fault_params, set_params
 from incseg import processes
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
 
+pytestmark = pytest.mark.slow
 
 def test_killed_update_leaves_registry_untouched_and_resumes(champion_ws, stream_dir):
     from flows.watch import watch_registry

@@ -1,8 +1,12 @@
 """A NaN/inf loss stops the update with a reason; nothing is registered as promoted."""
 
+import pytest
+
 from helpers import fault_params, set_params
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
+
+pytestmark = pytest.mark.slow
 
 
 def test_divergent_training_is_rejected_not_promoted(champion_ws, stream_dir):

@@ -1,0 +1,219 @@
+"""Every reader of untrusted bytes fails closed: a value, or an error naming the file, never a crash.
+
+Property-based (Hypothesis): random bytes, truncated and mutated valid files, oversized headers,
+and random YAML/JSON structures go into each reader of images, masks, `classes.yaml`,
+`batch.yaml`, `.dvc` files, `params.yaml`, the exemplar index and cached profiles. Then the same
+damage through the CLI, which must answer with one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from incseg.config import ConfigError, load_params
+from incseg.continual.memory import ExemplarMemory
+from incseg.data.layout import BatchInfo, DataError, read_classes, read_image, read_mask
+from incseg.datastore import dvc_hash
+from incseg.validation.history import read_cached_profile
+from incseg.validation.table import image_row, mask_row
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def png_bytes(mode: str = "RGB", size: tuple[int, int] = (12, 10)) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(rng.integers(0, 4, shape, dtype=np.uint8), mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR claiming a huge image, with a tiny (wrong) body."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = zlib.compress(b"\0" * 64)
+    body = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    return b"\x89PNG\r\n\x1a\n" + chunk + body + b"\0\0\0\0IEND\xaeB`\x82"
+
+
+VALID = {"rgb": png_bytes("RGB"), "mask": png_bytes("L")}
+
+damaged_image = st.one_of(
+    st.binary(max_size=400),
+    st.integers(0, len(VALID["rgb"]) - 1).map(lambda n: VALID["rgb"][:n]),  # truncated
+    st.tuples(st.integers(0, len(VALID["rgb"]) - 1), st.integers(0, 255)).map(  # one byte flipped
+        lambda t: VALID["rgb"][: t[0]] + bytes([t[1]]) + VALID["rgb"][t[0] + 1:]),
+    st.tuples(st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1)).map(lambda wh: huge_png_header(*wh)),
+)
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-300, 300) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(-3, 300), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)
+yaml_text = st.one_of(st.binary(max_size=200), yaml_values.map(lambda v: yaml.safe_dump(v).encode()),
+                      st.text(max_size=120).map(str.encode))
+
+
+def written(data: bytes, name: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="incseg-fuzz-"))
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@FUZZ
+@given(damaged_image)
+def test_image_and_mask_readers_return_arrays_or_name_the_file(data):
+    path = written(data, "images/x.png")
+    for reader in (read_image, read_mask):
+        try:
+            arr = reader(path)
+        except DataError as err:
+            assert str(path) in str(err)
+        else:
+            assert arr.dtype == np.uint8 and arr.ndim in (2, 3)
+    row = image_row(path)
+    assert row["image_ok"] or row["image_error"]  # the validation table records why, never raises
+    mrow = mask_row(path, 5)
+    assert mrow["mask_ok"] or mrow["mask_error"]
+
+
+def test_an_oversized_image_is_refused_before_it_is_decoded():
+    path = written(huge_png_header(100_000, 100_000), "images/bomb.png")
+    with pytest.raises(DataError, match="pixel limit"):
+        read_image(path)
+    assert "pixel limit" in image_row(path)["image_error"]
+
+
+@FUZZ
+@given(yaml_text)
+def test_classes_yaml_reader(data):
+    path = written(data, "classes.yaml")
+    try:
+        classes = read_classes(path)
+    except DataError as err:
+        assert str(path) in str(err)
+    else:
+        assert sorted(classes) == list(range(len(classes))) and all(isinstance(v, str) for v in classes.values())
+
+
+@FUZZ
+@given(yaml_text)
+def test_batch_yaml_reader(data):
+    path = written(data, "batch/batch.yaml")
+    try:
+        info = BatchInfo.read(path.parent)
+    except DataError as err:
+        assert str(path) in str(err)
+    else:
+        assert all(isinstance(c, int) and 0 <= c < 255 for c in info.classes)
+
+
+@FUZZ
+@given(st.one_of(yaml_text, st.text(alphabet="0123456789abcdef", max_size=40).map(
+    lambda h: yaml.safe_dump({"outs": [{"md5": h, "path": "b"}]}).encode())))
+def test_dvc_file_reader(data):
+    path = written(data, "registry/b.dvc")
+    try:
+        h = dvc_hash(path)
+    except DataError as err:
+        assert str(path) in str(err)
+    else:
+        assert h.startswith("md5:") and len(h) >= 36
+
+
+@FUZZ
+@given(yaml_text)
+def test_params_reader(data):
+    path = written(data, "params.yaml")
+    try:
+        load_params(path)
+    except ConfigError as err:
+        assert str(path) in str(err)
+
+
+@FUZZ
+@given(yaml_text)
+def test_exemplar_index_reader(data):
+    path = written(data, "memory/memory.yaml")
+    try:
+        memory = ExemplarMemory.load(path.parent)
+    except DataError as err:
+        assert str(path) in str(err)
+    else:
+        assert all("/" not in it.stem for it in memory.items)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=200), yaml_values.map(lambda v: json.dumps(v).encode())))
+def test_cached_profile_reader_recomputes_what_it_cannot_read(data):
+    assert read_cached_profile(written(data, "profiles/b.json")) is None or True  # never raises
+
+
+# ---- the same damage through the CLI: one line naming the file, exit 1 -------------------------
+runner = CliRunner()
+
+
+def one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.count("error:") == 1, result.output
+    for needle in needles:
+        assert needle in result.output.replace("\n", ""), result.output
+
+
+@pytest.fixture
+def synth_ws(tmp_path):
+    (tmp_path / "params.yaml").write_text("synth: {size: 24, base_images: 12, step_images: 12, holdout_per_class: 1}\n")
+    assert runner.invoke(app_(), ["-C", str(tmp_path), "data", "synth"]).exit_code == 0
+    return tmp_path
+
+
+def app_():
+    from incseg.cli import app
+
+    return app
+
+
+def test_cli_names_a_damaged_classes_yaml(synth_ws):
+    (synth_ws / "data" / "classes.yaml").write_bytes(b"\xff\xfe: [unclosed")
+    one_line_error(runner.invoke(app_(), ["-C", str(synth_ws), "validate", str(synth_ws / "data" / "registry")],
+                                 terminal_width=400), "classes.yaml", "not readable YAML")
+
+
+def test_cli_validate_reports_garbage_images_by_name(synth_ws):
+    batch = synth_ws / "data" / "registry" / "batch-00"
+    images = sorted((batch / "images").iterdir())
+    images[0].write_bytes(huge_png_header(90_000, 90_000))
+    images[1].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    result = runner.invoke(app_(), ["-C", str(synth_ws), "validate", str(batch), "--no-fail"], terminal_width=400)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert images[0].stem in result.output and images[1].stem in result.output
+
+
+@pytest.mark.slow
+def test_cli_names_a_damaged_batch_yaml(synth_ws, prefect_api):
+    (synth_ws / "data" / "registry" / "batch-00" / "batch.yaml").write_text("classes: {1: square}\n")
+    one_line_error(runner.invoke(app_(), ["-C", str(synth_ws), "bootstrap"], terminal_width=400),
+                   "batch.yaml", "classes")
+
+
+def test_cli_names_a_damaged_params_yaml(synth_ws):
+    (synth_ws / "params.yaml").write_bytes(b"train: [1, 2\n\x00")
+    one_line_error(runner.invoke(app_(), ["-C", str(synth_ws), "models"], terminal_width=400), "params.yaml")
