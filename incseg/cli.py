@@ -434,6 +434,11 @@ def bench(
                                         "DDP vs one-process training throughput.")] = False,
     inference: Annotated[bool, typer.Option("--inference", help="Per-image latency of PyTorch eager and ONNX "
                                             "Runtime on CPU at 64, 256 and 512 px.")] = False,
+    recipe: Annotated[bool, typer.Option("--recipe", help="Recipe ablation: bootstrap a fully labelled 4-class "
+                                         "set of every look with each recipe variant.")] = False,
+    variants: Annotated[str, typer.Option(help="With --recipe: comma-separated variants (default: all).")] = "",
+    style: Annotated[Optional[str], typer.Option(help="The continual benchmark's look: shapes | blobs "
+                                                 "(default: synth.style).")] = None,
 ) -> None:
     """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
     (--inference); print and write tables."""
@@ -449,16 +454,24 @@ def bench(
         return bench_scale(ws, quick, out)
     if inference:
         return bench_inference(ws, quick, out)
+    if recipe:
+        return bench_recipe(ws, quick, out, variants)
     params = b.quick_params(ws.params) if quick else b.full_params(ws.params)
+    if style is not None:
+        from incseg.data.synthetic import STYLES
+
+        if style not in STYLES:
+            raise Failure(f"unknown --style {style!r}; choose one of {', '.join(STYLES)}")
+        params.synth.style = style
     chosen = tuple(x.strip() for x in strategies.split(",") if x.strip())
     unknown = set(chosen) - set(b.STRATEGIES)
     if unknown:
         raise Failure(f"unknown strategies {sorted(unknown)}; choose from {', '.join(b.STRATEGIES)}")
     scenario = b.run_scenario(params, chosen, console)
     summ = b.summary(scenario)
-    name = "continual-quick" if quick else "continual"
-    command = "incseg bench" + (" --quick" if quick else "")
-    text = b.markdown(scenario, summ, params.continual.strategy, command)
+    name = f"continual-{params.synth.style}" + ("-quick" if quick else "")
+    command = "incseg bench" + (" --quick" if quick else "") + f" --style {params.synth.style}"
+    text = b.markdown(scenario, summ, params.continual.strategy, command, params.synth.style)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text + f"\n![plot]({name}.png)\n")
     (out / f"{name}.json").write_text(json.dumps(summ, indent=2))
@@ -484,6 +497,22 @@ def bench_inference(ws: Workspace, quick: bool, out: Path) -> None:
     write_bench(out, "inference-quick" if quick else "inference", result, inference.markdown(result, command))
 
 
+def bench_recipe(ws: Workspace, quick: bool, out: Path, variants: str) -> None:
+    from incseg.bench import recipe
+
+    chosen = [v.strip() for v in variants.split(",") if v.strip()] or list(recipe.VARIANTS)
+    unknown = sorted(set(chosen) - set(recipe.VARIANTS))
+    if unknown:
+        raise Failure(f"unknown variants {unknown}; choose from {', '.join(recipe.VARIANTS)}")
+    command = "incseg bench --recipe" + (" --quick" if quick else "")
+    base = ws.params
+    if quick:  # seconds, not minutes: short budgets on a small set (a smoke test of the ablation)
+        base = recipe.with_changes(base, {"train.bootstrap_max_steps": 120, "train.bootstrap_min_steps": 60,
+                                          "train.eval_every": 30, "model.width": 8})
+    result = recipe.run(base, chosen, images=120 if quick else 720, size=32 if quick else 64, console=console)
+    write_bench(out, "recipe-quick" if quick else "recipe", result, recipe.markdown(result, command))
+
+
 def write_bench(out: Path, name: str, result: dict, text: str) -> None:
     import json
 
@@ -507,12 +536,30 @@ def extract_with_runner(batch: Path, n_classes: int, runner: str, workers: int, 
     return extract_file_table.with_options(task_runner=task_runner(p))(str(batch), n_classes, p.shard_size)
 
 
+DEMO_CHANGES = {"data": {"image_size": 48}, "synth": {"size": 48},
+                "train": {"bootstrap_max_steps": 800, "bootstrap_min_steps": 400, "update_max_steps": 300,
+                          "update_min_steps": 150, "eval_every": 50, "patience": 2}}
+
+
+def write_demo_params(directory: Path) -> None:
+    """The demo's params.yaml: the defaults with smaller images and budgets, so the loop runs in minutes."""
+    import yaml
+
+    from incseg.config import PARAMS_FILE, load_params
+
+    raw = load_params(directory / PARAMS_FILE).model_dump()
+    for section, values in DEMO_CHANGES.items():
+        raw[section].update(values)
+    header = "# incseg demo: the defaults with smaller images and training budgets (see `incseg demo --help`).\n"
+    (directory / PARAMS_FILE).write_text(header + yaml.safe_dump(raw, sort_keys=False))
+
+
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Argument(help="Demo workspace (re-created on each run).")] = Path("demo-workspace"),
 ) -> None:
     """The whole loop on synthetic data: batches arrive through DVC, the watcher updates on each,
-    a poisoned batch is rejected."""
+    a poisoned batch is rejected. The demo workspace trains on 48 px images with short budgets."""
     quiet_prefect()
     from flows.watch import watch_registry
     from incseg.data.synthetic import poison_batch, synthesize
@@ -524,7 +571,12 @@ def demo(
         shutil.rmtree(directory)
     init_workspace(directory)
     (directory / DEMO_MARKER).touch()
+    write_demo_params(directory)
     ws = Workspace(directory)
+    t = ws.params.train
+    console.print(f"demo budgets (a few minutes on a laptop; the defaults are for real data): {ws.params.data.image_size} px, "
+                  f"bootstrap {t.bootstrap_min_steps}-{t.bootstrap_max_steps} steps, updates "
+                  f"{t.update_min_steps}-{t.update_max_steps} steps, early stop every {t.eval_every}")
     incoming = ws.root / "incoming"
     console.rule("1. a synthetic class-incremental stream arrives in incoming/")
     infos = synthesize(incoming, ws.params.synth)

@@ -69,10 +69,10 @@ def test_quick_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
     result = CliRunner().invoke(app, ["-C", str(tmp_path), "bench", "--quick", "--out", str(out),
                                       "--strategies", "naive,replay+distill"])
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "continual-quick.json").read_text())
+    summary = json.loads((out / "continual-shapes-quick.json").read_text())
     naive, ours = summary["naive"], summary["replay+distill"]
     assert ours["forgetting_points"] < naive["forgetting_points"]
     assert naive["forgetting_points"] > 5  # naive visibly forgets
     assert ours["miou_all"] > naive["miou_all"]
-    assert (out / "continual-quick.png").stat().st_size > 1000
-    assert "Accuracy matrix: replay+distill" in (out / "continual-quick.md").read_text()
+    assert (out / "continual-shapes-quick.png").stat().st_size > 1000
+    assert "Accuracy matrix: replay+distill" in (out / "continual-shapes-quick.md").read_text()

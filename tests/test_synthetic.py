@@ -52,3 +52,38 @@ def test_poisoned_batch_permutes_labels(stream_dir, tmp_path):
     assert np.array_equal(np.vectorize(lut.get)(m), pm)
     assert np.abs(read_image(a.image).astype(int) - read_image(b.image)).max() <= 1
     assert a.image.read_bytes() != b.image.read_bytes()
+
+
+def test_the_blobs_look_differs_from_shapes_and_keeps_the_layout(tmp_path):
+    """A second family of textures and shapes, same layout and protocol: nothing downstream changes."""
+    from typer.testing import CliRunner
+
+    from incseg.cli import app
+
+    (tmp_path / "params.yaml").write_text("synth: {size: 24, base_images: 4, step_images: 3, holdout_per_class: 1}\n")
+    runner = CliRunner()
+    assert runner.invoke(app, ["-C", str(tmp_path), "data", "synth", "--style", "blobs", "--out", str(tmp_path / "b")]).exit_code == 0
+    assert runner.invoke(app, ["-C", str(tmp_path), "data", "synth", "--out", str(tmp_path / "s")]).exit_code == 0
+    blobs, shapes = read_classes(tmp_path / "b" / "classes.yaml"), read_classes(tmp_path / "s" / "classes.yaml")
+    assert len(blobs) == len(shapes) and set(blobs.values()).isdisjoint(set(shapes.values()) - {"background"})
+    assert list_batches(tmp_path / "b" / "registry") == list_batches(tmp_path / "s" / "registry")
+    pair = find_pairs(tmp_path / "b" / "registry" / "batch-01")[0]
+    assert set(np.unique(read_mask(pair.mask)).tolist()) == {0, 3}  # the disjoint protocol holds
+    a = read_image(find_pairs(tmp_path / "b" / "registry" / "batch-00")[0].image)
+    b = read_image(find_pairs(tmp_path / "s" / "registry" / "batch-00")[0].image)
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    bad = runner.invoke(app, ["-C", str(tmp_path), "data", "synth", "--style", "plaid"])
+    assert bad.exit_code == 1 and "unknown --style" in bad.output
+
+
+def test_recipe_ablation_runs_on_both_looks(tmp_path):
+    from incseg.bench import recipe
+    from incseg.config import Params
+
+    base = recipe.with_changes(Params(), {"train.bootstrap_max_steps": 4, "train.bootstrap_min_steps": 0,
+                                          "train.eval_every": 2, "model.width": 4})
+    result = recipe.run(base, ["default", "lr 3e-3"], images=12, size=16)
+    assert [(r["style"], r["variant"]) for r in result["rows"]] == [
+        ("shapes", "default"), ("shapes", "lr 3e-3"), ("blobs", "default"), ("blobs", "lr 3e-3")]
+    assert all(r["steps"] == 4 and len(r["curve"]) == 2 and 0 <= r["holdout_miou"] <= 1 for r in result["rows"])
+    assert "| blobs | lr 3e-3 |" in recipe.markdown(result, "test")
