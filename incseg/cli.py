@@ -17,13 +17,15 @@ from incseg.config import ConfigError, Workspace
 from incseg.data.layout import DataError, list_batches
 from incseg.datastore import StoreError
 from incseg.registry import RegistryError
+from incseg.training import DivergenceError
 
 
 class Failure(Exception):
     """An expected failure (bad input, missing champion, unknown version)."""
 
 
-EXPECTED_FAILURES: tuple[type[Exception], ...] = (Failure, ConfigError, DataError, RegistryError, StoreError)
+EXPECTED_FAILURES: tuple[type[Exception], ...] = (Failure, ConfigError, DataError, RegistryError, StoreError,
+                                                  DivergenceError)
 
 
 class _Group(TyperGroup):

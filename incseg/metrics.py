@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
+from incseg import dist
+
 IGNORE = 255
 
 
@@ -24,9 +26,7 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the matrix over all processes of a distributed run (a no-op in one process)."""
-        from incseg.distributed import all_sum
-
-        all_sum(self.mat)
+        dist.all_sum(self.mat)
 
     def iou(self) -> torch.Tensor:
         """Per-class IoU; NaN for a class neither in ground truth nor predicted."""

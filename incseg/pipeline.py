@@ -45,6 +45,12 @@ class Batch:
         return sorted(set(self.info.classes) | {0})
 
 
+def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:
+    """Names of the model's outputs from `classes.yaml` (an id it lacks is named by its number)."""
+    names = read_classes(ws.classes_file)
+    return {c: names.get(c, str(c)) for c in range(num_classes(model))}
+
+
 def holdout_set(ws: Workspace, n_classes: int) -> SegmentationFolder:
     pairs = find_pairs(ws.holdout_dir)
     if not pairs:
@@ -62,8 +68,10 @@ def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None 
 def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
     """The step budget from `params.yaml: train` for a bootstrap or an update."""
     if from_scratch:
-        return Budget(train.bootstrap_max_steps, train.bootstrap_min_steps, train.eval_every, train.patience)
-    return Budget(train.update_max_steps, train.update_min_steps, train.eval_every, train.patience)
+        return Budget(train.bootstrap_max_steps, train.bootstrap_min_steps, train.eval_every, train.patience,
+                      decays=train.lr_decays)
+    return Budget(train.update_max_steps, train.update_min_steps, train.eval_every, train.patience,
+                  decays=train.lr_decays)
 
 
 def validation_score(pairs: list[Pair], params: Params, n_classes: int, annotated: list[int],

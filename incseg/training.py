@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from incseg import distributed
+from incseg import dist
 from incseg.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     spec = os.environ.get("INCSEG_DEVICE") or spec
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.local_device(torch.device(spec))
+    return dist.local_device(torch.device(spec))
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -49,9 +49,9 @@ def make_loader(
 ) -> DataLoader:
     """In a distributed run each rank gets its shard and `batch_size / world` per step, so the
     global batch and the steps per epoch stay what they are in one process."""
-    if distributed.active():
-        sampler = distributed.shard(dataset, sampler, shuffle=shuffle, seed=seed)
-        batch_size, shuffle = max(1, batch_size // distributed.world_size()), False
+    if dist.active():
+        sampler = dist.shard(dataset, sampler, shuffle=shuffle, seed=seed)
+        batch_size, shuffle = max(1, batch_size // dist.world_size()), False
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=num_workers, drop_last=False, generator=torch.Generator().manual_seed(seed),
@@ -77,6 +77,7 @@ class TrainResult:
     world_size: int = 1  # processes that trained it (torchrun / DDP)
     best_step: int = 0  # the step whose weights were kept
     stopped: str = ""  # why training ended: converged | max_steps
+    lr_decays: int = 0  # plateaus that lowered the learning rate
 
     @property
     def images_processed(self) -> int:
@@ -93,28 +94,35 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Budget:
-    """How long to train: evaluate every `eval_every` steps, stop once `patience` evaluations in
-    a row did not beat the best by `min_delta` (after `min_steps`), never beyond `max_steps`."""
+    """How long to train: evaluate every `eval_every` steps; when `patience` evaluations in a row
+    did not beat the best by `min_delta`, go back to the best weights and multiply the learning
+    rate by `decay_factor` (at most `decays` times), then stop (not before `min_steps`, never
+    beyond `max_steps`)."""
 
     max_steps: int
     min_steps: int = 0
     eval_every: int = 200
     patience: int = 3
     min_delta: float = 0.002
+    decays: int = 2
+    decay_factor: float = 0.2
 
 
-def warmup_cosine(total: int, warmup: int = 200, floor: float = 0.01) -> Callable[[int], float]:
-    """LR factor: linear warm-up over min(`warmup`, total / 10) steps, then a cosine decay to
-    `floor` at `total`. Early stopping may end training anywhere on it."""
-    warm = max(1, min(warmup, total // 10))
+class LearningRate:
+    """LR factor per step: a linear warm-up over min(`warmup`, total / 10) steps, then constant,
+    lowered by `decay` on each plateau of the validation score (`cosine=True`, for training with
+    nothing to validate on: a cosine decay to 1 % at `total` instead)."""
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    def __init__(self, total: int, cosine: bool, warmup: int = 200):
+        self.total, self.cosine, self.warm, self.scale = total, cosine, max(1, min(warmup, total // 10)), 1.0
 
-    return factor
+    def __call__(self, step: int) -> float:
+        if step < self.warm:
+            return self.scale * (step + 1) / self.warm
+        if not self.cosine:
+            return self.scale
+        t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -149,14 +157,16 @@ def train(
     rank 0 writes checkpoints and shows progress."""
     model.to(device)
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(budget.max_steps))
-    result = TrainResult(world_size=distributed.world_size())
+    rate = LearningRate(budget.max_steps, cosine=validate is None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    result = TrainResult(world_size=dist.world_size())
     state = _resume(checkpoint_path, model, opt, sched, result, budget)
-    best, best_state, waited = state["best"], state["best_state"], state["waited"]
-    parallel = distributed.wrap(model, device)
+    best, best_state, waited, decays = state["best"], state["best_state"], state["waited"], state["decays"]
+    rate.scale = budget.decay_factor ** decays
+    parallel = dist.wrap(model, device)
     step, epoch = result.steps, state["epoch"]
     clock, total, seen = time.perf_counter(), 0.0, 0
-    with progress_bar(progress and not distributed.active()) as bar:
+    with progress_bar(progress and not dist.active()) as bar:
         task = bar.add_task(description, total=budget.max_steps, completed=step, info="")
         while step < budget.max_steps and not result.stopped:
             if hasattr(loader.sampler, "set_epoch"):
@@ -166,7 +176,7 @@ def train(
             for images, masks, annotated in loader:
                 images, masks, annotated = images.to(device), masks.to(device), annotated.to(device)
                 loss = objective(parallel(images), images, masks, annotated)
-                if not distributed.all_finite(loss):
+                if not dist.all_finite(loss):
                     raise DivergenceError(f"loss became {loss.item()} at step {step + 1}; update stopped")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -178,7 +188,7 @@ def train(
                 bar.update(task, completed=step)
                 if step % budget.eval_every and step < budget.max_steps:
                     continue
-                total, seen = distributed.all_sum(torch.tensor([total, float(seen)], dtype=torch.float64)).tolist()
+                total, seen = dist.all_sum(torch.tensor([total, float(seen)], dtype=torch.float64)).tolist()
                 seconds = time.perf_counter() - clock
                 score = validate(model) if validate is not None else float("nan")
                 point = EvalPoint(step, total / max(seen, 1), score, int(seen), seconds)
@@ -191,26 +201,32 @@ def train(
                     best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
                 else:
                     waited += 1
-                if step >= budget.min_steps and waited >= budget.patience:
+                if waited >= budget.patience and decays < budget.decays:  # a plateau: lower the LR, from the best
+                    decays, waited = decays + 1, 0
+                    rate.scale = budget.decay_factor ** decays
+                    model.load_state_dict(best_state)
+                elif step >= budget.min_steps and waited >= budget.patience:
                     result.stopped = "converged"
                 elif step >= budget.max_steps:
                     result.stopped = "max_steps"
-                if checkpoint_path is not None and distributed.is_main():
+                if checkpoint_path is not None and dist.is_main():
                     _save_state(checkpoint_path, model, opt, sched, result, budget,
-                                {"best": best, "best_state": best_state, "waited": waited, "epoch": epoch})
+                                {"best": best, "best_state": best_state, "waited": waited, "epoch": epoch,
+                                 "decays": decays})
                 if on_eval is not None:
                     on_eval(point, model)
                 parallel.train()
                 info = f"loss {point.loss:.4f}" + (f" val mIoU {score:.3f}" if score == score else "")
                 bar.update(task, info=info)
-                if progress and distributed.active() and distributed.is_main():  # lines: a pipe shows no bar
+                if progress and dist.active() and dist.is_main():  # lines: a pipe shows no bar
                     print(f"{description}: step {step}/{budget.max_steps} {info} "
-                          f"({seen / max(seconds, 1e-9):.0f} images/s on {distributed.world_size()} ranks)", flush=True)
+                          f"({seen / max(seconds, 1e-9):.0f} images/s on {dist.world_size()} ranks)", flush=True)
                 clock, total, seen = time.perf_counter(), 0.0, 0
                 if result.stopped:
                     break
     if best_state is not None:
         model.load_state_dict(best_state)
+    result.lr_decays = decays
     return result
 
 
@@ -224,7 +240,7 @@ def _save_state(path: Path, model, opt, sched, result: TrainResult, budget: Budg
 
 
 def _resume(path: Path | None, model, opt, sched, result: TrainResult, budget: Budget) -> dict:
-    fresh = {"best": float("-inf"), "best_state": None, "waited": 0, "epoch": 0}
+    fresh = {"best": float("-inf"), "best_state": None, "waited": 0, "epoch": 0, "decays": 0}
     if path is None or not path.exists():
         return fresh
     try:
@@ -244,7 +260,7 @@ def _resume(path: Path | None, model, opt, sched, result: TrainResult, budget: B
     result.best_step, result.stopped = state["best_step"], state["stopped"]
     result.resumed_from = result.steps
     log.info("resumed from %s at step %d", path, result.resumed_from)
-    return {k: state[k] for k in fresh}
+    return {k: state.get(k, v) for k, v in fresh.items()}
 
 
 def split_validation(pairs: list, fraction: float, seed: int, at_most: int = 256) -> tuple[list, list]:

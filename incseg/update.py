@@ -25,9 +25,9 @@ from incseg.gate import Decision, decide
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
 from incseg.models import num_classes
 from incseg import pipeline
-from incseg.pipeline import Batch, holdout_matrix
+from incseg.pipeline import Batch, class_names, holdout_matrix
 from incseg.registry import ModelRegistry
-from incseg.training import EvalPoint, TrainResult
+from incseg.training import TrainResult
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
 from incseg.validation.history import earlier_profiles
 
@@ -190,57 +190,13 @@ def start_run(reg: ModelRegistry, kind: str, checked: CheckedBatch, parent: str 
     return run_id
 
 
-def eval_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]):
-    """on_eval callback: logs the training loss, the validation split's mIoU (what early stopping
-    watches) and the holdout mIoU over `scope` (what the gate will judge) at each evaluation.
-    Every rank of a distributed run evaluates its holdout shard; only rank 0 logs."""
-    from incseg import distributed
-
-    def log(point: EvalPoint, model: nn.Module) -> None:
-        miou = mean_iou(holdout_matrix(ws, model), scope)
-        if distributed.is_main():
-            reg.client.log_metric(run_id, "train_loss", point.loss, step=point.step)
-            if point.val_miou == point.val_miou:
-                reg.client.log_metric(run_id, "val_miou", point.val_miou, step=point.step)
-            reg.client.log_metric(run_id, "holdout_miou", miou, step=point.step)
-
-    return log
-
-
-def train_step(ws: Workspace, reg: ModelRegistry, run_id: str, batch: Batch, checkpoint_path: Path,
-               champion: nn.Module | None = None, memory: ExemplarMemory | None = None) -> tuple[nn.Module, TrainResult]:
-    """Bootstrap (no champion) or continue the champion on the batch, logging each evaluation to the run.
-
-    With `train.distributed.nproc > 1` this runs under torchrun (DDP) and returns rank 0's model.
-    """
-    from incseg import distributed
-
-    spec = ws.params.train.distributed
-    if spec.nproc > 1 and not distributed.active():
-        job = distributed.job_for(ws, run_id, batch, checkpoint_path, champion, memory)
-        return distributed.launch(job, spec.nproc, spec.torchrun_args)
-    if champion is None:
-        logger = eval_logger(ws, reg, run_id, batch.classes)
-        return pipeline.train_base(ws, batch, on_eval=logger, checkpoint_path=checkpoint_path,
-                                   progress=distributed.is_main())
-    scope = sorted(set(range(num_classes(champion))) | set(batch.classes))
-    return pipeline.train_candidate(ws.params, champion, batch, memory or ExemplarMemory.empty(),
-                                    on_eval=eval_logger(ws, reg, run_id, scope), checkpoint_path=checkpoint_path,
-                                    progress=distributed.is_main())
-
-
 def record_training(reg: ModelRegistry, run_id: str, result: TrainResult) -> None:
     tags = {"resumed_from_step": result.resumed_from, "world_size": result.world_size, "steps": result.steps,
-            "best_step": result.best_step, "stopped": result.stopped or "max_steps"}
+            "best_step": result.best_step, "stopped": result.stopped or "max_steps", "lr_decays": result.lr_decays}
     for k, v in tags.items():
         reg.client.set_tag(run_id, k, str(v))
     reg.client.log_metric(run_id, "images_processed", result.images_processed)
     reg.client.log_metric(run_id, "train_seconds", result.seconds)
-
-
-def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:
-    names = read_classes(ws.classes_file)
-    return {c: names.get(c, str(c)) for c in range(num_classes(model))}
 
 
 def refresh_memory(ws: Workspace, memory: ExemplarMemory, batch: Batch, run_id: str) -> ExemplarMemory:

@@ -7,7 +7,7 @@ import functools
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from incseg import pipeline, update
+from incseg import launch, pipeline, update
 from incseg.continual.memory import ExemplarMemory
 from incseg.config import Workspace
 from incseg.data.layout import DataError
@@ -63,7 +63,7 @@ def start_run(ws: Workspace, kind: str, checked: update.CheckedBatch, parent: st
 def train_base(ws: Workspace, batch: pipeline.Batch, run_id: str):
     reg = ModelRegistry(ws)
     scratch = update.scratch_dir(ws, batch, None)
-    model, result = update.train_step(ws, reg, run_id, batch, scratch / "train.pt")
+    model, result = launch.train_step(ws, reg, run_id, batch, scratch / "train.pt")
     update.record_training(reg, run_id, result)
     return model, update.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id)
 
@@ -74,7 +74,7 @@ def train_candidate(ws: Workspace, champion: LoadedModel, batch: pipeline.Batch,
     attempt at the same (batch content, champion) pair."""
     reg = ModelRegistry(ws)
     scratch = update.scratch_dir(ws, batch, champion.version)
-    model, result = update.train_step(ws, reg, run_id, batch, scratch / "train.pt", champion.model, champion.memory)
+    model, result = launch.train_step(ws, reg, run_id, batch, scratch / "train.pt", champion.model, champion.memory)
     update.record_training(reg, run_id, result)
     return model, update.refresh_memory(ws, champion.memory, batch, run_id)
 

@@ -40,8 +40,9 @@ def test_training_stops_when_validation_stops_improving_and_keeps_the_best_weigh
     def on_eval(point, m):
         snapshots[point.step] = {k: v.clone() for k, v in m.state_dict().items()}
 
-    result = train(model, toy_loader(), toy_objective, Budget(max_steps=100, min_steps=0, eval_every=5, patience=2),
-                   lr=1e-2, validate=lambda m: next(scores), on_eval=on_eval, progress=False)
+    budget = Budget(max_steps=100, min_steps=0, eval_every=5, patience=2, decays=0)
+    result = train(model, toy_loader(), toy_objective, budget, lr=1e-2, validate=lambda m: next(scores),
+                   on_eval=on_eval, progress=False)
     assert [e.step for e in result.evals] == [5, 10, 15, 20]
     assert result.stopped == "converged" and result.best_step == 10
     kept = model.state_dict()
@@ -49,9 +50,28 @@ def test_training_stops_when_validation_stops_improving_and_keeps_the_best_weigh
     assert not all(torch.equal(kept[k], snapshots[20][k]) for k in kept)
 
 
+def test_a_plateau_lowers_the_learning_rate_from_the_best_weights_before_stopping():
+    torch.manual_seed(0)
+    model = build_model("unet", 2, 4)
+    scores = iter([0.5, 0.4, 0.3, 0.2])
+    snapshots = {}
+
+    def on_eval(point, m):
+        snapshots[point.step] = {k: v.clone() for k, v in m.state_dict().items()}
+
+    budget = Budget(max_steps=100, eval_every=5, patience=1, decays=1, decay_factor=0.1)
+    result = train(model, toy_loader(), toy_objective, budget, lr=1e-2, validate=lambda m: next(scores),
+                   on_eval=on_eval, progress=False)
+    assert result.lr_decays == 1 and result.stopped == "converged"
+    assert [e.step for e in result.evals] == [5, 10, 15] and result.best_step == 5
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], snapshots[5][k]) for k in kept)
+
+
 def test_min_steps_hold_off_the_early_stop_and_max_steps_end_it():
     model = build_model("unet", 2, 4)
-    result = train(model, toy_loader(), toy_objective, Budget(max_steps=30, min_steps=25, eval_every=5, patience=1),
+    result = train(model, toy_loader(), toy_objective,
+                   Budget(max_steps=30, min_steps=25, eval_every=5, patience=1, decays=0),
                    lr=1e-2, validate=lambda m: 0.5, progress=False)
     assert result.stopped == "converged" and result.steps == 25  # no gain since step 5, but not before 25
     result = train(build_model("unet", 2, 4), toy_loader(), toy_objective, Budget(max_steps=12, eval_every=5),

@@ -20,14 +20,14 @@ from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace, track
 from incseg.registry import ModelRegistry
 
-from helpers import free_port, tiny_params
+from helpers import fault_params, free_port, tiny_params
 
 
 @pytest.fixture(scope="module")
 def dvc_ws(tmp_path_factory, stream_dir):
     root = tmp_path_factory.mktemp("dvc-ws") / "ws"
     init_workspace(root)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params().model_dump()))
+    (root / "params.yaml").write_text(yaml.safe_dump(fault_params().model_dump()))  # states, not quality
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
     return ws
@@ -167,8 +167,6 @@ def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
 def test_two_watch_processes_on_the_file_lock_process_each_batch_once(tmp_path, stream_dir):
     """Two `incseg watch` CLI processes started together, each on its own ephemeral Prefect API, so
     the update lock is the OS file lock: every pending batch gets exactly one run and one version."""
-    from helpers import fault_params
-
     root = tmp_path / "ws"
     init_workspace(root)
     (root / "params.yaml").write_text(yaml.safe_dump(fault_params().model_dump()))

@@ -24,6 +24,7 @@ from incseg.pipeline import Batch, holdout_matrix, train_base
 # name -> changes to the default params ("section.key": value)
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
+    "no LR drop on plateaus": {"train.lr_decays": 0},
     "lr 3e-3": {"train.lr": 3e-3},
     "lr 3e-2": {"train.lr": 3e-2},
     "dice 0 (CE only)": {"train.dice_weight": 0.0},

@@ -76,10 +76,9 @@ def validation_rows(extract: Extract, batch: Path, workers: list[int], console: 
 
 def training_rows(params: Params, procs: list[int], console: Console) -> list[dict]:
     """The same bootstrap job, in-process and under torchrun with each process count."""
-    from incseg import distributed
+    from incseg import launch
     from incseg.pipeline import Batch
     from incseg.registry import ModelRegistry
-    from incseg.update import train_step
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="incseg-bench-ddp-") as tmp:
@@ -92,10 +91,10 @@ def training_rows(params: Params, procs: list[int], console: Console) -> list[di
             ckpt = Path(tmp) / f"ckpt-{n}" / "train.pt"
             t0 = time.perf_counter()
             if n == 1:
-                _, result = train_step(ws, reg, run_id, batch, ckpt)
+                _, result = launch.run_training(ws, reg, run_id, batch, ckpt)
             else:
-                job = distributed.job_for(ws, run_id, batch, ckpt, None, None)
-                _, result = distributed.launch(job, n, params.train.distributed.torchrun_args)
+                job = launch.job_for(ws, run_id, batch, ckpt, None, None)
+                _, result = launch.launch(job, n, params.train.distributed.torchrun_args)
             wall = time.perf_counter() - t0
             steps = result.evals[1:] or result.evals  # the first stretch warms up
             ips = sum(e.images for e in steps) / max(1e-9, sum(e.seconds for e in steps))

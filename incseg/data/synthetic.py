@@ -24,7 +24,7 @@ BLOBS = ("clover", "quatrefoil", "star", "gear", "flower", "sun", "bean", "cresc
 STYLES = ("shapes", "blobs")
 
 
-def class_names(style: str) -> tuple[str, ...]:
+def look_classes(style: str) -> tuple[str, ...]:
     return SHAPES if style == "shapes" else BLOBS
 
 
@@ -216,7 +216,7 @@ def plan_stream(p: SynthParams) -> list[BatchPlan]:
 def synthesize(out: Path, p: SynthParams) -> list[BatchInfo]:
     """Write classes.yaml, the holdout and every batch of the stream under `out`."""
     n_fg = p.base_classes + p.new_classes
-    names = class_names(p.style)
+    names = look_classes(p.style)
     if n_fg > len(names):
         raise ValueError(f"at most {len(names)} foreground classes, asked for {n_fg}")
     all_fg = list(range(1, n_fg + 1))

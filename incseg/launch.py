@@ -1,19 +1,17 @@
-"""Data-parallel training with PyTorch DDP, launched by `torchrun`.
+"""Run a training step in this process, or under `torchrun` as DDP, and get its result back.
 
-With `train.distributed.nproc > 1` the training step runs as
-`torchrun --standalone --nproc-per-node N -m incseg.distributed JOB.json`. Every rank trains on
-its shard of each epoch (a `DistributedSampler`, or the replay mix cut into strides), DDP
-all-reduces the gradients, confusion matrices are all-reduced before metrics are computed, and
-only rank 0 writes: epoch checkpoints, MLflow metrics and the trained model. The parent process
-(the Prefect task) reads that model back and registers it, so one update = one model version.
-
-The helpers below are no-ops in a plain single process, so the same loops serve both.
+With `train.distributed.nproc > 1` the step runs as
+`torchrun --standalone --nproc-per-node N -m incseg.launch JOB.json`. Every rank trains on its
+shard of each epoch (see `incseg.dist`), DDP all-reduces the gradients, confusion matrices are
+all-reduced before metrics are computed, and only rank 0 writes: checkpoints, MLflow metrics and
+the trained model. The parent process (the Prefect task) reads that model back and registers it,
+so one update = one model version. The worker runs the same `run_training` as one process does;
+nothing here calls back into its caller.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -22,100 +20,60 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from incseg import processes
+from incseg import dist, pipeline, processes
+from incseg.config import Params, Workspace
+from incseg.continual.memory import ExemplarMemory
+from incseg.data.layout import BatchInfo, Pair
+from incseg.metrics import mean_iou
+from incseg.models import load_checkpoint, num_classes, save_checkpoint
+from incseg.pipeline import Batch, class_names, holdout_matrix
+from incseg.registry import ModelRegistry
+from incseg.training import DivergenceError, EvalPoint, TrainResult, resolve_device
 
 DIVERGED_EXIT = 3
 
 
-# ---- inside a distributed run ---------------------------------------------------------
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def eval_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]):
+    """on_eval callback: logs the training loss, the validation split's mIoU (what early stopping
+    watches) and the holdout mIoU over `scope` (what the gate will judge) at each evaluation.
+    Every rank of a distributed run evaluates its holdout shard; only rank 0 logs."""
+
+    def log(point: EvalPoint, model: nn.Module) -> None:
+        miou = mean_iou(holdout_matrix(ws, model), scope)
+        if dist.is_main():
+            reg.client.log_metric(run_id, "train_loss", point.loss, step=point.step)
+            if point.val_miou == point.val_miou:
+                reg.client.log_metric(run_id, "val_miou", point.val_miou, step=point.step)
+            reg.client.log_metric(run_id, "holdout_miou", miou, step=point.step)
+
+    return log
 
 
-def rank() -> int:
-    return dist.get_rank() if active() else 0
+def run_training(ws: Workspace, reg: ModelRegistry, run_id: str, batch: Batch, checkpoint_path: Path,
+                 champion: nn.Module | None = None, memory: ExemplarMemory | None = None) -> tuple[nn.Module, TrainResult]:
+    """Bootstrap (no champion) or continue the champion on the batch in this process (or rank),
+    logging each evaluation to the run."""
+    if champion is None:
+        return pipeline.train_base(ws, batch, on_eval=eval_logger(ws, reg, run_id, batch.classes),
+                                   checkpoint_path=checkpoint_path, progress=dist.is_main())
+    scope = sorted(set(range(num_classes(champion))) | set(batch.classes))
+    return pipeline.train_candidate(ws.params, champion, batch, memory or ExemplarMemory.empty(),
+                                    on_eval=eval_logger(ws, reg, run_id, scope), checkpoint_path=checkpoint_path,
+                                    progress=dist.is_main())
 
 
-def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+def train_step(ws: Workspace, reg: ModelRegistry, run_id: str, batch: Batch, checkpoint_path: Path,
+               champion: nn.Module | None = None, memory: ExemplarMemory | None = None) -> tuple[nn.Module, TrainResult]:
+    """`run_training` here, or under torchrun when `train.distributed.nproc > 1` (rank 0's model back)."""
+    spec = ws.params.train.distributed
+    if spec.nproc > 1:
+        return launch(job_for(ws, run_id, batch, checkpoint_path, champion, memory), spec.nproc, spec.torchrun_args)
+    return run_training(ws, reg, run_id, batch, checkpoint_path, champion, memory)
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
-def local_device(device: torch.device) -> torch.device:
-    """`cuda` means this rank's own GPU (LOCAL_RANK) in a distributed run."""
-    if device.type == "cuda" and active():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
-def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` summed over all ranks (in place for CPU tensors; NCCL needs a GPU copy)."""
-    if not active():
-        return tensor
-    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-        on_gpu = tensor.to(local_device(torch.device("cuda")))
-        dist.all_reduce(on_gpu)
-        tensor.copy_(on_gpu.cpu())
-    else:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def all_finite(loss: torch.Tensor) -> bool:
-    """True on every rank only if the loss is finite on every rank (so all stop together)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-    return all_sum(bad).item() == 0
-
-
-class StridedShard(Sampler[int]):
-    """This rank's share of another sampler's epoch: every rank draws the same order (seeded by
-    `seed + epoch`) and keeps every `world`-th index, padded so all ranks take equal steps."""
-
-    def __init__(self, base: Sampler[int], seed: int):
-        self.base, self.seed, self.epoch = base, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.base.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = list(self.base)
-        world = world_size()
-        order += order[: len(self) * world - len(order)]
-        return iter(order[rank()::world])
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.base) / world_size())
-
-
-def shard(dataset: Dataset, sampler: Sampler | None, *, shuffle: bool, seed: int) -> Sampler | list[int]:
-    """This rank's sampler: exact strided indices for evaluation (no padding, so all-reduced
-    counts are exact), a `DistributedSampler` for training, or the replay mix cut into strides."""
-    if sampler is not None:
-        return StridedShard(sampler, seed)
-    if not shuffle:
-        return list(range(rank(), len(dataset), world_size()))
-    return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
-
-
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model as DDP sees it (SyncBatchNorm on GPUs), or unchanged outside a distributed run."""
-    if not active():
-        return model
-    if device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
-    return nn.parallel.DistributedDataParallel(model)
-
-
-# ---- launching -------------------------------------------------------------------------
 @dataclass
 class TrainingJob:
     """What a torchrun worker needs: the step, the data, the starting model, where to write."""
@@ -141,7 +99,7 @@ def backend(device: torch.device) -> str:
 def torchrun_command(job_file: Path, nproc: int, extra: list[str]) -> list[str]:
     standalone = [] if any(a.startswith("--rdzv") or a.startswith("--nnodes") for a in extra) else ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *standalone, f"--nproc-per-node={nproc}", *extra,
-            "-m", "incseg.distributed", str(job_file)]
+            "-m", "incseg.launch", str(job_file)]
 
 
 def launch(job: TrainingJob, nproc: int, extra_args: list[str] | None = None):
@@ -150,9 +108,6 @@ def launch(job: TrainingJob, nproc: int, extra_args: list[str] | None = None):
     A diverged loss comes back as `DivergenceError`; any other worker failure as a
     RuntimeError carrying the end of torchrun's output.
     """
-    from incseg.models import load_checkpoint
-    from incseg.training import DivergenceError, EvalPoint, TrainResult
-
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("model.pt", "result.json", "error.json"):
@@ -184,14 +139,11 @@ def launch(job: TrainingJob, nproc: int, extra_args: list[str] | None = None):
     for done in ("model.pt", "champion.pt"):  # job.json and result.json stay for the record
         (out / done).unlink(missing_ok=True)
     return model, TrainResult([EvalPoint(**e) for e in raw["evals"]], raw["resumed_from"], raw["world_size"],
-                              raw["best_step"], raw["stopped"])
+                              raw["best_step"], raw["stopped"], raw["lr_decays"])
 
 
 def job_for(ws, run_id: str, batch, checkpoint_path: Path, champion: nn.Module | None, memory) -> TrainingJob:
     """The job file's content; the champion travels as a plain checkpoint in the job folder."""
-    from incseg.models import save_checkpoint
-    from incseg.update import class_names
-
     out = checkpoint_path.parent / "torchrun"
     champion_file = None
     if champion is not None:
@@ -208,49 +160,36 @@ def job_for(ws, run_id: str, batch, checkpoint_path: Path, champion: nn.Module |
 # ---- the worker --------------------------------------------------------------------------
 def run_job(job: TrainingJob):
     """The training step of `job` in this process (one rank of a distributed run)."""
-    from incseg.config import Params, Workspace
-    from incseg.continual.memory import ExemplarMemory
-    from incseg.data.layout import BatchInfo, Pair
-    from incseg.models import load_checkpoint
-    from incseg.pipeline import Batch
-    from incseg.registry import ModelRegistry
-    from incseg.update import train_step
-
     ws = Workspace(job.workspace, Params.model_validate(job.params))
     pairs = [Pair(stem, Path(image), Path(mask)) for stem, image, mask in job.pairs]
     batch = Batch(job.batch_id, Path(job.batch_root), pairs, BatchInfo(job.batch_id, classes=job.classes))
     champion = load_checkpoint(Path(job.champion_checkpoint))[0] if job.champion_checkpoint else None
     memory = ExemplarMemory.load(Path(job.memory_root)) if job.memory_root else ExemplarMemory.empty()
-    return train_step(ws, ModelRegistry(ws), job.run_id, batch, Path(job.checkpoint_path), champion, memory)
+    return run_training(ws, ModelRegistry(ws), job.run_id, batch, Path(job.checkpoint_path), champion, memory)
 
 
 def main(job_file: str) -> int:
-    from incseg.config import Params, Workspace
-    from incseg.models import save_checkpoint
-    from incseg.training import DivergenceError, resolve_device
-    from incseg.update import class_names
-
     job = TrainingJob(**json.loads(Path(job_file).read_text()))
     device = resolve_device(job.params["train"]["device"])
-    dist.init_process_group(backend(device))
+    torch_dist.init_process_group(backend(device))
     if device.type == "cuda":
-        torch.cuda.set_device(local_device(device))
+        torch.cuda.set_device(dist.local_device(device))
     out = Path(job.out_dir)
     try:
         model, result = run_job(job)
     except Exception as err:
-        if is_main():
+        if dist.is_main():
             (out / "error.json").write_text(json.dumps({"type": type(err).__name__, "message": str(err)}))
-        dist.destroy_process_group()
+        torch_dist.destroy_process_group()
         return DIVERGED_EXIT if isinstance(err, DivergenceError) else 1
-    if is_main():
+    if dist.is_main():
         ws = Workspace(job.workspace, Params.model_validate(job.params))
         save_checkpoint(out / "model.pt", model, class_names(ws, model))
         (out / "result.json").write_text(json.dumps(
-            {"evals": [asdict(e) for e in result.evals], "resumed_from": result.resumed_from, "world_size": world_size(),
-             "best_step": result.best_step, "stopped": result.stopped}))
-    dist.barrier()
-    dist.destroy_process_group()
+            {"evals": [asdict(e) for e in result.evals], "resumed_from": result.resumed_from, "world_size": dist.world_size(),
+             "best_step": result.best_step, "stopped": result.stopped, "lr_decays": result.lr_decays}))
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
     return 0
 
 
