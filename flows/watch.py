@@ -95,7 +95,9 @@ def prefect_api(port: int = 4200):
         return
     url = f"http://127.0.0.1:{port}/api"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with processes.running(command, grace=20, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) as server:
+    # in our process group: whatever ends `incseg serve` (Ctrl-C, a group kill) ends its server too
+    with processes.running(command, grace=20, own_group=False, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.STDOUT) as server:
         _wait_healthy(url, server)
         from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -10,41 +10,55 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-def start(cmd: list[str], **popen) -> subprocess.Popen:
-    """`subprocess.Popen` in a new session, so the process and everything it spawns form one group."""
-    return subprocess.Popen(cmd, start_new_session=True, **popen)
+def start(cmd: list[str], own_group: bool = True, **popen) -> subprocess.Popen:
+    """`subprocess.Popen` in a new session, so the process and everything it spawns form one group.
+    `own_group=False` keeps it in the caller's group instead: a helper that must go down with its
+    caller (Ctrl-C in the terminal, or a kill of the caller's group, reaches it too)."""
+    return subprocess.Popen(cmd, start_new_session=own_group, **popen)
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
     """`sig` (SIGTERM) to the process group, SIGKILL to it if the leader has not exited within
-    `grace` seconds. Returns the exit code (None if it could not be reaped)."""
+    `grace` seconds (only to the process itself when it shares the caller's group). Returns the
+    exit code (None if it could not be reaped)."""
     if proc is None:
         return None
-    pgid = proc.pid  # started with start_new_session: the group outlives its leader while members remain
+    own = _leads_group(proc)
+
+    def send(s: int) -> None:
+        try:
+            os.killpg(proc.pid, s) if own else proc.send_signal(s)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     if proc.poll() is None:
-        _signal_group(pgid, sig)
+        send(sig)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-    _signal_group(pgid, signal.SIGKILL)  # stragglers of the group (a worker's own children) go too
+    if own or proc.poll() is None:
+        send(signal.SIGKILL)  # stragglers of its group (a worker's own children) go too
     try:
         return proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         return None
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def _leads_group(proc: subprocess.Popen) -> bool:
+    """Started with start_new_session: its group id is its pid (the group outlives the leader
+    while members remain)."""
     try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return proc.pid != os.getpgid(0)  # reaped: assume our own `start` default (a new group)
 
 
 @contextmanager
-def running(cmd: list[str], grace: float = 10.0, sig: int = signal.SIGTERM, **popen) -> Iterator[subprocess.Popen]:
+def running(cmd: list[str], grace: float = 10.0, sig: int = signal.SIGTERM, own_group: bool = True,
+            **popen) -> Iterator[subprocess.Popen]:
     """The process for the duration of the block, stopped (see `stop`) however the block ends."""
-    proc = start(cmd, **popen)
+    proc = start(cmd, own_group, **popen)
     try:
         yield proc
     finally:

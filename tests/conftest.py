@@ -13,6 +13,8 @@ os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# every process the tests start inherits this: found at the end even if its parent died (orphans)
+os.environ["INCSEG_TEST_SESSION"] = _STATE.name
 
 import pytest  # noqa: E402
 
@@ -40,15 +42,26 @@ def base_model(tmp_path_factory):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """No process outlives the suite: a child of the test session still alive at the end fails
-    the run, named, and is killed. (multiprocessing's resource tracker ends with its parent.)"""
+    """No process outlives the suite: a process the session started (a descendant, or an orphan
+    carrying the session's INCSEG_TEST_SESSION marker) still alive at the end fails the run, named,
+    and is killed. (multiprocessing's resource tracker ends with its parent.)"""
     import time
 
     import psutil
 
+    me = psutil.Process()
+
+    def ours(proc: psutil.Process) -> bool:  # a descendant, or an orphan that inherited the marker
+        try:
+            return proc.environ().get("INCSEG_TEST_SESSION") == os.environ["INCSEG_TEST_SESSION"]
+        except psutil.Error:
+            return False
+
     def leftovers() -> list[psutil.Process]:
         alive = []
-        for child in psutil.Process().children(recursive=True):
+        candidates = {p.pid: p for p in me.children(recursive=True)}
+        candidates.update({p.pid: p for p in psutil.process_iter() if p.pid != me.pid and ours(p)})
+        for child in candidates.values():
             try:
                 if child.is_running() and child.status() != psutil.STATUS_ZOMBIE and \
                         "resource_tracker" not in " ".join(child.cmdline()):
