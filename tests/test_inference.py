@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import fault_params, free_port, make_workspace, wait_http
+from incseg import processes
 from incseg.cli import app
 from incseg.data.layout import find_pairs, read_image, read_mask
 from incseg.inference import segment
@@ -80,11 +81,11 @@ def test_mlflow_models_serve_answers_an_image_with_its_mask(champion, tmp_path):
     port = free_port()
     bin_dir = os.path.dirname(sys.executable)  # the scoring server is `uvicorn` from the same venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": ws.tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                             f"models:/{ws.params.model.name}@champion", "--env-manager", "local",
-                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{ws.params.model.name}@champion",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    # its own group: the scoring server (uvicorn) is a child of `mlflow models serve` and goes with it
+    with (tmp_path / "serve.log").open("w") as log, \
+            processes.running(command, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
         url = f"http://127.0.0.1:{port}/invocations"
         png = httpx.post(url, json={"dataframe_records": [{"image": encode_png(pair.image)}]}, timeout=60)
@@ -92,10 +93,6 @@ def test_mlflow_models_serve_answers_an_image_with_its_mask(champion, tmp_path):
         rgb = read_image(pair.image)
         array = httpx.post(url, json={"inputs": rgb.tolist()}, timeout=60)
         assert array.status_code == 200, array.text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
     expected = segment(loaded.model, rgb, ws.params.data.image_size)
     for response in (png, array):
         (mask,) = [np.array(m) for m in response.json()["predictions"]]
