@@ -164,7 +164,17 @@ def test_exemplar_index_reader(data):
 @FUZZ
 @given(st.one_of(st.binary(max_size=200), yaml_values.map(lambda v: json.dumps(v).encode())))
 def test_cached_profile_reader_recomputes_what_it_cannot_read(data):
-    assert read_cached_profile(written(data, "profiles/b.json")) is None or True  # never raises
+    profile = read_cached_profile(written(data, "profiles/b.json"))  # damaged: None (recomputed), never raises
+    assert profile is None or (isinstance(profile.class_share, list) and isinstance(profile.images, int))
+
+
+def test_a_valid_cached_profile_is_read_back():
+    from dataclasses import asdict
+
+    from incseg.validation.history import BatchProfile
+
+    good = BatchProfile("b", "fp", 3, ["ab"], [0.9, 0.1], 120.0, 4.0)
+    assert read_cached_profile(written(json.dumps(asdict(good)).encode(), "profiles/b.json")) == good
 
 
 # ---- the same damage through the CLI: one line naming the file, exit 1 -------------------------
