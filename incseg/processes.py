@@ -14,7 +14,9 @@ def start(cmd: list[str], own_group: bool = True, **popen) -> subprocess.Popen:
     """`subprocess.Popen` in a new session, so the process and everything it spawns form one group.
     `own_group=False` keeps it in the caller's group instead: a helper that must go down with its
     caller (Ctrl-C in the terminal, or a kill of the caller's group, reaches it too)."""
-    return subprocess.Popen(cmd, start_new_session=own_group, **popen)
+    proc = subprocess.Popen(cmd, start_new_session=own_group, **popen)
+    proc.own_group = own_group  # how `stop` must signal it
+    return proc
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
@@ -23,7 +25,7 @@ def stop(proc: subprocess.Popen | None, grace: float = 10.0, sig: int = signal.S
     exit code (None if it could not be reaped)."""
     if proc is None:
         return None
-    own = _leads_group(proc)
+    own = getattr(proc, "own_group", True)  # its group id is its pid; the group outlives the leader
 
     def send(s: int) -> None:
         try:
@@ -43,15 +45,6 @@ def stop(proc: subprocess.Popen | None, grace: float = 10.0, sig: int = signal.S
         return proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         return None
-
-
-def _leads_group(proc: subprocess.Popen) -> bool:
-    """Started with start_new_session: its group id is its pid (the group outlives the leader
-    while members remain)."""
-    try:
-        return os.getpgid(proc.pid) == proc.pid
-    except ProcessLookupError:
-        return proc.pid != os.getpgid(0)  # reaped: assume our own `start` default (a new group)
 
 
 @contextmanager

@@ -31,41 +31,39 @@ def toy_objective(logits, images, target, annotated):
     return torch.nn.functional.cross_entropy(logits, target)
 
 
-def test_training_stops_when_validation_stops_improving_and_keeps_the_best_weights():
+def train_on_scores(scores: list[float], budget: Budget):
+    """Train a toy model whose validation scores are given; (model, result, weights at each evaluation)."""
     torch.manual_seed(0)
-    model = build_model("unet", 2, 4)
-    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # best at the 2nd evaluation, then two without gain
-    snapshots = {}
+    model, marks, snapshots = build_model("unet", 2, 4), iter(scores), {}
 
     def on_eval(point, m):
         snapshots[point.step] = {k: v.clone() for k, v in m.state_dict().items()}
 
-    budget = Budget(max_steps=100, min_steps=0, eval_every=5, patience=2, decays=0)
-    result = train(model, toy_loader(), toy_objective, budget, lr=1e-2, validate=lambda m: next(scores),
+    result = train(model, toy_loader(), toy_objective, budget, lr=1e-2, validate=lambda m: next(marks),
                    on_eval=on_eval, progress=False)
+    return model, result, snapshots
+
+
+def same_weights(model, snapshot) -> bool:
+    kept = model.state_dict()
+    return all(torch.equal(kept[k], snapshot[k]) for k in kept)
+
+
+def test_training_stops_when_validation_stops_improving_and_keeps_the_best_weights():
+    # best at the 2nd evaluation, then two without gain
+    model, result, snapshots = train_on_scores([0.5, 0.7, 0.6, 0.65, 0.9, 0.95],
+                                               Budget(max_steps=100, min_steps=0, eval_every=5, patience=2, decays=0))
     assert [e.step for e in result.evals] == [5, 10, 15, 20]
     assert result.stopped == "converged" and result.best_step == 10
-    kept = model.state_dict()
-    assert all(torch.equal(kept[k], snapshots[10][k]) for k in kept)
-    assert not all(torch.equal(kept[k], snapshots[20][k]) for k in kept)
+    assert same_weights(model, snapshots[10]) and not same_weights(model, snapshots[20])
 
 
 def test_a_plateau_lowers_the_learning_rate_from_the_best_weights_before_stopping():
-    torch.manual_seed(0)
-    model = build_model("unet", 2, 4)
-    scores = iter([0.5, 0.4, 0.3, 0.2])
-    snapshots = {}
-
-    def on_eval(point, m):
-        snapshots[point.step] = {k: v.clone() for k, v in m.state_dict().items()}
-
-    budget = Budget(max_steps=100, eval_every=5, patience=1, decays=1, decay_factor=0.1)
-    result = train(model, toy_loader(), toy_objective, budget, lr=1e-2, validate=lambda m: next(scores),
-                   on_eval=on_eval, progress=False)
+    model, result, snapshots = train_on_scores([0.5, 0.4, 0.3, 0.2], Budget(
+        max_steps=100, eval_every=5, patience=1, decays=1, decay_factor=0.1))
     assert result.lr_decays == 1 and result.stopped == "converged"
     assert [e.step for e in result.evals] == [5, 10, 15] and result.best_step == 5
-    kept = model.state_dict()
-    assert all(torch.equal(kept[k], snapshots[5][k]) for k in kept)
+    assert same_weights(model, snapshots[5])
 
 
 def test_min_steps_hold_off_the_early_stop_and_max_steps_end_it():
