@@ -16,16 +16,19 @@ from typer.core import TyperGroup
 from incseg.config import ConfigError, Workspace
 from incseg.data.layout import DataError, list_batches
 from incseg.datastore import StoreError
-from incseg.registry import RegistryError
-from incseg.training import DivergenceError
 
 
 class Failure(Exception):
     """An expected failure (bad input, missing champion, unknown version)."""
 
 
-EXPECTED_FAILURES: tuple[type[Exception], ...] = (Failure, ConfigError, DataError, RegistryError, StoreError,
-                                                  DivergenceError)
+def expected_failures() -> tuple[type[Exception], ...]:
+    """The errors that end a command with one line. Imported on demand: `--help` and the light
+    commands don't pay for MLflow and torch."""
+    from incseg.registry import RegistryError
+    from incseg.training import DivergenceError
+
+    return Failure, ConfigError, DataError, RegistryError, StoreError, DivergenceError
 
 
 class _Group(TyperGroup):
@@ -34,7 +37,9 @@ class _Group(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except EXPECTED_FAILURES as err:
+        except Exception as err:
+            if not isinstance(err, expected_failures()):
+                raise
             Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {err}", highlight=False)
             raise typer.Exit(1) from None
 
@@ -444,7 +449,6 @@ def bench(
 ) -> None:
     """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
     (--inference); print and write tables."""
-    import json
     import sys
 
     from rich.markdown import Markdown
@@ -470,16 +474,9 @@ def bench(
     if unknown:
         raise Failure(f"unknown strategies {sorted(unknown)}; choose from {', '.join(b.STRATEGIES)}")
     scenario = b.run_scenario(params, chosen, console)
-    summ = b.summary(scenario)
-    name = f"continual-{params.synth.style}" + ("-quick" if quick else "")
-    command = "incseg bench" + (" --quick" if quick else "") + f" --style {params.synth.style}"
-    text = b.markdown(scenario, summ, params.continual.strategy, command, params.synth.style)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(text + f"\n![plot]({name}.png)\n")
-    (out / f"{name}.json").write_text(json.dumps(summ, indent=2))
-    b.plot(scenario, out / f"{name}.png")
+    path, text = b.write(scenario, params, out, quick)
     console.print(Markdown(text))
-    console.print(f"written: {out / name}.md, .json, .png  (python {sys.version.split()[0]})")
+    console.print(f"written: {path}.md, .json, .png  (python {sys.version.split()[0]})")
 
 
 def bench_scale(ws: Workspace, quick: bool, out: Path) -> None:

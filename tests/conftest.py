@@ -15,6 +15,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # every process the tests start inherits this: found at the end even if its parent died (orphans)
 os.environ["INCSEG_TEST_SESSION"] = _STATE.name
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 
@@ -41,6 +43,16 @@ def base_model(tmp_path_factory):
     return ws, model, result
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`), the tests that share a module-scoped fixture go to one
+    worker, so the fixture (a bootstrapped workspace, a trained champion) is built once."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for name in (defs.names_closure if defs else ()) for d in defs.name2fixturedefs.get(name, ())}
+        if "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """No process outlives the suite: a process the session started (a descendant, or an orphan
     carrying the session's INCSEG_TEST_SESSION marker) still alive at the end fails the run, named,
@@ -49,6 +61,8 @@ def pytest_sessionfinish(session, exitstatus):
 
     import psutil
 
+    if session.config.pluginmanager.hasplugin("dsession"):
+        return  # the xdist controller starts only its workers; each worker checks what it started
     me = psutil.Process()
 
     def ours(proc: psutil.Process) -> bool:  # a descendant, or an orphan that inherited the marker

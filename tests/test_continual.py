@@ -64,15 +64,25 @@ def test_memory_stays_bounded_and_class_balanced(stream_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
-    out = tmp_path / "results"
-    result = CliRunner().invoke(app, ["-C", str(tmp_path), "bench", "--quick", "--out", str(out),
-                                      "--strategies", "naive,replay+distill"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((out / "continual-shapes-quick.json").read_text())
+def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
+    """The benchmark's scenario at test size (tiny budgets; `incseg bench --quick` is the larger
+    smoke run): naive forgets visibly, replay+distill far less (both looks: 25-30 vs <0 points)."""
+    from helpers import tiny_params
+    from incseg.bench import continual as b
+
+    params = tiny_params(synth={"new_classes": 1}, train={
+        "bootstrap_max_steps": 240, "bootstrap_min_steps": 120, "update_max_steps": 120, "update_min_steps": 60})
+    scenario = b.run_scenario(params, ("naive", "replay+distill"), ceiling_check=False)
+    path, text = b.write(scenario, params, tmp_path / "results", quick=True)
+    summary = json.loads(path.with_suffix(".json").read_text())
     naive, ours = summary["naive"], summary["replay+distill"]
-    assert ours["forgetting_points"] < naive["forgetting_points"]
-    assert naive["forgetting_points"] > 5  # naive visibly forgets
+    assert naive["forgetting_points"] > 10  # naive visibly forgets
+    assert ours["forgetting_points"] < naive["forgetting_points"] - 10
     assert ours["miou_all"] > naive["miou_all"]
-    assert (out / "continual-shapes-quick.png").stat().st_size > 1000
-    assert "Accuracy matrix: replay+distill" in (out / "continual-shapes-quick.md").read_text()
+    assert path.with_suffix(".png").stat().st_size > 1000
+    assert "Accuracy matrix: replay+distill" in text and path.with_suffix(".md").read_text().startswith(text)
+
+
+def test_bench_names_an_unknown_strategy(tmp_path):
+    result = CliRunner().invoke(app, ["-C", str(tmp_path), "bench", "--quick", "--strategies", "naive,magic"])
+    assert result.exit_code == 1 and "unknown strategies ['magic']" in result.output

@@ -259,3 +259,19 @@ def plot(s: Scenario, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write(s: Scenario, params: Params, out: Path, quick: bool) -> tuple[Path, str]:
+    """`continual-<look>[-quick]` .md (table + plot), .json (summary) and .png under `out`."""
+    import json
+
+    style = params.synth.style
+    name = f"continual-{style}" + ("-quick" if quick else "")
+    command = "incseg bench" + (" --quick" if quick else "") + f" --style {style}"
+    summ = summary(s)
+    text = markdown(s, summ, params.continual.strategy, command, style)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text + f"\n![plot]({name}.png)\n")
+    (out / f"{name}.json").write_text(json.dumps(summ, indent=2))
+    plot(s, out / f"{name}.png")
+    return out / name, text

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_killed_update_leaves_registry_untouched_and_resumes(champion_ws, stream_dir):
     from flows.watch import watch_registry
 
-    ws = set_params(champion_ws, fault_params(update_max_steps=160, update_min_steps=160, eval_every=8))
+    ws = set_params(champion_ws, fault_params(update_max_steps=80, update_min_steps=80, eval_every=8))
     add_data(ws, stream_dir / "registry" / "batch-01")
     reg = ModelRegistry(ws)
     before_aliases, before_versions = reg.aliases(), [str(v.version) for v in reg.versions()]
