@@ -14,9 +14,11 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	mkdir -p .make && rm -f .make/installed-* && touch $@
 
-# One pytest-xdist worker per core (at most 4); pytest's exit code 5 (no tests collected) counts as a failure.
+# pytest-xdist: TEST_WORKERS processes, each module on one worker (its module fixtures built once); most tests
+# wait on servers and subprocesses, so 3 workers keep 2 cores busy. Exit code 5 (no tests collected) is a failure.
+TEST_WORKERS ?= 3
 test: $(STAMP)
-	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -n auto --maxprocesses 4 --dist loadgroup; rc=$$?; \
+	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)

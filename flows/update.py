@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
 
 from incseg.config import Workspace
+from incseg.metrics import report_metrics
+from incseg.pipeline import clear_scratch
 from incseg.training import DivergenceError
-from incseg.update import UpdateResult, clear_scratch, metric_dict
 from flows.validation import batch_file_table
 from tasks.update import (
+    check_batch,
     close_orphaned_runs,
     evaluate_candidate,
     finish_run,
@@ -21,10 +24,26 @@ from tasks.update import (
     start_run,
     train_base,
     train_candidate,
-    validate_batch,
 )
 
 FAILPOINT_ENV = "INCSEG_FAILPOINT"
+
+
+@dataclass
+class UpdateResult:
+    """What an update decided, with the numbers behind it."""
+
+    batch_id: str
+    status: str  # promoted | rejected | invalid | diverged
+    reason: str
+    candidate_version: str | None = None
+    champion_before: str | None = None
+    champion_after: str | None = None
+    run_id: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class InjectedFault(RuntimeError):
@@ -74,7 +93,7 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Train the first model on one batch and make it version 1, `champion`."""
     ws = Workspace(workspace)
     close_orphaned_runs(ws)
-    checked = validate_batch(ws, batch_id, batch_file_table(ws, batch_id))
+    checked = check_batch(ws, batch_id, batch_file_table(ws, batch_id))
     if checked.batch is None:
         return rejected_batch(ws, "bootstrap", checked, None)
     batch = checked.batch
@@ -88,7 +107,7 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     finish_run(ws, run_id, judgement.decision.status, judgement.decision.reason)
     clear_scratch(ws, run_id, batch, None)
     return UpdateResult(batch_id, "promoted", judgement.decision.reason, attempt.version, None, champion, run_id,
-                        metric_dict("candidate", judgement.candidate))
+                        report_metrics("candidate", judgement.candidate))
 
 
 @flow(name="incremental-update")
@@ -98,7 +117,7 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
     ws = Workspace(workspace)
     close_orphaned_runs(ws)
     champion = load_champion(ws)
-    checked = validate_batch(ws, batch_id, batch_file_table(ws, batch_id))
+    checked = check_batch(ws, batch_id, batch_file_table(ws, batch_id))
     if checked.batch is None:
         return rejected_batch(ws, "update", checked, champion.version)
     batch = checked.batch
@@ -117,6 +136,6 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
     finish_run(ws, run_id, decision.status, decision.reason)
     clear_scratch(ws, run_id, batch, champion.version)
     log.info("batch %s: %s (%s)", batch_id, decision.status, decision.reason)
-    metrics = {**metric_dict("candidate", judgement.candidate), **metric_dict("champion", judgement.champion)}
+    metrics = {**report_metrics("candidate", judgement.candidate), **report_metrics("champion", judgement.champion)}
     return UpdateResult(batch_id, decision.status, decision.reason, attempt.version, champion.version, after, run_id,
                         metrics)

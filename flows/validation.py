@@ -14,7 +14,7 @@ from prefect import flow, unmapped
 
 from incseg.config import ConfigError, ValidationParams, Workspace
 from incseg.data.layout import read_classes
-from incseg.update import batch_root
+from incseg.pipeline import batch_root
 from incseg.validation.table import assemble, file_entries, shards
 from tasks.validation import extract_rows
 

@@ -12,11 +12,10 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
-from flows.update import bootstrap, incremental_update
+from flows.update import UpdateResult, bootstrap, incremental_update
 from incseg import ledger, processes
 from incseg.config import Workspace
 from incseg.registry import ModelRegistry
-from incseg.update import UpdateResult
 from tasks.update import registry_task
 
 

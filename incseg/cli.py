@@ -135,7 +135,6 @@ def watch(
     quiet_prefect()
     from flows.watch import watch_registry
     from incseg.registry import ModelRegistry
-    from incseg.update import champion_metrics
 
     ws = workspace(ctx)
     results = watch_registry(str(ws.root))
@@ -144,7 +143,7 @@ def watch(
     for r in results:
         print_result(r)
     if metrics is not None:
-        write_json(ws.path(metrics), champion_metrics(ModelRegistry(ws)))
+        write_json(ws.path(metrics), ModelRegistry(ws).champion_metrics())
 
 
 @app.command()
@@ -263,7 +262,6 @@ def bootstrap(
     quiet_prefect()
     from flows.update import bootstrap as bootstrap_flow
     from incseg.registry import ModelRegistry
-    from incseg.update import champion_metrics
 
     ws = workspace(ctx)
     reg = ModelRegistry(ws)
@@ -276,7 +274,7 @@ def bootstrap(
             raise Failure(f"no batches in {ws.registry_dir}: run `incseg data add`")
         print_result(bootstrap_flow(batch_id or batches[0], str(ws.root)))
     if metrics is not None:
-        write_json(ws.path(metrics), champion_metrics(reg))
+        write_json(ws.path(metrics), reg.champion_metrics())
 
 
 @app.command("update")
@@ -390,15 +388,18 @@ def export(
     """Export a version (default: the champion) to ONNX, check it with ONNX Runtime on the
     holdout, and log it to the version."""
     from incseg.export import MIN_AGREEMENT
+    from incseg.pipeline import export_checked
     from incseg.registry import ModelRegistry
-    from incseg.update import export_version
 
     if fmt != "onnx":
         raise Failure(f"unknown --format {fmt!r}; supported: onnx")
     quiet_prefect()
     ws = workspace(ctx)
     reg = ModelRegistry(ws)
-    path, check = export_version(ws, reg, reg.resolve(version), ws.path(out))
+    loaded = reg.load(reg.resolve(version), ws.runs_dir / "models")
+    path, check = export_checked(ws, loaded.model, loaded.classes, ws.path(out) / f"{reg.name}-v{loaded.version}.onnx")
+    if check.ok:
+        reg.log_onnx(loaded, path, check)
     console.print(f"{path}: argmax agreement {check.agreement:.4%} on {check.pixels} holdout pixels, "
                   f"max abs logit difference {check.max_abs_diff:.2e}")
     if not check.ok:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -23,7 +23,16 @@ class Section(BaseModel):
 class DataParams(Section):
     root: str = "data"
     image_size: int = Field(64, ge=16, description="side length images are resized to for training")
-    ignore_index: int = 255
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed_ignore_label(cls, values):
+        """`ignore_index` was a setting; 255 is the only ignore label (VOC's and Cityscapes' too)."""
+        if isinstance(values, dict) and "ignore_index" in values:
+            values = dict(values)
+            if values.pop("ignore_index") != 255:
+                raise ValueError("ignore_index is no longer a setting: masks mark ignored pixels with 255")
+        return values
 
 
 class SynthParams(Section):

@@ -8,8 +8,6 @@ import torch
 
 from incseg import dist
 
-IGNORE = 255
-
 
 class ConfusionMatrix:
     """Rows: ground truth, columns: prediction; label 255 (and any id >= n) is skipped."""
@@ -71,3 +69,10 @@ def iou_report(cm: ConfusionMatrix, old: Iterable[int], new: Iterable[int], name
         "pixel_accuracy": cm.pixel_accuracy(),
         "in_scope": old + new,
     }
+
+
+def report_metrics(prefix: str, report: dict) -> dict[str, float]:
+    """An `iou_report` as flat metric names: `<prefix>.miou`, `<prefix>.iou.<class>` (NaN/None left out)."""
+    out = {f"{prefix}.{k}": float(report[k]) for k in ("miou", "miou_old", "miou_new", "hiou") if report[k] == report[k]}
+    out.update({f"{prefix}.iou.{n}": float(v) for n, v in report["per_class"].items() if v is not None})
+    return out

@@ -1,11 +1,13 @@
-"""The steps of a bootstrap and of an incremental update, as plain functions.
-
-Prefect tasks wrap these one to one; tests and benchmarks call them directly.
+"""The learning steps of a bootstrap and of an incremental update, as plain functions: check a
+batch, train (from scratch or from the champion), judge on the holdout. No registry writes here
+(those are `incseg.registry`'s); Prefect tasks compose the two, tests and benchmarks call these
+directly.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,16 @@ from incseg.config import Params, TrainParams, Workspace
 from incseg.continual.memory import ExemplarMemory
 from incseg.continual.strategies import make_objective, training_set, uses_distillation
 from incseg.data.dataset import SegmentationFolder, eval_transforms, train_transforms
-from incseg.data.layout import BatchInfo, DataError, Pair, find_pairs, read_classes
-from incseg.metrics import ConfusionMatrix, mean_iou
+from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, read_classes
+from incseg.datastore import safe_batch_id
+from incseg.gate import Decision, decide
+from incseg.lineage import batch_hash
+from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
 from incseg.models import build_model, expand_classes, num_classes, param_groups
 from incseg.training import (Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device, seed_everything,
                              split_validation, train)
+from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
+from incseg.validation.history import earlier_profiles
 
 
 @dataclass
@@ -43,6 +50,66 @@ class Batch:
     @property
     def classes(self) -> list[int]:
         return sorted(set(self.info.classes) | {0})
+
+
+@dataclass
+class CheckedBatch:
+    """A validated batch: the report, GX's raw result, and the trainable part (None if rejected)."""
+
+    root: Path
+    report: ValidationReport
+    gx_result: dict
+    batch: Batch | None
+
+
+def batch_root(ws: Workspace, batch_id: str) -> Path:
+    """The batch's folder in the registry; refuses links and unknown ids."""
+    root = ws.registry_dir / safe_batch_id(batch_id)
+    if root.is_symlink():
+        raise DataError(f"{root} is a symbolic link: batches must be real folders of the registry")
+    if not root.is_dir():
+        raise DataError(f"no batch '{batch_id}' in {ws.registry_dir}")
+    return root
+
+
+def check_batch(ws: Workspace, batch_id: str, table=None) -> CheckedBatch:
+    """Run the GX suite on the batch; quarantine failing pairs; keep the rest for training.
+    `table` is the batch's file table when it was extracted in parallel shards."""
+    root = batch_root(ws, batch_id)
+    n = len(read_classes(ws.classes_file))
+    earlier = earlier_profiles(ws.registry_dir, batch_id, n, ws.runs_dir / "profiles")
+    report, table, raw = validate_batch(root, n, ws.params.validation, earlier, table)
+    quarantine(report, table, ws.quarantine_dir / batch_id)
+    if report.rejected:
+        return CheckedBatch(root, report, raw, None)
+    pairs = valid_pairs(table, report)
+    if (root / "batch.yaml").exists():
+        info = BatchInfo.read(root)
+    else:  # annotated classes: the label ids found in the valid masks
+        ids = {int(i) for v in table[table["stem"].isin(report.valid_stems)]["label_ids"] for i in str(v).split(",")}
+        info = BatchInfo(batch_id, classes=sorted(ids - {IGNORE}))
+    return CheckedBatch(root, report, raw, Batch(batch_id, root, pairs, info))
+
+
+def scratch_dir(ws: Workspace, batch: Batch, champion_version: str | None) -> Path:
+    """Where a training attempt keeps its resumable checkpoint: one folder per (batch content,
+    champion), so a retry of the same update resumes and anything else starts afresh."""
+    kind = f"update-{batch.batch_id}-v{champion_version}" if champion_version else f"bootstrap-{batch.batch_id}"
+    return ws.runs_dir / f"{kind}-{batch_hash(batch.root)[-12:]}"
+
+
+def clear_scratch(ws: Workspace, run_id: str, batch: Batch | None, champion_version: str | None) -> None:
+    """Once a verdict is published nothing needs resuming: drop the checkpoint and the run's files."""
+    if batch is not None:
+        shutil.rmtree(scratch_dir(ws, batch, champion_version), ignore_errors=True)
+    shutil.rmtree(ws.runs_dir / run_id, ignore_errors=True)
+
+
+def refresh_memory(ws: Workspace, memory: ExemplarMemory, batch: Batch, run_id: str) -> ExemplarMemory:
+    """The candidate's memory: the champion's plus this batch, written to the run's scratch."""
+    p = ws.params.continual
+    out = ws.runs_dir / run_id / "memory"
+    return memory.refreshed(batch.pairs, batch.batch_id, batch.classes, p.memory_size, out, ws.params.train.seed)
 
 
 def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:
@@ -144,3 +211,51 @@ def train_candidate(
         description=f"update {batch.batch_id} ({strategy})",
     )
     return student.cpu(), result
+
+
+@dataclass
+class Judgement:
+    """The gate's decision with the holdout reports (`metrics.iou_report`) and matrices behind it."""
+
+    decision: Decision
+    candidate: dict
+    champion: dict
+    matrices: dict[str, ConfusionMatrix]
+
+    def record(self) -> dict:
+        """decision.json: the verdict and both reports, JSON-clean (NaN as null)."""
+        import json
+
+        def clean(report: dict) -> dict:
+            return json.loads(json.dumps(report, default=float).replace("NaN", "null"))
+
+        return {**self.decision.to_dict(), "candidate": clean(self.candidate), "champion": clean(self.champion) or None}
+
+
+def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch: Batch) -> Judgement:
+    """Evaluate both models on the holdout with the same code and scope, then apply the gate.
+
+    Without a champion (bootstrap) the candidate is promoted and its numbers recorded.
+    """
+    names = read_classes(ws.classes_file)
+    old = list(range(num_classes(champion))) if champion is not None else []
+    new = [c for c in batch.classes if c not in old]
+    cms = {"candidate": holdout_matrix(ws, candidate)}
+    if champion is not None:
+        cms["champion"] = holdout_matrix(ws, champion)
+    reports = {k: iou_report(cm, old, new, names) for k, cm in cms.items()}
+    if champion is None:
+        reason = f"bootstrap: first model, holdout mIoU {reports['candidate']['miou']:.3f}"
+        return Judgement(Decision(True, reason), reports["candidate"], {}, cms)
+    decision = decide(reports["candidate"], reports["champion"], old, new, names, ws.params.gate)
+    return Judgement(decision, reports["candidate"], reports["champion"], cms)
+
+
+def export_checked(ws: Workspace, model: nn.Module, classes: dict[int, str], out: Path):
+    """The model as an ONNX file, checked against PyTorch on the holdout: (path, `export.OnnxCheck`)."""
+    from incseg.export import check_onnx, export_onnx
+
+    path = export_onnx(model, out, ws.params.data.image_size, classes)
+    holdout = holdout_set(ws, len(read_classes(ws.classes_file)))
+    loader = make_loader(holdout, ws.params.eval.batch_size, shuffle=False)
+    return path, check_onnx(path, model, (x for x, _, _ in loader))

@@ -56,3 +56,29 @@ def running(cmd: list[str], grace: float = 10.0, sig: int = signal.SIGTERM, own_
         yield proc
     finally:
         stop(proc, grace, sig)
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a piece of work: host, pid and the pid's start time (pids are reused)."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return {"owner_host": socket.gethostname(), "owner_pid": str(me.pid), "owner_started": f"{me.create_time():.3f}"}
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    """False only when the owner named by `owner_tags` is provably gone: on this host and no longer
+    running. Work owned by another host (or without owner tags) is assumed alive."""
+    import socket
+
+    import psutil
+
+    if tags.get("owner_host") != socket.gethostname() or not tags.get("owner_pid"):
+        return True
+    try:
+        proc = psutil.Process(int(tags["owner_pid"]))
+        return f"{proc.create_time():.3f}" == tags.get("owner_started") and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
+        return False

@@ -1,4 +1,5 @@
 """MLflow tracking and Model Registry: runs, versions, lineage tags and the `champion` alias.
+Every write to MLflow goes through `ModelRegistry` (the layers above never call the client).
 
 The serving model is the version behind the alias `champion`; a candidate carries
 `challenger` while it is judged. Every version keeps a plain, pickle-free checkpoint
@@ -24,7 +25,11 @@ from torch import nn
 
 from incseg.config import Workspace
 from incseg.continual.memory import ExemplarMemory
+from incseg.metrics import report_metrics
 from incseg.models import load_checkpoint, save_checkpoint
+from incseg.pipeline import CheckedBatch, Judgement
+from incseg.processes import owner_alive
+from incseg.training import TrainResult
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT = "checkpoint/model.pt"
@@ -111,6 +116,68 @@ class ModelRegistry:
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
+
+    def log_validation(self, run_id: str, checked: CheckedBatch) -> None:
+        """The batch's validation report (JSON + markdown) and GX's raw result, under `validation/`."""
+        self.client.log_dict(run_id, checked.report.to_dict(), "validation/report.json")
+        self.client.log_text(run_id, checked.report.markdown(), "validation/report.md")
+        self.client.log_dict(run_id, checked.gx_result, "validation/gx_result.json")
+
+    def record_training(self, run_id: str, result: TrainResult) -> None:
+        """How training went: steps, best step, why it stopped, images seen, seconds."""
+        tags = {"resumed_from_step": result.resumed_from, "world_size": result.world_size, "steps": result.steps,
+                "best_step": result.best_step, "stopped": result.stopped or "max_steps",
+                "lr_decays": result.lr_decays}
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+        self.client.log_metric(run_id, "images_processed", result.images_processed)
+        self.client.log_metric(run_id, "train_seconds", result.seconds)
+
+    def log_judgement(self, run_id: str, j: Judgement, figures: dict[str, Any]) -> None:
+        """Per-class IoU metrics of both models, decision.json, and the figures (path -> matplotlib figure)."""
+        import matplotlib.pyplot as plt
+
+        champion = report_metrics("champion", j.champion) if j.champion else {}
+        for k, v in {**report_metrics("candidate", j.candidate), **champion}.items():
+            self.client.log_metric(run_id, k, v)
+        self.client.log_dict(run_id, j.record(), "decision.json")
+        for path, fig in figures.items():
+            self.client.log_figure(run_id, fig, path)
+            plt.close(fig)  # long-running watchers must not accumulate open figures
+
+    def publish(self, run_id: str, version: str, j: Judgement) -> str | None:
+        """Record the verdict on the version; move `champion` only on promotion. Returns the champion after."""
+        metrics = {"candidate_miou": f"{j.candidate['miou']:.4f}"}
+        if j.champion:
+            metrics["champion_miou"] = f"{j.champion['miou']:.4f}"
+        self.judge(version, j.decision.status, j.decision.reason, metrics)
+        if j.decision.promote:
+            self.set_champion(version, j.decision.reason)
+        self.client.set_tag(run_id, "outcome", j.decision.status)
+        self.client.set_tag(run_id, "model_version", version)
+        champion = self.champion()
+        return str(champion.version) if champion else None
+
+    def finish_run(self, run_id: str, outcome: str, reason: str, failed: bool = False) -> None:
+        """The run's `outcome` and `reason` tags (the ledger reads them), then close it."""
+        self.client.set_tag(run_id, "outcome", outcome)
+        self.client.set_tag(run_id, "reason", reason[:4900])
+        self.end_run(run_id, failed=failed)
+
+    def close_orphaned_runs(self) -> list[str]:
+        """Runs left RUNNING by a killed update (SIGKILL, power loss) are marked KILLED with a reason,
+        so the UI shows no phantom runs. Only runs whose owning process is provably dead are touched."""
+        closed = []
+        for run in self.running_runs():
+            if owner_alive(run.data.tags):
+                continue
+            reason = (f"killed: process {run.data.tags.get('owner_pid')} on {run.data.tags.get('owner_host')} "
+                      "ended before the run finished")
+            self.client.set_tag(run.info.run_id, "outcome", "killed")
+            self.client.set_tag(run.info.run_id, "reason", reason)
+            self.end_run(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+        return closed
 
     def ledger(self) -> dict[tuple[str, str], str]:
         """(batch_id, data_hash) -> outcome of every finished update or bootstrap run.
@@ -273,3 +340,24 @@ class ModelRegistry:
         except (MlflowException, OSError):
             memory = ExemplarMemory.empty()
         return LoadedModel(str(mv.version), model, classes, memory, run_id)
+
+    def log_onnx(self, loaded: LoadedModel, path: Path, check) -> None:
+        """An ONNX export that agreed with PyTorch (`export.OnnxCheck`): logged to the version's run
+        under `onnx/` and named in the version's tags."""
+        from incseg.export import check_record
+
+        for f in (path, path.with_name("classes.json")):
+            self.client.log_artifact(loaded.run_id, str(f), "onnx")
+        self.client.log_dict(loaded.run_id, check_record(check), "onnx/check.json")
+        for k, v in {"onnx": f"onnx/{path.name}", "onnx_argmax_agreement": f"{check.agreement:.6f}",
+                     "onnx_max_abs_diff": f"{check.max_abs_diff:.3g}"}.items():
+            self.client.set_model_version_tag(self.name, loaded.version, k, v)
+
+    def champion_metrics(self) -> dict:
+        """The serving version and its holdout IoU, as recorded on its run (for metrics.json)."""
+        mv = self.champion()
+        if mv is None:
+            return {"champion_version": None}
+        metrics = self.client.get_run(mv.tags.get("run_id") or mv.run_id).data.metrics
+        return {"champion_version": str(mv.version), "batch_id": mv.tags.get("batch_id"),
+                **{k[len("candidate."):]: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("candidate.")}}

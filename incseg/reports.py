@@ -11,8 +11,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from incseg.data.layout import IGNORE, Pair, read_image, read_mask  # noqa: E402
+from incseg.config import Workspace  # noqa: E402
+from incseg.data.dataset import eval_transforms  # noqa: E402
+from incseg.data.layout import IGNORE, Pair, find_pairs, read_classes, read_image, read_mask  # noqa: E402
 from incseg.metrics import ConfusionMatrix  # noqa: E402
+from incseg.pipeline import Judgement  # noqa: E402
 
 PALETTE = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
@@ -71,3 +74,14 @@ def preview_figure(models: dict[str, nn.Module], pairs: list[Pair], transform) -
             ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def review_figures(ws: Workspace, j: Judgement, models: dict[str, nn.Module]) -> dict[str, plt.Figure]:
+    """What a reviewer looks at in the run: the candidate's confusion matrix and holdout overlays."""
+    figures = {"plots/confusion_candidate.png": confusion_figure(j.matrices["candidate"], read_classes(ws.classes_file))}
+    pairs = find_pairs(ws.holdout_dir)
+    step = max(1, len(pairs) // max(1, ws.params.eval.preview_images))
+    preview = pairs[::step][: ws.params.eval.preview_images]
+    if preview:
+        figures["plots/holdout_preview.png"] = preview_figure(models, preview, eval_transforms(ws.params.data.image_size))
+    return figures

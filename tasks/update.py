@@ -1,4 +1,5 @@
-"""Prefect tasks of bootstrap and update: one retryable unit each, logic in `incseg.update`."""
+"""Prefect tasks of bootstrap and update: one retryable unit each. Each composes the learning
+steps (`incseg.pipeline`) with the registry's writes (`incseg.registry`); no logic of its own."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import functools
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from incseg import launch, pipeline, update
+from incseg import launch, pipeline
 from incseg.continual.memory import ExemplarMemory
 from incseg.config import Workspace
 from incseg.data.layout import DataError
+from incseg.lineage import lineage_tags
+from incseg.pipeline import Batch, CheckedBatch, Judgement
+from incseg.processes import owner_tags
+from incseg.reports import review_figures
 from incseg.registry import LoadedModel, ModelRegistry, RegistryError, RegistryUnavailable, reachable
 from incseg.training import DivergenceError
 
@@ -43,9 +48,9 @@ def registry_task(fn):
 
 
 @task(cache_policy=NO_CACHE)
-def validate_batch(ws: Workspace, batch_id: str, table=None) -> update.CheckedBatch:
+def check_batch(ws: Workspace, batch_id: str, table=None) -> CheckedBatch:
     """Great Expectations suite over the batch's file table; bad pairs go to quarantine/<batch_id>/."""
-    return update.check_batch(ws, batch_id, table)
+    return pipeline.check_batch(ws, batch_id, table)
 
 
 @registry_task
@@ -55,53 +60,63 @@ def load_champion(ws: Workspace) -> LoadedModel:
 
 
 @registry_task
-def start_run(ws: Workspace, kind: str, checked: update.CheckedBatch, parent: str | None) -> str:
-    return update.start_run(ModelRegistry(ws), kind, checked, parent)
-
-
-@task(cache_policy=NO_CACHE)
-def train_base(ws: Workspace, batch: pipeline.Batch, run_id: str):
+def start_run(ws: Workspace, kind: str, checked: CheckedBatch, parent: str | None) -> str:
+    """An MLflow run for the batch: params, lineage and owner tags, the validation report."""
+    batch = checked.batch
+    lineage = lineage_tags(checked.report.batch_id, checked.root, batch.classes if batch else None, parent)
     reg = ModelRegistry(ws)
-    scratch = update.scratch_dir(ws, batch, None)
-    model, result = launch.train_step(ws, reg, run_id, batch, scratch / "train.pt")
-    update.record_training(reg, run_id, result)
-    return model, update.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id)
+    run_id = reg.start_run(f"{kind}-{checked.report.batch_id}",
+                           {"incseg.kind": kind, "outcome": "running", **lineage, **owner_tags()}, ws.params.flat())
+    reg.log_validation(run_id, checked)
+    return run_id
 
 
 @task(cache_policy=NO_CACHE)
-def train_candidate(ws: Workspace, champion: LoadedModel, batch: pipeline.Batch, run_id: str):
+def train_base(ws: Workspace, batch: Batch, run_id: str):
+    reg = ModelRegistry(ws)
+    scratch = pipeline.scratch_dir(ws, batch, None)
+    model, result = launch.train_step(ws, reg, run_id, batch, scratch / "train.pt")
+    reg.record_training(run_id, result)
+    return model, pipeline.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id)
+
+
+@task(cache_policy=NO_CACHE)
+def train_candidate(ws: Workspace, champion: LoadedModel, batch: Batch, run_id: str):
     """Continue the champion on the batch. Resumes from the last checkpoint of an interrupted
     attempt at the same (batch content, champion) pair."""
     reg = ModelRegistry(ws)
-    scratch = update.scratch_dir(ws, batch, champion.version)
+    scratch = pipeline.scratch_dir(ws, batch, champion.version)
     model, result = launch.train_step(ws, reg, run_id, batch, scratch / "train.pt", champion.model, champion.memory)
-    update.record_training(reg, run_id, result)
-    return model, update.refresh_memory(ws, champion.memory, batch, run_id)
+    reg.record_training(run_id, result)
+    return model, pipeline.refresh_memory(ws, champion.memory, batch, run_id)
 
 
 @registry_task
 def close_orphaned_runs(ws: Workspace) -> list[str]:
     """Runs a killed update left RUNNING are closed KILLED (their owner is provably gone)."""
-    return update.close_orphaned_runs(ModelRegistry(ws))
+    return ModelRegistry(ws).close_orphaned_runs()
 
 
 @registry_task
-def register_candidate(ws: Workspace, run_id: str, model, memory, batch: pipeline.Batch, parent: str | None) -> str:
-    return update.log_candidate(ws, ModelRegistry(ws), run_id, model, memory, update.lineage_tags(batch, parent))
+def register_candidate(ws: Workspace, run_id: str, model, memory, batch: Batch, parent: str | None) -> str:
+    """Log the model, its checkpoint and memory, and register it as a pending `challenger`."""
+    reg = ModelRegistry(ws)
+    uri = reg.log_model(run_id, model, pipeline.class_names(ws, model), memory, ws.params.data.image_size)
+    return str(reg.register(run_id, uri, lineage_tags(batch.batch_id, batch.root, batch.classes, parent)).version)
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_candidate(ws: Workspace, run_id: str, candidate, champion, batch: pipeline.Batch) -> update.Judgement:
+def evaluate_candidate(ws: Workspace, run_id: str, candidate, champion, batch: Batch) -> Judgement:
     """Both models on the holdout, the gate's decision, and the pictures for reviewers."""
-    judgement = update.judge(ws, candidate, champion, batch)
+    judgement = pipeline.judge(ws, candidate, champion, batch)
     models = {"candidate": candidate} if champion is None else {"champion": champion, "candidate": candidate}
-    update.log_judgement(ws, ModelRegistry(ws), run_id, judgement, models)
+    ModelRegistry(ws).log_judgement(run_id, judgement, review_figures(ws, judgement, models))
     return judgement
 
 
 @registry_task
-def publish_verdict(ws: Workspace, run_id: str, version: str, judgement: update.Judgement) -> str | None:
-    return update.publish(ModelRegistry(ws), run_id, version, judgement)
+def publish_verdict(ws: Workspace, run_id: str, version: str, judgement: Judgement) -> str | None:
+    return ModelRegistry(ws).publish(run_id, version, judgement)
 
 
 @registry_task
@@ -111,5 +126,4 @@ def finish_run(ws: Workspace, run_id: str, outcome: str, reason: str, failed: bo
     reg = ModelRegistry(ws)
     if version is not None:
         reg.judge(version, outcome, reason, {})
-    update.record_outcome(reg, run_id, outcome, reason)
-    reg.end_run(run_id, failed=failed)
+    reg.finish_run(run_id, outcome, reason, failed=failed)

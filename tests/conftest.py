@@ -15,7 +15,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # every process the tests start inherits this: found at the end even if its parent died (orphans)
 os.environ["INCSEG_TEST_SESSION"] = _STATE.name
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs several workers on few cores: one torch thread each
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
@@ -44,13 +44,9 @@ def base_model(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`), the tests that share a module-scoped fixture go to one
-    worker, so the fixture (a bootstrapped workspace, a trained champion) is built once."""
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {d.scope for name in (defs.names_closure if defs else ()) for d in defs.name2fixturedefs.get(name, ())}
-        if "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """The slow tests first (a stable sort: each module's order is kept), so that under pytest-xdist
+    (`make test`: `--dist loadscope`, one module per worker at a time) no long test is left for last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,15 +1,34 @@
 """The layers point one way and the core has no Prefect in it: import-linter's contracts
 (pyproject.toml, tool.importlinter) on the real import graph, so a cycle cannot come back."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).with_name("lint-imports")
+
+
+def lint(root: Path) -> subprocess.CompletedProcess:
+    """lint-imports on the packages under `root` (not whatever the virtualenv has installed)."""
+    return subprocess.run([str(LINT), "--no-cache"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
 
 
 def test_import_contracts_are_kept():
-    lint = Path(sys.executable).with_name("lint-imports")
-    proc = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = lint(ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "3 kept, 0 broken" in proc.stdout
+
+
+def test_a_reverse_import_breaks_the_contract(tmp_path):
+    for part in ("incseg", "flows", "tasks", "pyproject.toml"):
+        src = ROOT / part
+        (shutil.copytree(src, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy(src, tmp_path / part))
+    metrics = tmp_path / "incseg" / "metrics.py"
+    metrics.write_text(metrics.read_text() + "\nfrom incseg import pipeline  # noqa: E402 - points up\n")
+    proc = lint(tmp_path)
+    assert proc.returncode != 0 and "incseg.metrics -> incseg.pipeline" in proc.stdout, proc.stdout[-3000:]

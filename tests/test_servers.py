@@ -1,12 +1,9 @@
-"""Shared servers for real: an `mlflow server` over HTTP, a Prefect server with a process work pool."""
+"""A shared tracking server for real: the update flows against an `mlflow server` over HTTP."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -16,7 +13,6 @@ from incseg import processes
 from incseg.config import Params
 from incseg.registry import ModelRegistry
 
-PROJECT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
@@ -57,43 +53,3 @@ def test_update_runs_against_an_mlflow_tracking_server(tmp_path, mlflow_server, 
     served = {p.name for p in (store / "artifacts").rglob("*") if p.is_file()}
     assert {"model.pt", "decision.json", "report.json"} <= served
     assert ModelRegistry(ws).uri == url
-
-
-def test_prefect_yaml_deploys_the_watcher_to_a_process_work_pool(tmp_path, stream_dir):
-    """prefect.yaml → `prefect deploy` on a local `prefect server`; a process worker runs the watcher."""
-    from incseg.config import Workspace
-    from incseg.datastore import add_data, init_workspace
-
-    root = tmp_path / "ws"
-    init_workspace(root)
-    ws = set_params(Workspace(root), fault_params(bootstrap_max_steps=12, bootstrap_min_steps=12))
-    add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
-    add_data(ws, stream_dir / "registry" / "batch-00")
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": url,
-           "INCSEG_CODE_DIR": str(PROJECT), "INCSEG_WORKSPACE": str(root),
-           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # the worker polls every 15 s by default
-    prefect = [sys.executable, "-m", "prefect"]
-    with ExitStack() as stack:  # unwinds in reverse: the worker stops before the server
-        server_log = stack.enter_context((tmp_path / "server.log").open("w"))
-        worker_log = stack.enter_context((tmp_path / "worker.log").open("w"))
-        server = stack.enter_context(processes.running(
-            prefect + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            grace=15, env=env, stdout=server_log, stderr=subprocess.STDOUT))
-        wait_http(f"{url}/health", server, timeout=180)
-
-        def cli(*args: str) -> str:
-            proc = subprocess.run(prefect + list(args), env=env, cwd=PROJECT, capture_output=True, text=True,
-                                  timeout=300)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            return proc.stdout
-
-        cli("work-pool", "create", "incseg", "--type", "process")
-        cli("--no-prompt", "deploy", "--all")
-        stack.enter_context(processes.running(prefect + ["worker", "start", "--pool", "incseg"], grace=15,
-                                              env=env, cwd=tmp_path, stdout=worker_log, stderr=subprocess.STDOUT))
-        out = cli("deployment", "run", "watch-registry/watch", "--watch", "--watch-timeout", "300")
-        assert "Completed" in out, out
-        assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]

@@ -28,7 +28,7 @@ def test_hostile_batch_ids_are_refused(champion_ws, stream_dir, batch_id):
 
 
 def test_symlinked_batch_folder_is_refused(champion_ws, tmp_path, stream_dir):
-    from incseg.update import check_batch
+    from incseg.pipeline import check_batch
 
     outside = tmp_path / "outside"
     shutil.copytree(stream_dir / "registry" / "batch-01", outside)
@@ -42,7 +42,7 @@ def test_symlinked_batch_folder_is_refused(champion_ws, tmp_path, stream_dir):
 
 
 def test_symlinked_files_inside_a_batch_are_not_followed(champion_ws, stream_dir, tmp_path):
-    from incseg.update import check_batch
+    from incseg.pipeline import check_batch
 
     batch = champion_ws.registry_dir / "batch-08-links"
     shutil.copytree(stream_dir / "registry" / "batch-02", batch)
