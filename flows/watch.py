@@ -64,15 +64,21 @@ def has_champion(ws: Workspace) -> bool:
 
 
 @flow(name="watch-registry")
-def watch_registry(workspace: str = ".") -> list[UpdateResult]:
-    """Read the registry's data version from DVC, then update on each unprocessed batch, oldest first."""
+def watch_registry(workspace: str = ".", batch_id: str | None = None, event_time: str | None = None
+                   ) -> list[UpdateResult]:
+    """Read the registry's data version from DVC, then update on each unprocessed batch, oldest first.
+    Run by an `incseg.batch.registered` event: `batch_id` (only that batch) and the event's time,
+    recorded on the update's run as latency."""
+    started = time.time()
     log = get_run_logger()
     ws = Workspace(workspace)
     for name in ledger.untracked(ws):
-        log.warning("batch %s is not tracked by DVC (run `incseg data add`); ignored", name)
-    todo = find_pending(ws)
+        log.warning("batch %s is not tracked by DVC, so not registered (bring batches in with `incseg data add`); "
+                    "ignored", name)
+    todo = [item for item in find_pending(ws) if batch_id is None or item.batch_id == batch_id]
     if not todo:
-        log.info("no new data version in %s: nothing to do", ws.registry_dir)
+        log.info("no new data version in %s%s: nothing to do", ws.registry_dir,
+                 f" for batch {batch_id}" if batch_id else "")
         return []
     results = []
     for item in todo:
@@ -82,7 +88,14 @@ def watch_registry(workspace: str = ".") -> list[UpdateResult]:
                 continue
             run = incremental_update if has_champion(ws) else bootstrap
             results.append(run(item.batch_id, str(ws.root)))
+        if event_time and results[-1].run_id:
+            record_latency(ws, results[-1].run_id, event_time, started)
     return results
+
+
+@registry_task
+def record_latency(ws: Workspace, run_id: str, event_time: str, started: float) -> dict[str, float]:
+    return ModelRegistry(ws).record_latency(run_id, event_time, started)
 
 
 @contextmanager
@@ -121,14 +134,27 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> N
 
 
 def serve_watcher(ws: Workspace) -> None:
-    """Serve the watcher on the schedule from params (interval or cron); overlapping runs are cancelled."""
+    """Serve the watcher twice: on the schedule from params (interval or cron; an overlapping tick is
+    cancelled), and on every `incseg.batch.registered` event of this model (that batch, at once).
+    Both go through the update lock and the ledger: one version per (batch, data hash)."""
+    from prefect import serve
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-    s = ws.params.schedule
-    watch_registry.serve(
-        name=f"watch-{ws.params.model.name}",
-        interval=None if s.cron else s.interval_seconds,
-        cron=s.cron,
+    from flows.events import EVENT, resource_prefix
+
+    s, name = ws.params.schedule, ws.params.model.name
+    scheduled = watch_registry.to_deployment(
+        name=f"watch-{name}", interval=None if s.cron else s.interval_seconds, cron=s.cron,
         parameters={"workspace": str(ws.root)},
-        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
     )
+    on_event = watch_registry.to_deployment(
+        name=f"on-data-{name}", parameters={"workspace": str(ws.root)},
+        triggers=[DeploymentEventTrigger(
+            name=f"incseg-{name}-new-data", expect={EVENT}, match={"prefect.resource.id": f"{resource_prefix(ws)}.*"},
+            parameters={"workspace": str(ws.root), "batch_id": "{{ event.payload.batch_id }}",
+                        "event_time": "{{ event.payload.registered_at }}"},
+        )],
+    )
+    serve(scheduled, on_event)

@@ -93,6 +93,7 @@ def data_synth(
     """Write the seeded synthetic class-incremental stream: holdout, batches, classes.yaml."""
     from incseg.config import SynthParams
     from incseg.data.synthetic import STYLES, synthesize
+    from incseg.datastore import dvc_remote, has_dvc, track_all
 
     ws = workspace(ctx)
     if style is not None and style not in STYLES:
@@ -105,6 +106,12 @@ def data_synth(
     for i in infos:
         table.add_row(i.batch_id, i.kind, ", ".join(map(str, i.classes)), ", ".join(map(str, i.new_classes)))
     console.print(table)
+    if out is None and has_dvc(ws.root):  # into the workspace: registered like `data add` does it
+        folders = [ws.holdout_dir, *(ws.registry_dir / i.batch_id for i in infos)]
+        track_all(ws.root, folders, f"data: synthetic stream ({p.style}, seed {p.seed})", [ws.classes_file])
+        console.print(f"registered with DVC: holdout and {len(infos)} batches (committed"
+                      f"{', pushed' if dvc_remote(ws.root) else ''})")
+        announce(ws, [i.batch_id for i in infos], required=False)
 
 
 @data_app.command("add")
@@ -121,9 +128,45 @@ def data_add(
     """Bring a batch into the DVC-tracked registry (dvc add, git commit, dvc push)."""
     from incseg.datastore import add_data
 
-    dst, info, h = add_data(workspace(ctx), src, batch_id, holdout=holdout, force=force, layout=layout,
-                            split=split, classes=classes)
+    ws = workspace(ctx)
+    dst, info, h = add_data(ws, src, batch_id, holdout=holdout, force=force, layout=layout, split=split,
+                            classes=classes)
     console.print(f"{dst.name}: {len(list((dst / 'masks').iterdir()))} pairs, classes {info.classes}, DVC {h}")
+    if not holdout:
+        announce(ws, [dst.name], required=False)
+
+
+@app.command()
+def notify(
+    ctx: typer.Context,
+    batch_ids: Annotated[list[str], typer.Argument(help="Registered batch ids (committed and pushed).")],
+) -> None:
+    """Emit `incseg.batch.registered` for batches already registered (a CI job, a git hook on
+    another machine): a served watcher updates on them at once. Needs PREFECT_API_URL."""
+    ws = workspace(ctx)
+    if not announce(ws, batch_ids, required=True):
+        raise Failure("no event sent: PREFECT_API_URL is not set (the ephemeral API runs no automations)")
+
+
+def announce(ws: Workspace, batch_ids: list[str], required: bool) -> bool:
+    """The data-version event for each batch; one line when it could not be sent. True if sent."""
+    from flows.events import batch_registered, server_url
+
+    if server_url() is None:
+        console.print("no event sent: PREFECT_API_URL is not set (the ephemeral API runs no automations); "
+                      "a served watcher finds the batch on its next scheduled tick")
+        return False
+    try:
+        for batch_id in batch_ids:
+            batch_registered(ws, batch_id)
+    except (OSError, RuntimeError, TimeoutError) as err:  # websockets' errors derive from these
+        message = f"event not sent to {server_url()}: {type(err).__name__}: {str(err)[:200]}"
+        if required:
+            raise Failure(message) from None
+        console.print(f"[yellow]warning:[/yellow] {message}; a served watcher finds the batch on its next tick")
+        return False
+    console.print(f"event incseg.batch.registered sent for {', '.join(batch_ids)}")
+    return True
 
 
 @app.command()
@@ -254,7 +297,7 @@ def print_result(result) -> None:
 @app.command()
 def bootstrap(
     ctx: typer.Context,
-    batch_id: Annotated[Optional[str], typer.Option(help="Batch to train on (default: the oldest).")] = None,
+    batch_id: Annotated[Optional[str], typer.Option(help="Batch to train on (default: the oldest registered).")] = None,
     if_missing: Annotated[bool, typer.Option("--if-missing", help="Do nothing when a champion exists.")] = False,
     metrics: Annotated[Optional[Path], typer.Option(help="Write the champion's metrics here (for DVC).")] = None,
 ) -> None:
@@ -269,9 +312,11 @@ def bootstrap(
     if if_missing and champion is not None:
         console.print(f"champion is version {champion.version}: nothing to bootstrap")
     else:
-        batches = list_batches(ws.registry_dir)
+        from incseg.ledger import registered
+
+        batches = list(registered(ws))
         if not batches:
-            raise Failure(f"no batches in {ws.registry_dir}: run `incseg data add`")
+            raise Failure(f"no registered batches in {ws.registry_dir}: run `incseg data add` or `incseg data synth`")
         print_result(bootstrap_flow(batch_id or batches[0], str(ws.root)))
     if metrics is not None:
         write_json(ws.path(metrics), reg.champion_metrics())

@@ -86,17 +86,29 @@ def track(root: Path, path: Path, message: str) -> str:
 
     Returns the folder's DVC content hash (md5 of its directory manifest).
     """
+    return track_all(root, [path], message)[0]
+
+
+def track_all(root: Path, paths: list[Path], message: str, also: list[Path] = ()) -> list[str]:
+    """`track` for several folders at once: one `dvc add`, one commit (with the files in `also`,
+    e.g. classes.yaml), one `dvc push`. Returns each folder's DVC content hash."""
     if not has_dvc(root):
         raise StoreError(f"{root} is not a DVC workspace: run `incseg init {root}` first")
-    rel = path.resolve().relative_to(root.resolve())
-    dvc(root, "add", "-q", str(rel))
-    dvc_file = rel.with_name(rel.name + ".dvc")
-    git(root, "add", str(dvc_file), str(rel.parent / ".gitignore"))
+    rels = [p.resolve().relative_to(root.resolve()) for p in paths]
+    dvc(root, "add", "-q", *map(str, rels))
+    dvc_files = [r.with_name(r.name + ".dvc") for r in rels]
+    ignores = sorted({str(r.parent / ".gitignore") for r in rels})
+    git(root, "add", *map(str, dvc_files), *ignores, *(str(p.resolve().relative_to(root.resolve())) for p in also))
     if _staged(root):
         git(root, "commit", "-q", "-m", message)
-    if dvc(root, "remote", "list").strip():
-        dvc(root, "push", "-q", str(dvc_file))
-    return dvc_hash(root / dvc_file)
+    if dvc_remote(root):
+        dvc(root, "push", "-q", *map(str, dvc_files))
+    return [dvc_hash(root / f) for f in dvc_files]
+
+
+def dvc_remote(root: Path) -> bool:
+    """Whether the workspace has a DVC remote to push to."""
+    return bool(dvc(root, "remote", "list").strip())
 
 
 def _staged(root: Path) -> bool:
@@ -156,7 +168,6 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
         dst = ws.registry_dir / safe_batch_id(batch_id or src.resolve().name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     info = import_batch(src, dst, layout, split, ws.classes_file)
-    if ws.classes_file.exists():
-        git(ws.root, "add", str(ws.classes_file.relative_to(ws.root)))
-    h = track(ws.root, dst, f"data: add {'holdout' if holdout else 'batch ' + dst.name}")
+    also = [ws.classes_file] if ws.classes_file.exists() else []
+    h = track_all(ws.root, [dst], f"data: add {'holdout' if holdout else 'batch ' + dst.name}", also)[0]
     return dst, info, h

@@ -20,7 +20,7 @@ from incseg.continual.memory import ExemplarMemory
 from incseg.continual.strategies import make_objective, training_set, uses_distillation
 from incseg.data.dataset import SegmentationFolder, eval_transforms, train_transforms
 from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, read_classes
-from incseg.datastore import safe_batch_id
+from incseg.datastore import has_dvc, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
@@ -69,6 +69,9 @@ def batch_root(ws: Workspace, batch_id: str) -> Path:
         raise DataError(f"{root} is a symbolic link: batches must be real folders of the registry")
     if not root.is_dir():
         raise DataError(f"no batch '{batch_id}' in {ws.registry_dir}")
+    if has_dvc(ws.root) and not root.with_name(root.name + ".dvc").exists():  # the rule of `ledger.registered`
+        raise DataError(f"batch '{batch_id}' in {ws.registry_dir} is not tracked by DVC, so it is not registered: "
+                        "bring batches in with `incseg data add SOURCE` (or `incseg data synth`)")
     return root
 
 

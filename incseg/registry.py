@@ -164,6 +164,22 @@ class ModelRegistry:
         self.client.set_tag(run_id, "reason", reason[:4900])
         self.end_run(run_id, failed=failed)
 
+    def record_latency(self, run_id: str, event_time: str, started: float) -> dict[str, float]:
+        """For an update a data event started: seconds from the event to the start of the flow run
+        that handled it (`started`, a Unix time) and to the verdict (the MLflow run's end), as
+        metrics; the event's time as a tag."""
+        from datetime import datetime
+
+        occurred = datetime.fromisoformat(event_time.replace("Z", "+00:00")).timestamp()
+        latency = {"latency.event_to_start_s": started - occurred}
+        end = self.client.get_run(run_id).info.end_time
+        if end:
+            latency["latency.event_to_verdict_s"] = end / 1000 - occurred
+        self.client.set_tag(run_id, "event_time", event_time)
+        for k, v in latency.items():
+            self.client.log_metric(run_id, k, round(v, 3))
+        return latency
+
     def close_orphaned_runs(self) -> list[str]:
         """Runs left RUNNING by a killed update (SIGKILL, power loss) are marked KILLED with a reason,
         so the UI shows no phantom runs. Only runs whose owning process is provably dead are touched."""
@@ -210,9 +226,15 @@ class ModelRegistry:
     def log_model(self, run_id: str, model: nn.Module, classes: dict[int, str], memory: ExemplarMemory,
                   image_size: int) -> str:
         """Log the plain checkpoint, the memory, and the pyfunc (images in, label masks out)."""
+        import warnings
+
         import torch
 
         import incseg
+
+        # MLflow suggests type hints on `predict`; its inputs are deliberately free-form (base64
+        # images or RGB arrays, see incseg.serving), so the hint is noise for our users
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
         from incseg.serving import CHECKPOINT_ARTIFACT
 
         with tempfile.TemporaryDirectory() as tmp:

@@ -201,14 +201,14 @@ def train(
                     best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
                 else:
                     waited += 1
-                if waited >= budget.patience and decays < budget.decays:  # a plateau: lower the LR, from the best
+                if step >= budget.max_steps:  # the budget is spent, plateau or not
+                    result.stopped = "max_steps"
+                elif waited >= budget.patience and decays < budget.decays:  # a plateau: lower the LR, from the best
                     decays, waited = decays + 1, 0
                     rate.scale = budget.decay_factor ** decays
                     model.load_state_dict(best_state)
                 elif step >= budget.min_steps and waited >= budget.patience:
                     result.stopped = "converged"
-                elif step >= budget.max_steps:
-                    result.stopped = "max_steps"
                 if checkpoint_path is not None and dist.is_main():
                     _save_state(checkpoint_path, model, opt, sched, result, budget,
                                 {"best": best, "best_state": best_state, "waited": waited, "epoch": epoch,

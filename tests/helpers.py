@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -28,10 +30,29 @@ def tiny_params(**sections) -> Params:
     return Params.model_validate(base)
 
 
+_EMPTY_STORE: list[Path] = []
+
+
+def seed_store(root: Path) -> Path:
+    """An empty MLflow SQLite store, already migrated, copied into the workspace: making one from
+    nothing runs MLflow's schema migrations (seconds), so each test process does that once."""
+    if not _EMPTY_STORE:
+        from mlflow import MlflowClient
+
+        db = Path(tempfile.mkdtemp(prefix="incseg-empty-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{db}").search_registered_models()
+        _EMPTY_STORE.append(db)
+    if not (root / "mlflow.db").exists():
+        shutil.copyfile(_EMPTY_STORE[0], root / "mlflow.db")
+    return root
+
+
 def make_workspace(root: Path, params: Params | None = None) -> Workspace:
     """A workspace folder with params.yaml and the tiny synthetic stream."""
     params = params or tiny_params()
     root.mkdir(parents=True, exist_ok=True)
+    if params.mlflow.tracking_uri == "sqlite:///mlflow.db":
+        seed_store(root)
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     ws = Workspace(root)
     synthesize(ws.data_dir, params.synth)

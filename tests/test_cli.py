@@ -2,6 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from incseg.cli import app
@@ -58,6 +59,37 @@ def test_data_synth_writes_the_layout(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "data" / "classes.yaml").exists()
     assert len(list((tmp_path / "data" / "registry" / "batch-00" / "images").glob("*.png"))) == 2
+
+
+@pytest.mark.slow
+def test_data_synth_into_a_workspace_registers_every_batch_and_one_rule_decides(tmp_path, prefect_api):
+    """In a DVC workspace a batch is registered once DVC tracks it, for every entry point alike."""
+    import shutil
+
+    from incseg.config import Workspace
+    from incseg.data.layout import DataError, list_batches
+    from incseg.ledger import registered, untracked
+    from incseg.pipeline import batch_root
+
+    assert runner.invoke(app, ["init", str(tmp_path / "ws")]).exit_code == 0
+    ws_root = tmp_path / "ws"
+    (ws_root / "params.yaml").write_text("synth: {size: 24, base_images: 2, step_images: 2, holdout_per_class: 1}\n")
+    result = runner.invoke(app, ["-C", str(ws_root), "data", "synth"])
+    assert result.exit_code == 0 and "registered with DVC" in result.output, result.output
+    ws = Workspace(ws_root)
+    assert list(registered(ws)) == list_batches(ws.registry_dir) and all(h.startswith("md5:") for h in registered(ws).values())
+    assert (ws.data_dir / "holdout.dvc").exists() and batch_root(ws, "batch-00") == ws.registry_dir / "batch-00"
+    log = subprocess.run(["git", "log", "--oneline"], cwd=ws_root, capture_output=True, text=True).stdout
+    assert "data: synthetic stream" in log
+    status = subprocess.run(["git", "status", "--porcelain", "data"], cwd=ws_root, capture_output=True, text=True).stdout
+    assert status.strip() == "", status  # classes.yaml, the .dvc files and .gitignore are committed
+
+    shutil.copytree(ws.registry_dir / "batch-00", ws.registry_dir / "copied")  # a folder dropped in by hand
+    assert untracked(ws) == ["copied"] and "copied" not in registered(ws)
+    with pytest.raises(DataError, match="not tracked by DVC"):
+        batch_root(ws, "copied")
+    refused = runner.invoke(app, ["-C", str(ws_root), "bootstrap", "--batch-id", "copied"])
+    assert refused.exit_code == 1 and "not tracked by DVC" in refused.output, refused.output
 
 
 def test_bad_params_fail_with_one_line_naming_the_key(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fault_params, set_params
+from helpers import fault_params, seed_store, set_params
 from incseg import processes
 from incseg.registry import ModelRegistry
 
@@ -26,7 +26,7 @@ def test_prefect_yaml_deploys_the_watcher_to_a_process_work_pool(tmp_path, strea
     from incseg.datastore import add_data, init_workspace
 
     root = tmp_path / "ws"
-    init_workspace(root)
+    seed_store(init_workspace(root))
     ws = set_params(Workspace(root), fault_params(bootstrap_max_steps=12, bootstrap_min_steps=12))
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
     add_data(ws, stream_dir / "registry" / "batch-00")

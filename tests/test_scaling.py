@@ -53,13 +53,14 @@ DDP = {"bootstrap_max_steps": 48, "bootstrap_min_steps": 48, "update_max_steps":
 
 @pytest.fixture(scope="module")
 def ddp_champion(tmp_path_factory, prefect_api):
-    """A workspace whose training runs under torchrun on 2 CPU processes, bootstrapped once."""
+    """A workspace whose updates train under torchrun on 2 CPU processes; the champion they start
+    from is bootstrapped once in this process (the updates are what is under test)."""
     from flows.update import bootstrap
 
-    ws = make_workspace(tmp_path_factory.mktemp("ddp") / "ws", tiny_params(train={**DDP, "distributed": {"nproc": 2}}))
+    ws = make_workspace(tmp_path_factory.mktemp("ddp") / "ws", tiny_params(train=DDP))
     boot = bootstrap("batch-00", str(ws.root))
     assert boot.status == "promoted" and boot.candidate_version == "1"
-    return ws
+    return set_params(ws, tiny_params(train={**DDP, "distributed": {"nproc": 2}}))
 
 
 def test_ddp_update_tracks_one_process_and_registers_one_version(ddp_champion, tmp_path):

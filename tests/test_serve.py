@@ -14,20 +14,24 @@ from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
 from incseg.registry import ModelRegistry
 
-from helpers import free_port, tiny_params
+from helpers import free_port, seed_store, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
-def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
-    """`incseg serve` starts a local Prefect server and the schedule picks up a new batch."""
+def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, stream_dir):
+    """`incseg serve` starts a local Prefect server; the schedule picks up the first batch; then
+    `incseg data add` announces the next one with an `incseg.batch.registered` event, which runs the
+    watcher on that batch through its deployment trigger. One version per batch, whoever gets there."""
     import signal
     import time
 
+    import httpx
+
     root = tmp_path / "ws"
-    init_workspace(root)
-    params = tiny_params(train={"bootstrap_max_steps": 12, "bootstrap_min_steps": 12},
-                         schedule={"interval_seconds": 3})
+    seed_store(init_workspace(root))
+    params = tiny_params(train={"bootstrap_max_steps": 12, "bootstrap_min_steps": 12, "update_max_steps": 12,
+                                "update_min_steps": 12, "eval_every": 12}, schedule={"interval_seconds": 30})
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
@@ -36,11 +40,46 @@ def test_serve_runs_the_watcher_on_its_schedule(tmp_path, stream_dir):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
            "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     env.pop("PREFECT_API_URL", None)
-    command = [sys.executable, "-m", "incseg", "-C", str(root), "serve", "--port", str(free_port())]
-    with (tmp_path / "serve.log").open("w") as log, \
-            processes.running(command, grace=20, sig=signal.SIGINT, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not ModelRegistry(ws).ledger():
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    command = [sys.executable, "-m", "incseg", "-C", str(root), "serve", "--port", str(port)]
+
+    def wait_for(what, predicate, proc, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not predicate():
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(1)
+        assert predicate(), f"{what} within {timeout:.0f} s\n" + (tmp_path / "serve.log").read_text()[-3000:]
+
+    with (tmp_path / "serve.log").open("w") as log, \
+            processes.running(command, grace=20, sig=signal.SIGINT, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
+        wait_for("the schedule's bootstrap", lambda: bool(ModelRegistry(ws).ledger()), proc)
         assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]
+
+        added = subprocess.run([sys.executable, "-m", "incseg", "-C", str(root), "data", "add",
+                                str(stream_dir / "registry" / "batch-01")], env={**env, "PREFECT_API_URL": api},
+                               capture_output=True, text=True, timeout=300)
+        assert added.returncode == 0 and "event incseg.batch.registered sent for batch-01" in added.stdout, \
+            added.stdout + added.stderr
+        wait_for("the update of batch-01", lambda: any(b == "batch-01" for b, _ in ModelRegistry(ws).ledger()), proc)
+
+        deployment = httpx.post(f"{api}/deployments/filter", json={
+            "deployments": {"name": {"any_": [f"on-data-{params.model.name}"]}}}).json()
+        assert len(deployment) == 1 and deployment[0]["schedules"] == []  # started by events only
+
+        def triggered() -> list[dict]:
+            return httpx.post(f"{api}/flow_runs/filter", json={
+                "flow_runs": {"deployment_id": {"any_": [deployment[0]["id"]]}}}).json()
+
+        wait_for("the run the event triggered", lambda: [r["state_type"] for r in triggered()] == ["COMPLETED"], proc,
+                 timeout=120)
+        runs = triggered()
+        assert runs[0]["parameters"]["batch_id"] == "batch-01"  # the trigger passed the payload on
+        assert runs[0]["parameters"]["event_time"]
+        events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": ["incseg.batch.registered"]}}}
+                            ).json()["events"]
+        assert [e["resource"]["prefect.resource.id"] for e in events] == [f"incseg.batch.{params.model.name}.batch-01"]
+        assert events[0]["payload"]["data_hash"] == ModelRegistry(ws).version("2").tags["data_hash"]
+    reg = ModelRegistry(ws)
+    assert [str(v.version) for v in reg.versions()] == ["1", "2"]  # the schedule's ticks found nothing more to do
+    assert sorted(b for b, _ in reg.ledger()) == ["batch-00", "batch-01"]

@@ -8,7 +8,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from helpers import fault_params, free_port, make_workspace, set_params, wait_http
+from helpers import fault_params, free_port, make_workspace, wait_http
 from incseg import processes
 from incseg.config import Params
 from incseg.registry import ModelRegistry
@@ -38,7 +38,7 @@ def test_update_runs_against_an_mlflow_tracking_server(tmp_path, mlflow_server, 
     url, store = mlflow_server
     params = fault_params().model_dump()
     params["mlflow"]["tracking_uri"] = url  # configuration alone moves the store
-    ws = set_params(make_workspace(tmp_path / "ws"), Params.model_validate(params))
+    ws = make_workspace(tmp_path / "ws", Params.model_validate(params))
     boot = bootstrap("batch-00", str(ws.root))
     upd = incremental_update("batch-01", str(ws.root))  # loads the champion back over HTTP
 

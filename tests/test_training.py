@@ -77,6 +77,13 @@ def test_min_steps_hold_off_the_early_stop_and_max_steps_end_it():
     assert result.stopped == "max_steps" and [e.step for e in result.evals] == [5, 10, 12]
 
 
+def test_max_steps_end_training_even_on_a_plateau_step():
+    """A plateau found at the last step must not buy an extra step with a lower LR."""
+    model, result, _ = train_on_scores([0.5, 0.4], Budget(max_steps=10, eval_every=5, patience=1, decays=2))
+    assert result.stopped == "max_steps" and result.steps == 10 and [e.step for e in result.evals] == [5, 10]
+    assert result.lr_decays == 0
+
+
 def test_a_nan_loss_stops_training():
     with pytest.raises(DivergenceError, match="loss became"):
         train(build_model("unet", 2, 4), toy_loader(), lambda *a: torch.tensor(float("nan"), requires_grad=True),

@@ -14,13 +14,13 @@ from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace, track
 from incseg.registry import ModelRegistry
 
-from helpers import fault_params
+from helpers import fault_params, seed_store
 
 
 @pytest.fixture(scope="module")
 def dvc_ws(tmp_path_factory, stream_dir):
     root = tmp_path_factory.mktemp("dvc-ws") / "ws"
-    init_workspace(root)
+    seed_store(init_workspace(root))
     (root / "params.yaml").write_text(yaml.safe_dump(fault_params().model_dump()))  # states, not quality
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")

@@ -15,7 +15,7 @@ from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
 from incseg.registry import ModelRegistry
 
-from helpers import fault_params
+from helpers import fault_params, seed_store
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def test_two_watch_processes_on_the_file_lock_process_each_batch_once(tmp_path, 
     """Two `incseg watch` CLI processes started together, each on its own ephemeral Prefect API, so
     the update lock is the OS file lock: every pending batch gets exactly one run and one version."""
     root = tmp_path / "ws"
-    init_workspace(root)
+    seed_store(init_workspace(root))
     (root / "params.yaml").write_text(yaml.safe_dump(fault_params().model_dump()))
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from helpers import fault_params
+from helpers import fault_params, seed_store
 from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
 
@@ -15,7 +15,7 @@ def champion_ws(tmp_path_factory, stream_dir, prefect_api):
     from flows.watch import watch_registry
 
     root = tmp_path_factory.mktemp("fault") / "ws"
-    init_workspace(root)
+    seed_store(init_workspace(root))
     (root / "params.yaml").write_text(yaml.safe_dump(fault_params().model_dump()))
     ws = Workspace(root)
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")

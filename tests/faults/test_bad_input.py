@@ -14,6 +14,8 @@ from incseg.data.synthetic import poison_batch
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
 
+from helpers import fault_params, make_workspace
+
 pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("batch_id", ["../outside", "/etc", "..", ".hidden", "a/b"])
@@ -41,22 +43,22 @@ def test_symlinked_batch_folder_is_refused(champion_ws, tmp_path, stream_dir):
         link.unlink()
 
 
-def test_symlinked_files_inside_a_batch_are_not_followed(champion_ws, stream_dir, tmp_path):
+def test_symlinked_files_inside_a_batch_are_not_followed(stream_dir, tmp_path):
+    """A batch folder placed in a plain workspace (no DVC, where every folder counts) with one image
+    replaced by a link to a system file: the link is named, not read, not copied to quarantine."""
     from incseg.pipeline import check_batch
 
-    batch = champion_ws.registry_dir / "batch-08-links"
+    ws = make_workspace(tmp_path / "plain", fault_params())
+    batch = ws.registry_dir / "batch-08-links"
     shutil.copytree(stream_dir / "registry" / "batch-02", batch)
     victim = sorted((batch / "images").iterdir())[0]
     victim.unlink()
     os.symlink("/etc/hostname", victim)
-    try:
-        checked = check_batch(champion_ws, "batch-08-links")
-        failure = next(f for f in checked.report.failures if f.stem == victim.stem)
-        assert failure.check == "image_readable" and "symbolic link" in failure.observed
-        assert victim.stem not in {p.stem for p in checked.batch.pairs}
-        assert not (champion_ws.quarantine_dir / "batch-08-links" / "images" / victim.name).exists()
-    finally:
-        shutil.rmtree(batch)
+    checked = check_batch(ws, "batch-08-links")
+    failure = next(f for f in checked.report.failures if f.stem == victim.stem)
+    assert failure.check == "image_readable" and "symbolic link" in failure.observed
+    assert victim.stem not in {p.stem for p in checked.batch.pairs}
+    assert not (ws.quarantine_dir / "batch-08-links" / "images" / victim.name).exists()
 
 
 def test_poisoned_batch_passes_validation_and_is_rejected_by_the_gate(champion_ws, tmp_path, stream_dir):
@@ -69,4 +71,8 @@ def test_poisoned_batch_passes_validation_and_is_rejected_by_the_gate(champion_w
     assert result.status == "rejected"
     assert "class_drop:" in result.reason and any(n in result.reason for n in ("'square'", "'circle'", "'background'"))
     assert not (ws.quarantine_dir / "batch-09-poisoned").exists()  # validation found nothing wrong
-    assert ModelRegistry(ws).aliases() == {"champion": "1"}
+    reg = ModelRegistry(ws)
+    assert reg.aliases() == {"champion": "1"}
+    mv = reg.version(result.candidate_version)  # registered, judged, never served
+    assert mv.tags["status"] == "rejected" and "class_drop:" in mv.tags["reason"]
+    assert result.metrics["candidate.miou"] < result.metrics["champion.miou"]
