@@ -226,15 +226,9 @@ class ModelRegistry:
     def log_model(self, run_id: str, model: nn.Module, classes: dict[int, str], memory: ExemplarMemory,
                   image_size: int) -> str:
         """Log the plain checkpoint, the memory, and the pyfunc (images in, label masks out)."""
-        import warnings
-
         import torch
 
         import incseg
-
-        # MLflow suggests type hints on `predict`; its inputs are deliberately free-form (base64
-        # images or RGB arrays, see incseg.serving), so the hint is noise for our users
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
         from incseg.serving import CHECKPOINT_ARTIFACT
 
         with tempfile.TemporaryDirectory() as tmp:

@@ -49,7 +49,9 @@ def _context():
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines say nothing a user can act on
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + \
+            ["great_expectations"]:  # GX sets INFO on some of its own loggers: lines a user cannot act on
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -49,6 +49,7 @@ def test_symlinked_files_inside_a_batch_are_not_followed(stream_dir, tmp_path):
     from incseg.pipeline import check_batch
 
     ws = make_workspace(tmp_path / "plain", fault_params())
+    shutil.rmtree(ws.registry_dir / "batch-02")  # else the copy below is a re-sent batch
     batch = ws.registry_dir / "batch-08-links"
     shutil.copytree(stream_dir / "registry" / "batch-02", batch)
     victim = sorted((batch / "images").iterdir())[0]
