@@ -44,10 +44,7 @@ def eval_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]
     def log(point: EvalPoint, model: nn.Module) -> None:
         miou = mean_iou(holdout_matrix(ws, model), scope)
         if dist.is_main():
-            reg.client.log_metric(run_id, "train_loss", point.loss, step=point.step)
-            if point.val_miou == point.val_miou:
-                reg.client.log_metric(run_id, "val_miou", point.val_miou, step=point.step)
-            reg.client.log_metric(run_id, "holdout_miou", miou, step=point.step)
+            reg.log_evaluation(run_id, point, miou)
 
     return log
 

@@ -29,7 +29,7 @@ from incseg.metrics import report_metrics
 from incseg.models import load_checkpoint, save_checkpoint
 from incseg.pipeline import CheckedBatch, Judgement
 from incseg.processes import owner_alive
-from incseg.training import TrainResult
+from incseg.training import EvalPoint, TrainResult
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT = "checkpoint/model.pt"
@@ -122,6 +122,14 @@ class ModelRegistry:
         self.client.log_dict(run_id, checked.report.to_dict(), "validation/report.json")
         self.client.log_text(run_id, checked.report.markdown(), "validation/report.md")
         self.client.log_dict(run_id, checked.gx_result, "validation/gx_result.json")
+
+    def log_evaluation(self, run_id: str, point: EvalPoint, holdout_miou: float) -> None:
+        """One evaluation during training: loss, validation-split mIoU (early stopping's signal) and
+        holdout mIoU (the gate's), at the optimizer step."""
+        self.client.log_metric(run_id, "train_loss", point.loss, step=point.step)
+        if point.val_miou == point.val_miou:
+            self.client.log_metric(run_id, "val_miou", point.val_miou, step=point.step)
+        self.client.log_metric(run_id, "holdout_miou", holdout_miou, step=point.step)
 
     def record_training(self, run_id: str, result: TrainResult) -> None:
         """How training went: steps, best step, why it stopped, images seen, seconds."""
