@@ -31,16 +31,14 @@ def server_url() -> str | None:
 
 def batch_registered(ws: Workspace, batch_id: str):
     """Emit `incseg.batch.registered` for a registered batch: resource `incseg.batch.<model>.<batch>`,
-    payload batch_id, data_hash, git revision, workspace and the registration time. Returns the
-    event, or None when no Prefect server is configured (nothing sent)."""
+    payload batch_id, data_hash, git revision, workspace and the registration time, to the Prefect
+    server at PREFECT_API_URL (callers check `server_url()` first). Returns the event."""
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
     data_hash = ledger.registered(ws).get(batch_id)
     if data_hash is None:
         raise DataError(f"batch '{batch_id}' is not registered in {ws.registry_dir} (bring it in with `incseg data add`)")
-    if server_url() is None:
-        return None
     try:
         revision = git(ws.root, "rev-parse", "HEAD").strip()
     except StoreError:  # a plain folder has no revision

@@ -143,18 +143,19 @@ def notify(
 ) -> None:
     """Emit `incseg.batch.registered` for batches already registered (a CI job, a git hook on
     another machine): a served watcher updates on them at once. Needs PREFECT_API_URL."""
-    ws = workspace(ctx)
-    if not announce(ws, batch_ids, required=True):
-        raise Failure("no event sent: PREFECT_API_URL is not set (the ephemeral API runs no automations)")
+    announce(workspace(ctx), batch_ids, required=True)
 
 
 def announce(ws: Workspace, batch_ids: list[str], required: bool) -> bool:
-    """The data-version event for each batch; one line when it could not be sent. True if sent."""
+    """The data-version event for each batch; one line when it could not be sent (a failure when
+    `required`). True if sent."""
     from flows.events import batch_registered, server_url
 
     if server_url() is None:
-        console.print("no event sent: PREFECT_API_URL is not set (the ephemeral API runs no automations); "
-                      "a served watcher finds the batch on its next scheduled tick")
+        message = "no event sent: PREFECT_API_URL is not set (the ephemeral API runs no automations)"
+        if required:
+            raise Failure(message)
+        console.print(f"{message}; a served watcher finds the batch on its next scheduled tick")
         return False
     try:
         for batch_id in batch_ids:

@@ -92,6 +92,13 @@ def test_data_synth_into_a_workspace_registers_every_batch_and_one_rule_decides(
     assert refused.exit_code == 1 and "not tracked by DVC" in refused.output, refused.output
 
 
+def test_notify_without_a_prefect_server_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["-C", str(tmp_path), "notify", "batch-00"])
+    assert result.exit_code == 1 and "PREFECT_API_URL is not set" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_bad_params_fail_with_one_line_naming_the_key(tmp_path):
     (tmp_path / "params.yaml").write_text("synth: {size: 3}\n")
     proc = subprocess.run([sys.executable, "-m", "incseg", "-C", str(tmp_path), "data", "synth"],
