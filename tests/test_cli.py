@@ -93,8 +93,11 @@ def test_data_synth_into_a_workspace_registers_every_batch_and_one_rule_decides(
 
 
 def test_notify_without_a_prefect_server_fails_in_one_line(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    result = runner.invoke(app, ["-C", str(tmp_path), "notify", "batch-00"])
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # not the session harness's API either
+        result = runner.invoke(app, ["-C", str(tmp_path), "notify", "batch-00"])
     assert result.exit_code == 1 and "PREFECT_API_URL is not set" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
 
