@@ -8,19 +8,25 @@ import sys
 import time
 from contextlib import contextmanager
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 from flows.update import UpdateResult, bootstrap, incremental_update
-from incseg import ledger, processes
+from incseg import datastore, ledger, processes
 from incseg.config import Workspace
 from incseg.registry import ModelRegistry
 from tasks.update import registry_task
 
 
 def lock_name(ws: Workspace) -> str:
-    return f"incseg-update-{ws.params.model.name}"
+    """One lock per registered model: its name in its tracking store (two workspaces with their own
+    stores share a Prefect server without waiting on each other)."""
+    import hashlib
+
+    store = hashlib.sha256(ws.tracking_uri.encode()).hexdigest()[:8]
+    return f"incseg-update-{ws.params.model.name}-{store}"
 
 
 @contextmanager
@@ -48,6 +54,13 @@ def update_lock(ws: Workspace):
         yield
 
 
+@task(cache_policy=NO_CACHE)
+def pull_registry(ws: Workspace) -> str | None:
+    """Data pushed from another machine: `git pull --ff-only` + `dvc pull` (no retries: a conflict
+    stays a conflict, and the next tick or event tries again)."""
+    return datastore.pull_registry(ws)
+
+
 @registry_task
 def find_pending(ws: Workspace) -> list[ledger.PendingBatch]:
     return ledger.pending(ws)
@@ -72,6 +85,10 @@ def watch_registry(workspace: str = ".", batch_id: str | None = None, event_time
     started = time.time()
     log = get_run_logger()
     ws = Workspace(workspace)
+    if ws.params.data.pull:
+        pulled = pull_registry(ws)
+        if pulled:
+            log.info("registry pulled from %s", pulled)
     for name in ledger.untracked(ws):
         log.warning("batch %s is not tracked by DVC, so not registered (bring batches in with `incseg data add`); "
                     "ignored", name)

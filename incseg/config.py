@@ -23,6 +23,8 @@ class Section(BaseModel):
 class DataParams(Section):
     root: str = "data"
     image_size: int = Field(64, ge=16, description="side length images are resized to for training")
+    pull: bool = Field(True, description="before each watch, bring the registry up to date from the workspace's "
+                                         "git upstream and DVC remote (`git pull --ff-only`, `dvc pull`)")
 
     @model_validator(mode="before")
     @classmethod

@@ -28,10 +28,15 @@ class StoreError(RuntimeError):
     """A git or DVC command failed; the message carries its output."""
 
 
-def run(cmd: list[str], cwd: Path) -> str:
+def run(cmd: list[str], cwd: Path, shown: list[str] | None = None) -> str:
+    """The command's stdout; a failure is a one-line `StoreError` naming the command as the user
+    would type it (`shown`) and what it said (its error lines). DVC's `-q` silences its errors too,
+    so DVC runs without it (the output is captured either way)."""
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise StoreError(f"`{' '.join(cmd)}` failed in {cwd}: {(proc.stderr or proc.stdout).strip()}")
+        lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+        said = " ".join([line for line in lines if line.lower().startswith(("error", "fatal"))] or lines)
+        raise StoreError(f"`{' '.join(shown or cmd)}` failed in {cwd}: {said[:400]}")
     return proc.stdout
 
 
@@ -39,11 +44,11 @@ def git(root: Path, *args: str) -> str:
     """git, with a fallback identity where none is configured (fresh CI machines)."""
     who = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True, text=True).stdout.strip()
     identity = [] if who else ["-c", "user.name=incseg", "-c", "user.email=incseg@localhost"]
-    return run(["git", *identity, *args], root)
+    return run(["git", *identity, *args], root, ["git", *args])
 
 
 def dvc(root: Path, *args: str) -> str:
-    return run([sys.executable, "-m", "dvc", *args], root)
+    return run([sys.executable, "-m", "dvc", *args], root, ["dvc", *args])
 
 
 PIPELINE_YAML = Path(__file__).parent / "templates" / "dvc.yaml"  # the one source of the DVC pipeline
@@ -91,19 +96,59 @@ def track(root: Path, path: Path, message: str) -> str:
 
 def track_all(root: Path, paths: list[Path], message: str, also: list[Path] = ()) -> list[str]:
     """`track` for several folders at once: one `dvc add`, one commit (with the files in `also`,
-    e.g. classes.yaml), one `dvc push`. Returns each folder's DVC content hash."""
+    e.g. classes.yaml), one `dvc push`, then `git push` where the branch has an upstream. Returns
+    each folder's DVC content hash."""
     if not has_dvc(root):
         raise StoreError(f"{root} is not a DVC workspace: run `incseg init {root}` first")
     rels = [p.resolve().relative_to(root.resolve()) for p in paths]
-    dvc(root, "add", "-q", *map(str, rels))
+    dvc(root, "add", *map(str, rels))
     dvc_files = [r.with_name(r.name + ".dvc") for r in rels]
     ignores = sorted({str(r.parent / ".gitignore") for r in rels})
     git(root, "add", *map(str, dvc_files), *ignores, *(str(p.resolve().relative_to(root.resolve())) for p in also))
     if _staged(root):
         git(root, "commit", "-q", "-m", message)
     if dvc_remote(root):
-        dvc(root, "push", "-q", *map(str, dvc_files))
+        dvc(root, "push", *map(str, dvc_files))
+    publish(root)
     return [dvc_hash(root / f) for f in dvc_files]
+
+
+def upstream(root: Path) -> str | None:
+    """The current branch's upstream (e.g. `origin/main`); None without one."""
+    proc = subprocess.run(["git", "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}"], cwd=root,
+                          capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def publish(root: Path) -> str | None:
+    """`git push` the registry's commits to the branch's upstream, so other machines see them
+    (`dvc push` has already stored the data). Returns the upstream, None without one."""
+    where = upstream(root)
+    if where is not None:
+        git(root, "push", "-q")
+    return where
+
+
+def pull_registry(ws: Workspace) -> str | None:
+    """Bring the registry up to date from other machines: `git pull --ff-only` from the branch's
+    upstream, then `dvc pull` of the registered batches and the holdout. Returns what changed in
+    one line, None when the workspace has no upstream. A divergence, a conflict or an unreachable
+    remote raises `StoreError` and leaves the checkout as it was."""
+    root = ws.root
+    if not has_dvc(root) or (where := upstream(root)) is None:
+        return None
+    before = git(root, "rev-parse", "HEAD").strip()
+    git(root, "pull", "--ff-only", "-q")  # never merges: a divergent history changes nothing
+    after = git(root, "rev-parse", "HEAD").strip()
+    targets = sorted(ws.registry_dir.glob("*.dvc")) + sorted(ws.data_dir.glob("*.dvc"))
+    try:
+        if targets and dvc_remote(root):
+            dvc(root, "pull", *map(str, targets))
+    except StoreError:
+        if after != before:
+            git(root, "reset", "-q", "--keep", before)  # the .dvc files back where their data is
+        raise
+    return f"{where}: {before[:8]} -> {after[:8]}" if after != before else f"{where}: up to date"
 
 
 def dvc_remote(root: Path) -> bool:

@@ -12,7 +12,11 @@ os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # `mlflow server` would start ~8 idle job consumers
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# never a developer's own Prefect server: only the run's shared test server (see pytest_configure)
+if os.environ.get("PREFECT_API_URL") != os.environ.get("INCSEG_TEST_PREFECT_API"):
+    os.environ.pop("PREFECT_API_URL", None)
 # every process the tests start inherits this: found at the end even if its parent died (orphans)
 os.environ["INCSEG_TEST_SESSION"] = _STATE.name
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs several workers on few cores: one torch thread each
@@ -99,9 +103,38 @@ def pytest_sessionfinish(session, exitstatus):
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+_SERVER = pytest.StashKey()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist one Prefect API serves the whole run: the controller starts it (Prefect's
+    own test-harness server process) and the workers, and every process they start, inherit
+    PREFECT_API_URL. One cold start instead of one per worker and one per CLI subprocess."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from helpers import free_port
+
+    server = SubprocessASGIServer(port=free_port())
+    config.stash[_SERVER] = server
+    server.start(timeout=180)
+    os.environ["PREFECT_API_URL"] = os.environ["INCSEG_TEST_PREFECT_API"] = server.api_url
+
+
+def pytest_unconfigure(config):
+    server = config.stash.get(_SERVER, None)
+    if server is not None:
+        server.stop()  # SIGTERM, SIGKILL after 5 s
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
-    """Prefect's real ephemeral API, started once per session (a cold start is slow)."""
+    """Prefect's real API: the run's shared server (xdist), or the ephemeral test harness started
+    once for this session (a cold start is slow)."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):

@@ -55,6 +55,11 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
             processes.running(command, grace=20, sig=signal.SIGINT, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
         wait_for("the schedule's bootstrap", lambda: bool(ModelRegistry(ws).ledger()), proc)
         assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]
+        # the schedule did its part: paused, its later ticks (a process each) don't compete with the event's run
+        scheduled = httpx.post(f"{api}/deployments/filter", json={
+            "deployments": {"name": {"any_": [f"watch-{params.model.name}"]}}}).json()
+        assert len(scheduled) == 1 and scheduled[0]["schedules"]
+        httpx.post(f"{api}/deployments/{scheduled[0]['id']}/pause_deployment").raise_for_status()
 
         added = subprocess.run([sys.executable, "-m", "incseg", "-C", str(root), "data", "add",
                                 str(stream_dir / "registry" / "batch-01")], env={**env, "PREFECT_API_URL": api},
@@ -81,5 +86,5 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
         assert [e["resource"]["prefect.resource.id"] for e in events] == [f"incseg.batch.{params.model.name}.batch-01"]
         assert events[0]["payload"]["data_hash"] == ModelRegistry(ws).version("2").tags["data_hash"]
     reg = ModelRegistry(ws)
-    assert [str(v.version) for v in reg.versions()] == ["1", "2"]  # the schedule's ticks found nothing more to do
+    assert [str(v.version) for v in reg.versions()] == ["1", "2"]  # one version per batch, whoever got there
     assert sorted(b for b, _ in reg.ledger()) == ["batch-00", "batch-01"]
