@@ -10,8 +10,10 @@ from prefect import flow, get_run_logger
 
 from incseg.config import Workspace
 from incseg.metrics import report_metrics
+from incseg.registry import AWAITING
 from incseg.pipeline import clear_scratch
 from incseg.training import DivergenceError
+from flows.review import await_review, champion_version
 from flows.validation import batch_file_table
 from tasks.update import (
     check_batch,
@@ -34,7 +36,7 @@ class UpdateResult:
     """What an update decided, with the numbers behind it."""
 
     batch_id: str
-    status: str  # promoted | rejected | invalid | diverged
+    status: str  # promoted | rejected | awaiting_approval | invalid | diverged
     reason: str
     candidate_version: str | None = None
     champion_before: str | None = None
@@ -44,6 +46,13 @@ class UpdateResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def run_tags() -> dict[str, str]:
+    """The Prefect flow run behind a version (a paused review is resumed through it)."""
+    from prefect.runtime import flow_run
+
+    return {"flow_run_id": str(flow_run.id)} if flow_run.id else {}
 
 
 class InjectedFault(RuntimeError):
@@ -103,7 +112,7 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
         attempt.version = register_candidate(ws, run_id, model, memory, batch, None)
         failpoint("after_register")
         judgement = evaluate_candidate(ws, run_id, model, None, batch)
-        champion = publish_verdict(ws, run_id, attempt.version, judgement)
+        _, champion = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
     finish_run(ws, run_id, judgement.decision.status, judgement.decision.reason)
     clear_scratch(ws, run_id, batch, None)
     return UpdateResult(batch_id, "promoted", judgement.decision.reason, attempt.version, None, champion, run_id,
@@ -128,14 +137,17 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
             attempt.version = register_candidate(ws, run_id, candidate, memory, batch, champion.version)
             failpoint("after_register")
             judgement = evaluate_candidate(ws, run_id, candidate, champion.model, batch)
-            after = publish_verdict(ws, run_id, attempt.version, judgement)
+            status, after = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
+            reason = judgement.decision.reason
+            if status == AWAITING:  # gate.approval: manual; a person decides
+                finish_run(ws, run_id, status, reason)
+                status, reason = await_review(ws, attempt.version)
+                after = champion_version(ws)
     except DivergenceError as err:  # recorded above; nothing was registered
         clear_scratch(ws, run_id, batch, champion.version)
         return UpdateResult(batch_id, "diverged", str(err), None, champion.version, champion.version, run_id)
-    decision = judgement.decision
-    finish_run(ws, run_id, decision.status, decision.reason)
+    finish_run(ws, run_id, status, reason)
     clear_scratch(ws, run_id, batch, champion.version)
-    log.info("batch %s: %s (%s)", batch_id, decision.status, decision.reason)
+    log.info("batch %s: %s (%s)", batch_id, status, reason)
     metrics = {**report_metrics("candidate", judgement.candidate), **report_metrics("champion", judgement.champion)}
-    return UpdateResult(batch_id, decision.status, decision.reason, attempt.version, champion.version, after, run_id,
-                        metrics)
+    return UpdateResult(batch_id, status, reason, attempt.version, champion.version, after, run_id, metrics)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from typer.core import TyperGroup
 
 from incseg.config import ConfigError, Workspace
@@ -343,13 +343,18 @@ def models_table(ws: Workspace) -> Table:
     by_version: dict[str, list[str]] = {}
     for alias, v in reg.aliases().items():
         by_version.setdefault(str(v), []).append(alias)
-    table = Table("version", "alias", "status", "batch", "mIoU", "parent", "reason", title=f"model '{reg.name}'",
-                  box=box.SIMPLE)
-    room = max(12, console.width - 70)
+    rows = []
     for mv in reg.versions():
         t = mv.tags
-        table.add_row(str(mv.version), ",".join(by_version.get(str(mv.version), [])), t.get("status", ""), t.get("batch_id", ""),
-                      t.get("candidate_miou", ""), t.get("parent_version", ""), _short(t.get("reason", ""), room))
+        rows.append([str(mv.version), ",".join(by_version.get(str(mv.version), [])), t.get("status", ""),
+                     t.get("batch_id", ""), t.get("candidate_miou", ""), t.get("parent_version", ""), t.get("reason", "")])
+    heads = ("version", "alias", "status", "batch", "mIoU", "parent")
+    # the short columns keep their full width (a status is read whole); the reason gets what is left
+    columns = [Column(h, no_wrap=True, min_width=max([len(h)] + [len(r[i]) for r in rows])) for i, h in enumerate(heads)]
+    table = Table(*columns, Column("reason", overflow="ellipsis", no_wrap=True), title=f"model '{reg.name}'",
+                  box=box.SIMPLE)
+    for r in rows:
+        table.add_row(*r)
     return table
 
 
@@ -374,6 +379,40 @@ def promote(
 
     previous = ModelRegistry(workspace(ctx)).set_champion(version, reason)
     console.print(f"champion: {previous or '-'} -> {version}")
+
+
+@app.command()
+def approve(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="A version awaiting approval (see `incseg models`).")],
+    comment: Annotated[str, typer.Option(help="Why (recorded in the version's tags).")] = "",
+) -> None:
+    """Serve a candidate that awaits approval (gate.approval: manual): `champion` moves to it."""
+    from flows.review import resume_review
+    from incseg.registry import ModelRegistry
+
+    ws = workspace(ctx)
+    previous = ModelRegistry(ws).approve(version, comment)
+    console.print(f"approved version {version}; champion: {previous or '-'} -> {version}")
+    if resume_review(ws, version, True, comment):
+        console.print("the update run waiting for this decision was resumed")
+
+
+@app.command()
+def reject(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="A version awaiting approval (see `incseg models`).")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in the version's tags).")],
+) -> None:
+    """Turn down a candidate that awaits approval: it is marked rejected, `champion` stays."""
+    from flows.review import resume_review
+    from incseg.registry import ModelRegistry
+
+    ws = workspace(ctx)
+    ModelRegistry(ws).reject(version, reason)
+    console.print(f"rejected version {version}: {reason}")
+    if resume_review(ws, version, False, reason):
+        console.print("the update run waiting for this decision was resumed")
 
 
 @app.command()

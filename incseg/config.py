@@ -120,6 +120,12 @@ class GateParams(Section):
     min_miou_gain: float = Field(0.0, description="candidate mIoU minus champion mIoU must reach this")
     max_class_drop: float = Field(0.05, ge=0, description="largest allowed IoU drop of any old class")
     min_new_class_iou: float = Field(0.3, ge=0, le=1)
+    approval: Literal["auto", "manual"] = Field(
+        "auto", description="manual: an update that passes every check waits for `incseg approve` / `incseg reject` "
+                            "(or a decision in the Prefect UI) before `champion` moves")
+    approval_timeout_s: int = Field(3600, ge=1, description="with a Prefect server, how long an update waits for the "
+                                                            "decision (later updates queue behind it) before it "
+                                                            "rejects the candidate")
 
 
 class ScheduleParams(Section):

@@ -234,6 +234,32 @@ class Judgement:
 
         return {**self.decision.to_dict(), "candidate": clean(self.candidate), "champion": clean(self.champion) or None}
 
+    def iou_table(self) -> dict[str, list]:
+        """Per-class holdout IoU of champion and candidate side by side (an MLflow table)."""
+        names = list(self.candidate["per_class"])
+        cand = [self.candidate["per_class"][n] for n in names]
+        champ = [(self.champion or {}).get("per_class", {}).get(n) for n in names]
+        change = [None if a is None or b is None else round(a - b, 4) for a, b in zip(cand, champ)]
+        return {"class": names, "champion": champ, "candidate": cand, "change": change}
+
+    def card(self, status: str) -> str:
+        """The verdict as a page a reviewer reads: status, reason, every gate check, the IoU table."""
+        def f(v) -> str:
+            return "-" if v is None or v != v else f"{v:.3f}"
+
+        lines = [f"# Verdict: {status.replace('_', ' ')}", "", self.decision.reason, ""]
+        if self.decision.checks:
+            lines += ["| check | passed | value | limit | detail |", "|---|---|---|---|---|"]
+            lines += [f"| {c.name} | {'yes' if c.passed else '**no**'} | {c.observed} | {c.threshold} | {c.detail} |"
+                      for c in self.decision.checks]
+            lines.append("")
+        t = self.iou_table()
+        lines += ["| class | champion | candidate | change |", "|---|---|---|---|"]
+        lines += [f"| {n} | {f(a)} | {f(b)} | {f(c)} |" for n, a, b, c in zip(t["class"], t["champion"], t["candidate"],
+                                                                             t["change"])]
+        lines += ["", f"mIoU: champion {f((self.champion or {}).get('miou'))}, candidate {f(self.candidate['miou'])}"]
+        return "\n".join(lines) + "\n"
+
 
 def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch: Batch) -> Judgement:
     """Evaluate both models on the holdout with the same code and scope, then apply the gate.

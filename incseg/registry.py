@@ -33,7 +33,8 @@ from incseg.training import EvalPoint, TrainResult
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT = "checkpoint/model.pt"
-FINAL_OUTCOMES = ("promoted", "rejected", "invalid", "diverged")
+AWAITING = "awaiting_approval"  # passed every check; `champion` waits for a person (gate.approval: manual)
+FINAL_OUTCOMES = ("promoted", "rejected", "invalid", "diverged", AWAITING)
 MEMORY = "memory"
 
 
@@ -74,6 +75,12 @@ class LoadedModel:
 
 def who() -> str:
     return os.environ.get("INCSEG_USER") or getpass.getuser()
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def use_store(uri: str) -> None:
@@ -153,18 +160,65 @@ class ModelRegistry:
             self.client.log_figure(run_id, fig, path)
             plt.close(fig)  # long-running watchers must not accumulate open figures
 
-    def publish(self, run_id: str, version: str, j: Judgement) -> str | None:
-        """Record the verdict on the version; move `champion` only on promotion. Returns the champion after."""
+    def publish(self, run_id: str, version: str, j: Judgement, tags: dict[str, str] | None = None
+                ) -> tuple[str, str | None]:
+        """Record the verdict on the version and the run (with the reviewer's card and the IoU table);
+        move `champion` only on promotion. With `gate.approval: manual`, an update that passed every
+        check is left `awaiting_approval` with `challenger` on it (a bootstrap has nothing to hold).
+        Returns the status and the champion after."""
+        import mlflow
+
         metrics = {"candidate_miou": f"{j.candidate['miou']:.4f}"}
         if j.champion:
             metrics["champion_miou"] = f"{j.champion['miou']:.4f}"
-        self.judge(version, j.decision.status, j.decision.reason, metrics)
-        if j.decision.promote:
-            self.set_champion(version, j.decision.reason)
-        self.client.set_tag(run_id, "outcome", j.decision.status)
+        status = j.decision.status
+        if j.decision.promote and j.champion and self.ws.params.gate.approval == "manual":
+            status = AWAITING
+            for k, v in {**metrics, **(tags or {}), "status": status, "reason": j.decision.reason[:4900]}.items():
+                self.client.set_model_version_tag(self.name, version, k, str(v))
+        else:
+            self.judge(version, status, j.decision.reason, {**metrics, **(tags or {})})
+            if j.decision.promote:
+                self.set_champion(version, j.decision.reason)
+        self.client.set_tag(run_id, "outcome", status)
         self.client.set_tag(run_id, "model_version", version)
+        mlflow.log_table(data=j.iou_table(), artifact_file="review/iou.json", run_id=run_id)
+        self.client.log_text(run_id, j.card(status), "review/verdict.md")
         champion = self.champion()
-        return str(champion.version) if champion else None
+        return status, (str(champion.version) if champion else None)
+
+    def awaiting(self, version: str) -> ModelVersion:
+        mv = self.version(version)
+        if mv.tags.get("status") != AWAITING:
+            raise RegistryError(f"version {version} is not awaiting approval (status: {mv.tags.get('status') or 'none'})")
+        return mv
+
+    def approve(self, version: str, comment: str = "", by: str | None = None) -> str | None:
+        """A person's yes: `champion` moves to the version awaiting approval; who, when and why are
+        its tags. Returns the champion it replaced."""
+        mv = self.awaiting(version)
+        by = by or who()
+        reason = f"approved by {by}" + (f": {comment}" if comment else "")
+        self.judge(str(mv.version), "promoted", reason, {"approved_by": by, "approved_at": _now(),
+                                                           "approval_comment": comment})
+        previous = self.set_champion(str(mv.version), reason)
+        self._decided(mv, "promoted", reason)
+        return previous
+
+    def reject(self, version: str, reason: str, by: str | None = None) -> None:
+        """A person's no: the version is `rejected` with the reason, `challenger` comes off it."""
+        mv = self.awaiting(version)
+        by = by or who()
+        self.judge(str(mv.version), "rejected", f"rejected by {by}: {reason}",
+                   {"rejected_by": by, "rejected_at": _now(), "rejection_reason": reason})
+        self._decided(mv, "rejected", f"rejected by {by}: {reason}")
+
+    def _decided(self, mv: ModelVersion, outcome: str, reason: str) -> None:
+        run_id = mv.tags.get("run_id")
+        if run_id:
+            self.client.set_tag(run_id, "outcome", outcome)
+            self.client.set_tag(run_id, "reason", reason[:4900])
+            self.client.log_text(run_id, f"# Decision: {outcome}\n\n{reason}\n", "review/decision.md")
 
     def finish_run(self, run_id: str, outcome: str, reason: str, failed: bool = False) -> None:
         """The run's `outcome` and `reason` tags (the ledger reads them), then close it."""

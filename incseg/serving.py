@@ -27,6 +27,7 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 def decode_images(model_input) -> list[np.ndarray]:
     """The request's images as HxWx3 uint8 arrays."""
     import pandas as pd
+
     from incseg.data.layout import open_image
 
     if isinstance(model_input, pd.DataFrame):
@@ -65,6 +66,11 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.model, self.classes, ckpt = load_checkpoint(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
         self.size = int(ckpt.get("image_size", 64))
         self.model.eval()
+
+    # The inputs above (a DataFrame of base64 files, or arrays) fit no one MLflow type hint, and
+    # `decode_images` validates them with messages of its own: MLflow's hint-based validation (and
+    # its warning about a missing hint, printed by every process that imports this class) is off.
+    _skip_type_hint_validation = True
 
     def predict(self, context, model_input, params=None):
         from incseg.inference import segment

@@ -115,8 +115,9 @@ def evaluate_candidate(ws: Workspace, run_id: str, candidate, champion, batch: B
 
 
 @registry_task
-def publish_verdict(ws: Workspace, run_id: str, version: str, judgement: Judgement) -> str | None:
-    return ModelRegistry(ws).publish(run_id, version, judgement)
+def publish_verdict(ws: Workspace, run_id: str, version: str, judgement: Judgement,
+                    tags: dict[str, str] | None = None) -> tuple[str, str | None]:
+    return ModelRegistry(ws).publish(run_id, version, judgement, tags)
 
 
 @registry_task

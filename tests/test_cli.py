@@ -26,7 +26,7 @@ def test_every_command_has_help_naming_what_it_does_and_every_option():
     commands = all_commands()
     names = {" ".join(path) for path, _ in commands}
     assert {"init", "data synth", "data add", "validate", "bootstrap", "update", "watch", "serve", "models",
-            "promote", "rollback", "ui", "predict", "export", "bench", "demo"} <= names
+            "promote", "approve", "reject", "rollback", "ui", "predict", "export", "bench", "demo"} <= names
     for path, cmd in commands:
         result = runner.invoke(app, [*path, "--help"], terminal_width=200)
         assert result.exit_code == 0, (path, result.output)

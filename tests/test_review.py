@@ -1,0 +1,146 @@
+"""A person's last word (`gate.approval: manual`) on the run's Prefect server, and the reviewer's
+view of a verdict in MLflow (the IoU table and the verdict card)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from uuid import UUID
+
+import pytest
+from typer.testing import CliRunner
+
+from incseg.cli import app
+from incseg.registry import AWAITING, ModelRegistry
+
+from helpers import fault_params, make_workspace, set_params
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+# every automatic check passes (the learned numbers are not what is under test here)
+LENIENT = {"min_miou_gain": -1.0, "max_class_drop": 1.0, "min_new_class_iou": 0.0, "approval": "manual"}
+
+
+@pytest.fixture(scope="module")
+def reviewed(tmp_path_factory, prefect_api):
+    from flows.update import bootstrap
+
+    ws = make_workspace(tmp_path_factory.mktemp("review-ws"), fault_params())
+    ws = set_params(ws, ws.params.model_copy(update={"gate": ws.params.gate.model_copy(update=LENIENT)}))
+    assert bootstrap("batch-00", str(ws.root)).status == "promoted"  # nothing to hold a first model against
+    return ws
+
+
+class Update(threading.Thread):
+    """An update flow run in the background, as a served watcher runs it."""
+
+    def __init__(self, ws, batch_id: str):
+        super().__init__(daemon=True)
+        self.ws, self.batch_id, self.result, self.error = ws, batch_id, None, None
+
+    def run(self):
+        from flows.update import incremental_update
+
+        try:
+            self.result = incremental_update(self.batch_id, str(self.ws.root))
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            self.error = err
+
+    def paused_version(self, timeout: float = 240) -> str:
+        """The version the run waits on, once its flow run is PAUSED on the server."""
+        from prefect.client.orchestration import get_client
+
+        deadline = time.monotonic() + timeout
+        reg = ModelRegistry(self.ws)
+        while time.monotonic() < deadline:
+            assert self.is_alive(), f"the update ended without pausing: {self.result or self.error}"
+            waiting = [v for v in reg.versions() if v.tags.get("status") == AWAITING]
+            if waiting:
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(UUID(waiting[0].tags["flow_run_id"])).state
+                if state is not None and state.is_paused():
+                    return str(waiting[0].version)
+            time.sleep(1)
+        raise AssertionError(f"no paused update within {timeout:.0f} s")
+
+    def finished(self):
+        self.join(timeout=240)
+        assert not self.is_alive() and self.error is None, self.error
+        return self.result
+
+
+def test_a_paused_update_resumed_with_an_approve_input_promotes(reviewed):
+    from prefect.flow_runs import resume_flow_run
+
+    reg = ModelRegistry(reviewed)
+    update = Update(reviewed, "batch-01")
+    update.start()
+    version = update.paused_version()
+    assert version == "2" and reg.aliases() == {"champion": "1", "challenger": "2"}  # champion waits
+    assert "awaiting_approval" in runner.invoke(app, ["-C", str(reviewed.root), "models"]).output
+    resume_flow_run(UUID(reg.version(version).tags["flow_run_id"]), run_input={"approve": True, "comment": "looks right"})
+    result = update.finished()
+    assert (result.status, result.champion_after) == ("promoted", "2")
+    tags = reg.version("2").tags
+    assert tags["status"] == "promoted" and tags["approved_by"] == "prefect-ui" and tags["approval_comment"] == "looks right"
+    assert reg.aliases() == {"champion": "2"}
+
+
+def test_cli_decisions_end_the_wait_and_are_recorded(reviewed, monkeypatch):
+    monkeypatch.setenv("INCSEG_USER", "ana")
+    reg = ModelRegistry(reviewed)
+    update = Update(reviewed, "batch-02")
+    update.start()
+    version = update.paused_version()
+    approved = runner.invoke(app, ["-C", str(reviewed.root), "approve", version, "--comment", "checked the previews"])
+    assert approved.exit_code == 0 and "was resumed" in approved.output, approved.output
+    result = update.finished()
+    assert (result.status, result.champion_after) == ("promoted", version)
+    tags = reg.version(version).tags
+    assert (tags["approved_by"], tags["approval_comment"], tags["previous_champion"]) == ("ana", "checked the previews", "2")
+    assert tags["approved_at"]
+
+    update = Update(reviewed, "batch-03")
+    update.start()
+    turned_down = update.paused_version()
+    rejected = runner.invoke(app, ["-C", str(reviewed.root), "reject", turned_down, "--reason", "masks look shifted"])
+    assert rejected.exit_code == 0, rejected.output
+    result = update.finished()
+    assert result.status == "rejected" and "masks look shifted" in result.reason
+    assert reg.aliases() == {"champion": version}  # the rejected candidate never served
+    assert reg.version(turned_down).tags["rejected_by"] == "ana"
+    run = reg.client.get_run(result.run_id).data.tags
+    assert (run["outcome"], run["reason"]) == ("rejected", "rejected by ana: masks look shifted")
+
+    for bad in (turned_down, "42", "1"):  # rejected, unknown, long decided
+        out = runner.invoke(app, ["-C", str(reviewed.root), "approve", bad])
+        assert out.exit_code == 1 and len(out.output.strip().splitlines()) == 1, out.output
+    assert reg.aliases() == {"champion": version}
+
+
+def test_a_review_that_times_out_rejects(reviewed):
+    ws = set_params(reviewed, reviewed.params.model_copy(update={
+        "gate": reviewed.params.gate.model_copy(update={"approval_timeout_s": 3})}))
+    champion = ModelRegistry(ws).aliases()["champion"]
+    update = Update(ws, "batch-03")
+    update.start()
+    result = update.finished()
+    assert result.status == "rejected" and "approval timed out" in result.reason, result
+    assert ModelRegistry(ws).aliases() == {"champion": champion}
+
+
+def test_the_run_shows_the_verdict_side_by_side(reviewed):
+    reg = ModelRegistry(reviewed)
+    run_id = reg.version("2").tags["run_id"]
+    table = reg.client.download_artifacts(run_id, "review/iou.json")
+    card = reg.client.download_artifacts(run_id, "review/verdict.md")
+    with open(table) as f:
+        rows = json.load(f)
+    assert rows["columns"] == ["class", "champion", "candidate", "change"]
+    classes = [r[0] for r in rows["data"]]
+    assert {"background", "square", "circle", "triangle"} <= set(classes)
+    with open(card) as f:
+        text = f.read()
+    assert text.startswith("# Verdict: awaiting approval") and "| miou_gain |" in text and "| triangle |" in text
