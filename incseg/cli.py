@@ -214,6 +214,8 @@ def validate(
     quarantine_to: Annotated[Optional[Path], typer.Option("--quarantine", help="Copy failing pairs here.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here.")] = None,
     no_fail: Annotated[bool, typer.Option("--no-fail", help="Exit 0 even when a batch would be rejected.")] = False,
+    docs: Annotated[Optional[Path], typer.Option(help="Write GX's Data Docs site here (one folder per batch, "
+                                                      "open index.html).")] = None,
 ) -> None:
     """Validate with the Great Expectations suite; exit 1 when a batch would be rejected."""
     from incseg.data.layout import read_classes
@@ -223,21 +225,23 @@ def validate(
         raise Failure(f"{path} is not a folder")
     n = len(read_classes(ws.classes_file))
     batches = [path / b for b in list_batches(path)] if path.resolve() == ws.registry_dir else [path]
-    summary = {b.name: validate_one(ws, b, n, quarantine_to) for b in batches}
+    docs_root = ws.path(docs) if docs is not None else None
+    summary = {b.name: validate_one(ws, b, n, quarantine_to, docs_root / b.name if docs_root else None)
+               for b in batches}
     if report is not None:
         write_json(ws.path(report), {"batches": summary, "rejected": sorted(k for k, v in summary.items() if v["rejected"])})
     if any(v["rejected"] for v in summary.values()) and not no_fail:
         raise typer.Exit(1)
 
 
-def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | None) -> dict:
+def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | None, docs: Path | None) -> dict:
     from incseg.validation import quarantine, validate_batch
     from incseg.validation.history import earlier_profiles
 
     in_registry = batch_dir.resolve().parent == ws.registry_dir
     earlier = earlier_profiles(ws.registry_dir, batch_dir.name if in_registry else None, n, ws.runs_dir / "profiles")
     with console.status(f"validating {batch_dir} ..."):
-        report, table, _ = validate_batch(batch_dir, n, ws.params.validation, earlier)
+        report, table, _ = validate_batch(batch_dir, n, ws.params.validation, earlier, docs=docs)
     if report.failures:
         failures = Table("file", "check", "observed", "meaning", box=box.SIMPLE,
                          title=f"{batch_dir.name}: {len(report.bad_stems)} failing files")
@@ -250,6 +254,8 @@ def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | N
         console.print(f"[red]batch error:[/red] {e}")
     if quarantine_to is not None and quarantine(report, table, quarantine_to / batch_dir.name):
         console.print(f"failing pairs copied to {quarantine_to / batch_dir.name}")
+    if docs is not None:
+        console.print(f"Data Docs: {docs / 'index.html'}")
     verdict = "[red]REJECTED[/red]" if report.rejected else "[green]accepted[/green]"
     console.print(f"{batch_dir.name}: {report.files} files, {len(report.valid_stems)} valid: {verdict}")
     return {"files": report.files, "valid": len(report.valid_stems), "rejected": report.rejected,

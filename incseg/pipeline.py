@@ -60,6 +60,7 @@ class CheckedBatch:
     report: ValidationReport
     gx_result: dict
     batch: Batch | None
+    data_docs: Path | None = None  # GX's Data Docs site of this validation (scratch; logged with the run)
 
 
 def batch_root(ws: Workspace, batch_id: str) -> Path:
@@ -81,17 +82,19 @@ def check_batch(ws: Workspace, batch_id: str, table=None) -> CheckedBatch:
     root = batch_root(ws, batch_id)
     n = len(read_classes(ws.classes_file))
     earlier = earlier_profiles(ws.registry_dir, batch_id, n, ws.runs_dir / "profiles")
-    report, table, raw = validate_batch(root, n, ws.params.validation, earlier, table)
+    docs = ws.runs_dir / "data-docs" / batch_id
+    shutil.rmtree(docs, ignore_errors=True)
+    report, table, raw = validate_batch(root, n, ws.params.validation, earlier, table, docs)
     quarantine(report, table, ws.quarantine_dir / batch_id)
     if report.rejected:
-        return CheckedBatch(root, report, raw, None)
+        return CheckedBatch(root, report, raw, None, docs)
     pairs = valid_pairs(table, report)
     if (root / "batch.yaml").exists():
         info = BatchInfo.read(root)
     else:  # annotated classes: the label ids found in the valid masks
         ids = {int(i) for v in table[table["stem"].isin(report.valid_stems)]["label_ids"] for i in str(v).split(",")}
         info = BatchInfo(batch_id, classes=sorted(ids - {IGNORE}))
-    return CheckedBatch(root, report, raw, Batch(batch_id, root, pairs, info))
+    return CheckedBatch(root, report, raw, Batch(batch_id, root, pairs, info), docs)
 
 
 def scratch_dir(ws: Workspace, batch: Batch, champion_version: str | None) -> Path:

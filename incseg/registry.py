@@ -125,10 +125,13 @@ class ModelRegistry:
         return run.info.run_id
 
     def log_validation(self, run_id: str, checked: CheckedBatch) -> None:
-        """The batch's validation report (JSON + markdown) and GX's raw result, under `validation/`."""
+        """The batch's validation report (JSON + markdown), GX's raw result and GX's Data Docs site
+        (`validation/data_docs/index.html`), under `validation/`."""
         self.client.log_dict(run_id, checked.report.to_dict(), "validation/report.json")
         self.client.log_text(run_id, checked.report.markdown(), "validation/report.md")
         self.client.log_dict(run_id, checked.gx_result, "validation/gx_result.json")
+        if checked.data_docs is not None and (checked.data_docs / "index.html").exists():
+            self.client.log_artifacts(run_id, str(checked.data_docs), "validation/data_docs")
 
     def log_evaluation(self, run_id: str, point: EvalPoint, holdout_miou: float) -> None:
         """One evaluation during training: loss, validation-split mIoU (early stopping's signal) and

@@ -4,6 +4,7 @@ steps (`incseg.pipeline`) with the registry's writes (`incseg.registry`); no log
 from __future__ import annotations
 
 import functools
+import shutil
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -68,6 +69,8 @@ def start_run(ws: Workspace, kind: str, checked: CheckedBatch, parent: str | Non
     run_id = reg.start_run(f"{kind}-{checked.report.batch_id}",
                            {"incseg.kind": kind, "outcome": "running", **lineage, **owner_tags()}, ws.params.flat())
     reg.log_validation(run_id, checked)
+    if checked.data_docs is not None:  # logged with the run: the scratch copy is not needed
+        shutil.rmtree(checked.data_docs, ignore_errors=True)
     return run_id
 
 

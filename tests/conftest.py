@@ -48,9 +48,14 @@ def base_model(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first (a stable sort: each module's order is kept), so that under pytest-xdist
-    (`make test`: `--dist loadscope`, one module per worker at a time) no long test is left for last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Longest first: modules by their measured `cost` marker, then the other slow ones, then the
+    rest (a stable sort: each module's order is kept). Under pytest-xdist (`make test`: `--dist
+    loadscope`, modules handed out in this order) the long ones overlap instead of ending the run."""
+    def order(item) -> tuple[float, bool]:
+        cost = item.get_closest_marker("cost")
+        return -(cost.args[0] if cost else 0), item.get_closest_marker("slow") is None
+
+    items.sort(key=order)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -64,6 +64,7 @@ def test_memory_stays_bounded_and_class_balanced(stream_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cost(110)
 def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
     """The benchmark's scenario at test size (tiny budgets; `incseg bench --quick` is the larger
     smoke run): naive forgets visibly, replay+distill far less (both looks: 25-30 vs <0 points)."""

@@ -23,7 +23,7 @@ from incseg.registry import ModelRegistry
 
 from helpers import seed_store, tiny_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(165)]
 
 
 def dvc_status(root: Path) -> dict:

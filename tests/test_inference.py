@@ -19,7 +19,7 @@ from incseg.data.layout import find_pairs, read_image, read_mask
 from incseg.inference import segment
 from incseg.registry import ModelRegistry
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(80)]
 
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory, prefect_api):

@@ -14,7 +14,7 @@ from incseg import processes
 from incseg.registry import ModelRegistry
 
 PROJECT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.server]
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.cost(120)]
 
 
 def test_prefect_yaml_deploys_the_watcher_to_a_process_work_pool(tmp_path, stream_dir, prefect_api):

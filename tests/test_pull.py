@@ -21,7 +21,7 @@ from incseg.registry import ModelRegistry
 
 from helpers import fault_params, seed_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(95)]
 runner = CliRunner()
 
 

@@ -16,7 +16,7 @@ from incseg.registry import AWAITING, ModelRegistry
 
 from helpers import fault_params, make_workspace, set_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(130)]
 runner = CliRunner()
 
 # every automatic check passes (the learned numbers are not what is under test here)

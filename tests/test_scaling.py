@@ -14,7 +14,7 @@ from incseg.pipeline import Batch, train_candidate
 from incseg.registry import ModelRegistry
 from incseg.validation import validate_table
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(90)]
 
 N_CLASSES = 5
 

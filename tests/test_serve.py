@@ -16,7 +16,7 @@ from incseg.registry import ModelRegistry
 
 from helpers import free_port, seed_store, tiny_params
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.cost(180)]
 
 
 def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, stream_dir):
@@ -66,6 +66,10 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
                                capture_output=True, text=True, timeout=300)
         assert added.returncode == 0 and "event incseg.batch.registered sent for batch-01" in added.stdout, \
             added.stdout + added.stderr
+        # a person runs `incseg watch` by hand at the same moment: the lock and the ledger decide, once
+        manual = subprocess.run([sys.executable, "-m", "incseg", "-C", str(root), "watch"],
+                                env={**env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=300)
+        assert manual.returncode == 0, manual.stdout + manual.stderr
         wait_for("the update of batch-01", lambda: any(b == "batch-01" for b, _ in ModelRegistry(ws).ledger()), proc)
 
         deployment = httpx.post(f"{api}/deployments/filter", json={
@@ -86,5 +90,10 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
         assert [e["resource"]["prefect.resource.id"] for e in events] == [f"incseg.batch.{params.model.name}.batch-01"]
         assert events[0]["payload"]["data_hash"] == ModelRegistry(ws).version("2").tags["data_hash"]
     reg = ModelRegistry(ws)
+    [batch_01] = [r for r in reg.client.search_runs([reg.experiment_id()]) if r.data.tags.get("batch_id") == "batch-01"
+                  and r.data.tags.get("outcome") not in (None, "running")]
+    if "event_time" in batch_01.data.tags:  # the event's run made the version (not the manual watch)
+        latency = batch_01.data.metrics
+        assert 0 < latency["latency.event_to_start_s"] <= latency["latency.event_to_verdict_s"]
     assert [str(v.version) for v in reg.versions()] == ["1", "2"]  # one version per batch, whoever got there
     assert sorted(b for b, _ in reg.ledger()) == ["batch-00", "batch-01"]

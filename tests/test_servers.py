@@ -13,7 +13,7 @@ from incseg import processes
 from incseg.config import Params
 from incseg.registry import ModelRegistry
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
+pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.cost(40)]
 
 
 @pytest.fixture

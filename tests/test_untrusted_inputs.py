@@ -217,6 +217,26 @@ def test_cli_validate_reports_garbage_images_by_name(synth_ws):
     assert images[0].stem in result.output and images[1].stem in result.output
 
 
+def test_validate_writes_gx_data_docs_naming_every_check_and_the_failing_file(synth_ws):
+    from incseg.config import ValidationParams
+    from incseg.validation.suite import build_suite
+
+    batch = synth_ws / "data" / "registry" / "batch-00"
+    bad = sorted((batch / "images").iterdir())[0]
+    bad.write_bytes(b"not an image")
+    result = runner.invoke(app_(), ["-C", str(synth_ws), "validate", str(batch), "--no-fail", "--docs", "docs"],
+                           terminal_width=400)
+    site = synth_ws / "docs" / "batch-00"
+    assert result.exit_code == 0 and str(site / "index.html") in result.output.replace("\n", ""), result.output
+    index = (site / "index.html").read_text()
+    assert "incseg-batch" in index  # the suite and its validation are listed
+    suite_page = (site / "expectations" / "incseg-batch.html").read_text()
+    checks = [e.meta["check"] for e in build_suite(ValidationParams(), None).expectations]
+    assert len(checks) >= 14 and [c for c in checks if c not in suite_page] == []
+    [validation_page] = [p for p in (site / "validations").rglob("*.html")]
+    assert bad.stem in validation_page.read_text()
+
+
 @pytest.mark.slow
 def test_cli_names_a_damaged_batch_yaml(synth_ws, prefect_api):
     (synth_ws / "data" / "registry" / "batch-00" / "batch.yaml").write_text("classes: {1: square}\n")

@@ -14,7 +14,7 @@ from incseg.registry import ModelRegistry, RegistryError
 
 from helpers import make_workspace, tiny_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(250)]
 
 # The tiny config's gate (helpers.tiny_params) asks 0.1 of a new class; the tiny update reaches
 # 0.3-0.5 on every machine seen: a relation to the champion and a wide margin, not an edge.
@@ -71,6 +71,10 @@ def test_run_has_reviewable_artifacts(history):
     reg = ModelRegistry(ws)
     paths = {a.path for a in reg.client.list_artifacts(good.run_id)}
     assert {"decision.json", "plots", "checkpoint", "memory", "validation"} <= paths
+    docs = {a.path for a in reg.client.list_artifacts(good.run_id, "validation/data_docs")}
+    assert "validation/data_docs/index.html" in docs  # GX's Data Docs, opened from the artifact view
+    review = {a.path for a in reg.client.list_artifacts(good.run_id, "review")}
+    assert {"review/verdict.md", "review/iou.json"} <= review
     plots = {a.path for a in reg.client.list_artifacts(good.run_id, "plots")}
     assert {"plots/confusion_candidate.png", "plots/holdout_preview.png"} <= plots
     tags = reg.client.get_run(good.run_id).data.tags

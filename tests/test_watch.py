@@ -27,7 +27,7 @@ def dvc_ws(tmp_path_factory, stream_dir):
     return ws
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(130)]
 
 
 def versions(ws):

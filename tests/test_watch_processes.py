@@ -17,7 +17,7 @@ from incseg.registry import ModelRegistry
 
 from helpers import fault_params, seed_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(150)]
 
 
 def test_two_watch_processes_on_the_file_lock_process_each_batch_once(tmp_path, stream_dir):

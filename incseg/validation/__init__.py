@@ -82,11 +82,12 @@ def _observed(table: pd.DataFrame, stem: str, check: str) -> str:
 
 
 def validate_table(batch_id: str, table: pd.DataFrame, p: ValidationParams, n_classes: int,
-                   earlier: list[BatchProfile]) -> tuple[ValidationReport, dict]:
-    """Run the suite on an extracted table; returns the report and GX's raw result."""
+                   earlier: list[BatchProfile], docs: Path | None = None) -> tuple[ValidationReport, dict]:
+    """Run the suite on an extracted table; returns the report and GX's raw result (and writes
+    GX's Data Docs for it into `docs`, if given)."""
     table = _with_history_columns(table, earlier)
     ref = reference(earlier, n_classes)
-    outcomes, raw = run_suite(table, p, ref)
+    outcomes, raw = run_suite(table, p, ref, docs)
     report = ValidationReport(batch_id, len(table))
     for o in outcomes:
         if o.success:
@@ -129,11 +130,13 @@ def _batch_level(report: ValidationReport, table: pd.DataFrame, p: ValidationPar
 
 
 def validate_batch(batch_dir: Path, n_classes: int, p: ValidationParams, earlier: list[BatchProfile] | None = None,
-                   table: pd.DataFrame | None = None) -> tuple[ValidationReport, pd.DataFrame, dict]:
+                   table: pd.DataFrame | None = None, docs: Path | None = None
+                   ) -> tuple[ValidationReport, pd.DataFrame, dict]:
     """Validate the batch folder; `earlier` are the profiles of data seen so far. `table` is the
-    batch's file table when it was extracted elsewhere (in parallel shards)."""
+    batch's file table when it was extracted elsewhere (in parallel shards); `docs`, a folder for
+    GX's Data Docs of this validation."""
     table = file_table(batch_dir, n_classes) if table is None else table
-    report, raw = validate_table(batch_dir.name, table, p, n_classes, earlier or [])
+    report, raw = validate_table(batch_dir.name, table, p, n_classes, earlier or [], docs)
     return report, table, raw
 
 

@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -56,15 +57,16 @@ def _context():
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_def = ctx.data_sources.add_pandas("incseg").add_dataframe_asset("files").add_batch_definition_whole_dataframe("all")
-    return gx, batch_def
+    return gx, ctx, batch_def
 
 
 def build_suite(p: ValidationParams, reference: dict | None):
-    gx, _ = _context()
+    gx, _, _ = _context()
     E = gx.expectations
 
     def check(name, expectation, severity="critical"):
         expectation.meta = {"check": name}
+        expectation.notes = f"{name}: a failure means {MESSAGES[name]}"  # shown in the Data Docs
         expectation.severity = severity
         return expectation
 
@@ -109,13 +111,17 @@ class ExpectationOutcome:
     observed: object
 
 
-def run_suite(table: pd.DataFrame, p: ValidationParams, reference: dict | None) -> tuple[list[ExpectationOutcome], dict]:
-    """Validate the table; returns per-check outcomes and GX's raw JSON result."""
-    _, batch_def = _context()
+def run_suite(table: pd.DataFrame, p: ValidationParams, reference: dict | None, docs: Path | None = None
+              ) -> tuple[list[ExpectationOutcome], dict]:
+    """Validate the table; returns per-check outcomes and GX's raw JSON result. With `docs`, GX's
+    own Data Docs site for this validation (suite and result pages, `index.html`) is written there."""
+    gx, ctx, batch_def = _context()
     suite = build_suite(p, reference)
-    result = batch_def.get_batch(batch_parameters={"dataframe": table}).validate(
-        suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["stem"]}
-    )
+    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": ["stem"]}
+    if docs is None:
+        result = batch_def.get_batch(batch_parameters={"dataframe": table}).validate(suite, result_format=result_format)
+    else:
+        result = _validate_with_docs(gx, ctx, batch_def, suite, table, result_format, docs)
     outcomes = []
     for r in result.results:
         cfg = r.expectation_config
@@ -124,3 +130,30 @@ def run_suite(table: pd.DataFrame, p: ValidationParams, reference: dict | None) 
                                            if hasattr(cfg.severity, "value") else cfg.severity),
                                            failing, (r.result or {}).get("observed_value")))
     return outcomes, result.to_json_dict()
+
+
+DOCS_SITE = "incseg"
+
+
+def _validate_with_docs(gx, ctx, batch_def, suite, table: pd.DataFrame, result_format: dict, docs: Path):
+    """The same validation as a GX Checkpoint whose UpdateDataDocsAction builds a Data Docs site in
+    `docs` that shows this validation only (the in-memory result store is emptied first)."""
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    docs.mkdir(parents=True, exist_ok=True)
+    if DOCS_SITE in (ctx.variables.data_docs_sites or {}):
+        ctx.delete_data_docs_site(DOCS_SITE)
+    ctx.add_data_docs_site(DOCS_SITE, {
+        "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())},
+    })
+    store = ctx.validation_results_store
+    for key in store.list_keys():
+        store.remove_key(key)
+    suite = ctx.suites.add_or_update(suite)
+    definition = ctx.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite.name, data=batch_def, suite=suite))
+    checkpoint = ctx.checkpoints.add_or_update(gx.Checkpoint(
+        name=suite.name, validation_definitions=[definition], result_format=result_format,
+        actions=[UpdateDataDocsAction(name="data-docs", site_names=[DOCS_SITE])]))
+    return next(iter(checkpoint.run(batch_parameters={"dataframe": table}).run_results.values()))

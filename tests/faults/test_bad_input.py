@@ -16,7 +16,7 @@ from incseg.registry import ModelRegistry
 
 from helpers import fault_params, make_workspace
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(95)]
 
 @pytest.mark.parametrize("batch_id", ["../outside", "/etc", "..", ".hidden", "a/b"])
 def test_hostile_batch_ids_are_refused(champion_ws, stream_dir, batch_id):

@@ -15,7 +15,7 @@ from incseg import processes
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(120)]
 
 def test_killed_update_leaves_registry_untouched_and_resumes(champion_ws, stream_dir):
     from flows.watch import watch_registry

@@ -6,7 +6,7 @@ from helpers import fault_params, set_params
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(60)]
 
 
 def test_divergent_training_is_rejected_not_promoted(champion_ws, stream_dir):

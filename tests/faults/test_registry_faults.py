@@ -16,7 +16,7 @@ from helpers import fault_params, set_params
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cost(200)]
 
 def closed_port() -> int:
     with socket.socket() as s:
