@@ -15,10 +15,12 @@ $(STAMP): constraints.txt pyproject.toml
 	mkdir -p .make && rm -f .make/installed-* && touch $@
 
 # pytest-xdist: TEST_WORKERS processes, each module on one worker (its module fixtures built once); most tests
-# wait on servers and subprocesses, so 3 workers keep 2 cores busy. Exit code 5 (no tests collected) is a failure.
+# wait on servers and subprocesses, so 3 workers keep 2 cores busy. Modules are handed out in collection order,
+# longest first (tests/conftest.py; xdist would otherwise reorder them by test count). Exit code 5 (no tests
+# collected) is a failure.
 TEST_WORKERS ?= 3
 test: $(STAMP)
-	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope; rc=$$?; \
+	GX_ANALYTICS_ENABLED=false $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)

@@ -174,4 +174,6 @@ def serve_watcher(ws: Workspace) -> None:
                         "event_time": "{{ event.payload.registered_at }}"},
         )],
     )
-    serve(scheduled, on_event)
+    # the runner looks for runs to start every 10 s by default: most of an event's latency
+    poll = None if os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY") else 2
+    serve(scheduled, on_event, query_seconds=poll)
