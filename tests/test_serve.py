@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.cost(180)]
 def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, stream_dir):
     """`incseg serve` starts a local Prefect server; the schedule picks up the first batch; then
     `incseg data add` announces the next one with an `incseg.batch.registered` event, which runs the
-    watcher on that batch through its deployment trigger. One version per batch, whoever gets there."""
+    watcher on that batch through its deployment trigger, while a scheduled tick and a manual `incseg
+    watch` arrive at the same time. One version per batch, whoever gets there."""
     import signal
     import time
 
@@ -66,7 +67,10 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
                                capture_output=True, text=True, timeout=300)
         assert added.returncode == 0 and "event incseg.batch.registered sent for batch-01" in added.stdout, \
             added.stdout + added.stderr
-        # a person runs `incseg watch` by hand at the same moment: the lock and the ledger decide, once
+        # at the same moment a scheduled tick comes due (a run of the paused schedule's deployment) and a
+        # person runs `incseg watch` by hand: the lock and the ledger decide, once
+        tick = httpx.post(f"{api}/deployments/{scheduled[0]['id']}/create_flow_run", json={})
+        tick.raise_for_status()
         manual = subprocess.run([sys.executable, "-m", "incseg", "-C", str(root), "watch"],
                                 env={**env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=300)
         assert manual.returncode == 0, manual.stdout + manual.stderr
@@ -82,6 +86,8 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
 
         wait_for("the run the event triggered", lambda: [r["state_type"] for r in triggered()] == ["COMPLETED"], proc,
                  timeout=120)
+        wait_for("the tick's run", lambda: httpx.get(f"{api}/flow_runs/{tick.json()['id']}").json()["state_type"]
+                 == "COMPLETED", proc, timeout=120)
         runs = triggered()
         assert runs[0]["parameters"]["batch_id"] == "batch-01"  # the trigger passed the payload on
         assert runs[0]["parameters"]["event_time"]
