@@ -18,7 +18,7 @@ from flows.validation import batch_file_table
 from tasks.update import (
     check_batch,
     close_orphaned_runs,
-    evaluate_candidate,
+    judge,
     finish_run,
     load_champion,
     publish_verdict,
@@ -111,7 +111,7 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
         model, memory = train_base(ws, batch, run_id)
         attempt.version = register_candidate(ws, run_id, model, memory, batch, None)
         failpoint("after_register")
-        judgement = evaluate_candidate(ws, run_id, model, None, batch)
+        judgement = judge(ws, run_id, model, None, batch)
         _, champion = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
     finish_run(ws, run_id, judgement.decision.status, judgement.decision.reason)
     clear_scratch(ws, run_id, batch, None)
@@ -136,7 +136,7 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
             candidate, memory = train_candidate(ws, champion, batch, run_id)
             attempt.version = register_candidate(ws, run_id, candidate, memory, batch, champion.version)
             failpoint("after_register")
-            judgement = evaluate_candidate(ws, run_id, candidate, champion.model, batch)
+            judgement = judge(ws, run_id, candidate, champion.model, batch)
             status, after = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
             reason = judgement.decision.reason
             if status == AWAITING:  # gate.approval: manual; a person decides

@@ -180,7 +180,7 @@ class ModelRegistry:
             for k, v in {**metrics, **(tags or {}), "status": status, "reason": j.decision.reason[:4900]}.items():
                 self.client.set_model_version_tag(self.name, version, k, str(v))
         else:
-            self.judge(version, status, j.decision.reason, {**metrics, **(tags or {})})
+            self.record_verdict(version, status, j.decision.reason, {**metrics, **(tags or {})})
             if j.decision.promote:
                 self.set_champion(version, j.decision.reason)
         self.client.set_tag(run_id, "outcome", status)
@@ -202,7 +202,7 @@ class ModelRegistry:
         mv = self.awaiting(version)
         by = by or who()
         reason = f"approved by {by}" + (f": {comment}" if comment else "")
-        self.judge(str(mv.version), "promoted", reason, {"approved_by": by, "approved_at": _now(),
+        self.record_verdict(str(mv.version), "promoted", reason, {"approved_by": by, "approved_at": _now(),
                                                            "approval_comment": comment})
         previous = self.set_champion(str(mv.version), reason)
         self._decided(mv, "promoted", reason)
@@ -212,7 +212,7 @@ class ModelRegistry:
         """A person's no: the version is `rejected` with the reason, `challenger` comes off it."""
         mv = self.awaiting(version)
         by = by or who()
-        self.judge(str(mv.version), "rejected", f"rejected by {by}: {reason}",
+        self.record_verdict(str(mv.version), "rejected", f"rejected by {by}: {reason}",
                    {"rejected_by": by, "rejected_at": _now(), "rejection_reason": reason})
         self._decided(mv, "rejected", f"rejected by {by}: {reason}")
 
@@ -322,7 +322,7 @@ class ModelRegistry:
         self.client.set_registered_model_alias(self.name, CHALLENGER, str(mv.version))
         return mv
 
-    def judge(self, version: str, status: str, reason: str, tags: dict[str, str]) -> None:
+    def record_verdict(self, version: str, status: str, reason: str, tags: dict[str, str]) -> None:
         """Record the verdict on the version and take `challenger` off it."""
         for k, v in {**tags, "status": status, "reason": reason[:4900]}.items():
             self.client.set_model_version_tag(self.name, version, k, str(v))

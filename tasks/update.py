@@ -109,7 +109,7 @@ def register_candidate(ws: Workspace, run_id: str, model, memory, batch: Batch, 
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_candidate(ws: Workspace, run_id: str, candidate, champion, batch: Batch) -> Judgement:
+def judge(ws: Workspace, run_id: str, candidate, champion, batch: Batch) -> Judgement:
     """Both models on the holdout, the gate's decision, and the pictures for reviewers."""
     judgement = pipeline.judge(ws, candidate, champion, batch)
     models = {"candidate": candidate} if champion is None else {"champion": champion, "candidate": candidate}
@@ -129,5 +129,5 @@ def finish_run(ws: Workspace, run_id: str, outcome: str, reason: str, failed: bo
     """Close the MLflow run; a version left pending by a failure is marked `failed`, never served."""
     reg = ModelRegistry(ws)
     if version is not None:
-        reg.judge(version, outcome, reason, {})
+        reg.record_verdict(version, outcome, reason, {})
     reg.finish_run(run_id, outcome, reason, failed=failed)
