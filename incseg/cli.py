@@ -23,12 +23,16 @@ class Failure(Exception):
 
 
 def expected_failures() -> tuple[type[Exception], ...]:
-    """The errors that end a command with one line. Imported on demand: `--help` and the light
-    commands don't pay for MLflow and torch."""
-    from incseg.registry import RegistryError
-    from incseg.training import DivergenceError
+    """The errors that end a command with one line. The heavy modules' errors are looked up only if
+    the command imported them (an error of a module never imported cannot have been raised), so a
+    bad `params.yaml` is reported at once, not after importing MLflow and torch."""
+    import sys
 
-    return Failure, ConfigError, DataError, RegistryError, StoreError, DivergenceError
+    kinds: list[type[Exception]] = [Failure, ConfigError, DataError, StoreError]
+    for module, name in (("incseg.registry", "RegistryError"), ("incseg.training", "DivergenceError")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return tuple(kinds)
 
 
 class _Group(TyperGroup):

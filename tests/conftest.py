@@ -12,6 +12,7 @@ os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # `mlflow server` would start ~8 idle job consumers
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # never a developer's own Prefect server: only the run's shared test server (see pytest_configure)
@@ -114,8 +115,12 @@ _SERVER = pytest.StashKey()
 def pytest_configure(config):
     """Under pytest-xdist one Prefect API serves the whole run: the controller starts it (Prefect's
     own test-harness server process) and the workers, and every process they start, inherit
-    PREFECT_API_URL. One cold start instead of one per worker and one per CLI subprocess."""
+    PREFECT_API_URL. One cold start instead of one per worker and one per CLI subprocess.
+    The unit layer (`-m "not slow"`) needs none: every test that talks to Prefect is marked slow
+    (one that is not would still get the `prefect_api` fixture's harness)."""
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if (config.option.markexpr or "").replace(" ", "") == "notslow":
         return
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -125,6 +130,14 @@ def pytest_configure(config):
     config.stash[_SERVER] = server
     server.start(timeout=180)
     os.environ["PREFECT_API_URL"] = os.environ["INCSEG_TEST_PREFECT_API"] = server.api_url
+    # its database, migrated and still empty: a test that gives a process a Prefect home of its own
+    # starts from a copy (helpers.prefect_home) instead of running every migration again (~9 s)
+    import sqlite3
+
+    template = _STATE / "prefect-template.db"
+    with sqlite3.connect(_STATE / "prefect" / "prefect.db") as src, sqlite3.connect(template) as dst:
+        src.backup(dst)
+    os.environ["INCSEG_TEST_PREFECT_DB"] = str(template)
 
 
 def pytest_unconfigure(config):

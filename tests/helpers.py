@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,6 +58,16 @@ def make_workspace(root: Path, params: Params | None = None) -> Workspace:
     ws = Workspace(root)
     synthesize(ws.data_dir, params.synth)
     return ws
+
+
+def prefect_home(path: Path) -> Path:
+    """A PREFECT_HOME for a process with an API of its own (ephemeral or `prefect server`): its
+    database starts as a copy of the run's migrated, empty one when there is one (conftest)."""
+    path.mkdir(parents=True, exist_ok=True)
+    template = os.environ.get("INCSEG_TEST_PREFECT_DB")
+    if template and not (path / "prefect.db").exists():
+        shutil.copyfile(template, path / "prefect.db")
+    return path
 
 
 def fault_params(**train) -> Params:

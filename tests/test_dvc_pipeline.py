@@ -27,9 +27,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.cost(165)]
 
 
 def dvc_status(root: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out or "{}")
+    """`dvc status` through DVC's Python API (what the command prints as JSON)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.status()
 
 
 def test_init_synth_repro_learns_the_whole_stream_and_reruns_what_changed(tmp_path, prefect_api):

@@ -14,7 +14,7 @@ from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
 from incseg.registry import ModelRegistry
 
-from helpers import free_port, seed_store, tiny_params
+from helpers import free_port, prefect_home, seed_store, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.cost(180)]
 
@@ -38,8 +38,8 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
     add_data(ws, stream_dir / "registry" / "batch-00")
     # the server's scheduler looks for new schedules every 60 s by default, the runner polls every 10 s
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-           "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home(tmp_path / "prefect")),
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     env.pop("PREFECT_API_URL", None)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"

@@ -15,7 +15,7 @@ from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
 from incseg.registry import ModelRegistry
 
-from helpers import fault_params, seed_store
+from helpers import fault_params, prefect_home, seed_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(150)]
 
@@ -35,7 +35,7 @@ def test_two_watch_processes_on_the_file_lock_process_each_batch_once(tmp_path, 
         procs = []
         for i in range(2):
             log = stack.enter_context((tmp_path / f"watch-{i}.log").open("w"))
-            env = {**base_env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}  # its own ephemeral API
+            env = {**base_env, "PREFECT_HOME": str(prefect_home(tmp_path / f"prefect-{i}"))}  # its own ephemeral API
             procs.append(stack.enter_context(processes.running(
                 [sys.executable, "-m", "incseg", "-C", str(root), "watch"], env=env, stdout=log,
                 stderr=subprocess.STDOUT)))

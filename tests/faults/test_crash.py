@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import fault_params, set_params
+from helpers import fault_params, prefect_home, set_params
 from incseg import processes
 from incseg.datastore import add_data
 from incseg.registry import ModelRegistry
@@ -28,7 +28,8 @@ def test_killed_update_leaves_registry_untouched_and_resumes(champion_ws, stream
     command = [sys.executable, "-m", "incseg", "-C", str(ws.root), "watch"]
     # its own ephemeral API, so the update lock is the file lock the kernel releases when the process
     # dies (a server's lease on a killed holder lasts until it expires: minutes)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+           "PREFECT_HOME": str(prefect_home(ws.root.parent / "prefect"))}
     with processes.running(command, sig=signal.SIGKILL, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 180
