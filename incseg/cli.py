@@ -542,6 +542,9 @@ def bench(
     variants: Annotated[str, typer.Option(help="With --recipe: comma-separated variants (default: all).")] = "",
     style: Annotated[Optional[str], typer.Option(help="The continual benchmark's look: shapes | blobs "
                                                  "(default: synth.style).")] = None,
+    ablation: Annotated[bool, typer.Option("--ablation", help="Forgetting-control ablation: naive, the default "
+                                           "strategy, and the default with one knob changed each (pseudo-labels, "
+                                           "weight fusion, frozen stem, head init, classifier LR).")] = False,
 ) -> None:
     """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
     (--inference); print and write tables."""
@@ -566,11 +569,13 @@ def bench(
             raise Failure(f"unknown --style {style!r}; choose one of {', '.join(STYLES)}")
         params.synth.style = style
     chosen = tuple(x.strip() for x in strategies.split(",") if x.strip())
-    unknown = set(chosen) - set(b.STRATEGIES)
+    if ablation:
+        chosen = ("naive", params.continual.strategy, *b.ABLATION)
+    unknown = set(chosen) - set(b.STRATEGIES) - set(b.ABLATION)
     if unknown:
         raise Failure(f"unknown strategies {sorted(unknown)}; choose from {', '.join(b.STRATEGIES)}")
-    scenario = b.run_scenario(params, chosen, console)
-    path, text = b.write(scenario, params, out, quick)
+    scenario = b.run_scenario(params, chosen, console, ceiling_check=not ablation)
+    path, text = b.write(scenario, params, out, quick, ablation)
     console.print(Markdown(text))
     console.print(f"written: {path}.md, .json, .png  (python {sys.version.split()[0]})")
 

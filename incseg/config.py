@@ -91,6 +91,11 @@ class ContinualParams(Section):
     distill_weight: float = Field(1.0, ge=0)
     pseudo_label_threshold: float = Field(0.0, ge=0, le=1, description="0 disables PLOP pseudo-labels")
     head_lr_scale: float = Field(10.0, gt=0, description="learning-rate factor of the classifier during an update")
+    head_init: Literal["background", "random"] = Field(
+        "background", description="new-class classifier rows: copied from background (MiB) or random")
+    freeze_stem: bool = Field(False, description="keep the earliest encoder stage as the champion has it")
+    fuse_old_weight: float = Field(0.0, ge=0, lt=1, description="after an update, weights = this x champion's + "
+                                                               "the rest x candidate's (EWF); 0 disables")
 
 
 class EvalParams(Section):

@@ -103,26 +103,58 @@ def num_classes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def expand_classes(model: nn.Module, n_new: int) -> nn.Module:
+def expand_classes(model: nn.Module, n_new: int, init: str = "background") -> nn.Module:
     """Grow every classifier conv by `n_new` outputs; old-class logits stay identical.
 
-    New-class weights copy the background's (MiB's initialisation): new classes are
-    carved out of background, where the old model put them. Their bias is lowered by
-    log(n_new + 1) so that background still wins at first and predictions do not jump.
+    `init="background"` (MiB's initialisation): new-class weights copy the background's, since
+    new classes are carved out of background, where the old model put them; their bias is
+    lowered by log(n_new + 1) so that background still wins at first and predictions do not
+    jump. `init="random"`: PyTorch's default initialisation of the new rows.
     """
     if n_new <= 0:
         return model
+    if init not in ("background", "random"):
+        raise ValueError(f"unknown head init {init!r}: background | random")
     for parent, name in _head_slots(model):
         old: nn.Conv2d = getattr(parent, name)
         new = nn.Conv2d(old.in_channels, old.out_channels + n_new, old.kernel_size, old.stride,
                         old.padding, bias=old.bias is not None).to(old.weight.device)
         new.weight[: old.out_channels] = old.weight
-        new.weight[old.out_channels:] = old.weight[:1]
+        if init == "background":
+            new.weight[old.out_channels:] = old.weight[:1]
         if old.bias is not None:
             new.bias[: old.out_channels] = old.bias
-            new.bias[old.out_channels:] = old.bias[0] - math.log(n_new + 1)
+            if init == "background":
+                new.bias[old.out_channels:] = old.bias[0] - math.log(n_new + 1)
         setattr(parent, name, new)
     return model
+
+
+def stem_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The earliest encoder stage (generic edge and colour filters): the U-Net's first block,
+    a torchvision backbone's first feature block."""
+    if isinstance(model, UNet):
+        return list(model.enc[0].parameters())
+    return list(model.net.backbone["0"].parameters())
+
+
+@torch.no_grad()
+def fuse_weights(new: nn.Module, old: nn.Module, old_weight: float) -> nn.Module:
+    """Endpoints weight fusion (EWF, Xiao et al. 2023): every parameter and BatchNorm statistic
+    the old model has becomes `old_weight * old + (1 - old_weight) * new`; the classifier rows
+    of classes the old model did not know keep their new values."""
+    if old_weight <= 0:
+        return new
+    old_state = old.state_dict()
+    for key, value in new.state_dict().items():
+        before = old_state.get(key)
+        if before is None or not value.is_floating_point():
+            continue
+        rows = min(before.shape[0], value.shape[0]) if value.dim() else None
+        target = value[:rows] if rows is not None else value
+        target.mul_(1 - old_weight).add_(before[:rows].to(value) if rows is not None else before.to(value),
+                                         alpha=old_weight)
+    return new
 
 
 def checkpoint(model: nn.Module, classes: dict[int, str], **extra: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from incseg.datastore import has_dvc, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
-from incseg.models import build_model, expand_classes, num_classes, param_groups
+from incseg.models import build_model, expand_classes, fuse_weights, num_classes, param_groups, stem_parameters
 from incseg.training import (Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device, seed_everything,
                              split_validation, train)
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
@@ -199,7 +199,10 @@ def train_candidate(
     seed_everything(p.train.seed)
     student = copy.deepcopy(champion)
     n = max(num_classes(champion), max(batch.classes) + 1)
-    expand_classes(student, n - num_classes(champion))
+    expand_classes(student, n - num_classes(champion), p.continual.head_init)
+    if p.continual.freeze_stem:
+        for param in stem_parameters(student):
+            param.requires_grad_(False)
     device = resolve_device(p.train.device)
     teacher = copy.deepcopy(champion).to(device) if uses_distillation(strategy) else None
     transform = train_transforms(p.data.image_size, p.train.augment)
@@ -216,7 +219,10 @@ def train_candidate(
         checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress,
         description=f"update {batch.batch_id} ({strategy})",
     )
-    return student.cpu(), result
+    student = fuse_weights(student.cpu(), champion, p.continual.fuse_old_weight)
+    for param in student.parameters():
+        param.requires_grad_(True)
+    return student, result
 
 
 @dataclass

@@ -30,8 +30,8 @@ def dvc_status(root: Path) -> dict:
     """`dvc status` through DVC's Python API (what the command prints as JSON)."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        return repo.status()
+    with Repo(str(root)) as repo:  # stage names as `dvc status` prints them in the workspace
+        return {name.rsplit(":", 1)[-1]: change for name, change in repo.status().items()}
 
 
 def test_init_synth_repro_learns_the_whole_stream_and_reruns_what_changed(tmp_path, prefect_api):

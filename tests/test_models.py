@@ -38,3 +38,34 @@ def test_checkpoint_round_trip(tmp_path):
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model.arch 'resnet'"):
         build_model("resnet", 3)
+
+
+def test_random_head_init_leaves_new_rows_unlike_background():
+    torch.manual_seed(0)
+    model = expand_classes(build_model("unet", 3, width=4), 2, init="random")
+    assert not torch.equal(model.head.weight[3], model.head.weight[0])
+    with pytest.raises(ValueError, match="unknown head init"):
+        expand_classes(build_model("unet", 3, width=4), 1, init="zeros")
+
+
+def test_weight_fusion_mixes_what_both_models_have_and_keeps_new_rows():
+    import copy
+
+    from incseg.models import fuse_weights
+
+    torch.manual_seed(0)
+    old = build_model("unet", 3, width=4)
+    new = expand_classes(copy.deepcopy(old), 1)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+        new.enc[0][1].running_mean.add_(2.0)
+    expected = {k: v.clone() for k, v in new.state_dict().items()}
+    fused = fuse_weights(new, old, 0.25).state_dict()
+    stem = "enc.0.0.weight"
+    assert torch.allclose(fused[stem], 0.25 * old.state_dict()[stem] + 0.75 * expected[stem])
+    bn = "enc.0.1.running_mean"
+    assert torch.allclose(fused[bn], 0.25 * old.state_dict()[bn] + 0.75 * expected[bn])
+    assert torch.allclose(fused["head.weight"][:3], 0.25 * old.head.weight + 0.75 * expected["head.weight"][:3])
+    assert torch.equal(fused["head.weight"][3], expected["head.weight"][3])  # the new class is the new model's
+    assert torch.equal(fused["enc.0.1.num_batches_tracked"], expected["enc.0.1.num_batches_tracked"])

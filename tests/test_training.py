@@ -118,3 +118,24 @@ def test_training_resumes_from_its_checkpoint(base_model, tmp_path):
     _, resumed = train_base(ws, batch, progress=False, checkpoint_path=ckpt)
     assert resumed.resumed_from == 20
     assert [e.step for e in resumed.evals] == [10, 20, 30]
+
+
+def test_an_update_with_a_frozen_stem_and_fusion_keeps_and_mixes_the_champion(base_model):
+    """`continual.freeze_stem` keeps the earliest stage as the champion has it; with
+    `continual.fuse_old_weight` the rest is a mix, and the returned model trains again."""
+    from incseg.continual.memory import ExemplarMemory
+    from incseg.models import stem_parameters
+    from incseg.pipeline import Batch, train_candidate
+
+    ws, champion, _ = base_model
+    params = ws.params.model_copy(deep=True)
+    params.train.update_max_steps, params.train.update_min_steps, params.train.eval_every = 6, 6, 3
+    params.continual.freeze_stem, params.continual.fuse_old_weight = True, 0.5
+    batch = Batch.load(ws.registry_dir / "batch-01")
+    student, _ = train_candidate(params, champion, batch, ExemplarMemory.empty(), progress=False)
+    for a, b in zip(stem_parameters(student), stem_parameters(champion)):
+        assert torch.equal(a, b)
+    assert all(p.requires_grad for p in student.parameters())
+    moved = [not torch.equal(a, b) for (k, a), b in zip(student.state_dict().items(), champion.state_dict().values())
+             if k.startswith("bottleneck") and a.is_floating_point()]
+    assert any(moved)

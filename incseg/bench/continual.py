@@ -23,8 +23,18 @@ from incseg.data.layout import BatchInfo, list_batches, read_classes
 from incseg.data.synthetic import synthesize
 from incseg.metrics import harmonic_mean
 from incseg.pipeline import Batch, holdout_matrix, train_base, train_candidate
+from incseg.bench.recipe import with_changes
 
 STRATEGIES = (*strategies.STRATEGIES, "joint")  # joint: retrain on all data so far (the upper bound)
+
+# The forgetting-control ablation (`incseg bench --ablation`): the default strategy with one knob
+# changed each (name -> "section.key": value).
+ABLATION: dict[str, dict[str, object]] = {
+    "+ pseudo-labels 0.7 (PLOP)": {"continual.pseudo_label_threshold": 0.7},
+    "+ weight fusion 0.3 (EWF)": {"continual.fuse_old_weight": 0.3},
+    "+ frozen stem": {"continual.freeze_stem": True},
+    "random new-head init": {"continual.head_init": "random"},
+}
 
 
 @dataclass
@@ -107,8 +117,7 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                 if strategy == "joint":
                     model, result = train_joint(ws, full[: i + 1], _known(scenario, i))
                 else:
-                    p = params.model_copy(deep=True)
-                    p.continual.strategy = strategy
+                    p = with_changes(params, ABLATION.get(strategy, {"continual.strategy": strategy}))
                     model, result = train_candidate(p, model, batch, memory, progress=False)
                     memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, params.continual.memory_size,
                                               Path(tmp) / strategy / f"memory-{i}")
@@ -261,13 +270,13 @@ def plot(s: Scenario, path: Path) -> None:
     plt.close(fig)
 
 
-def write(s: Scenario, params: Params, out: Path, quick: bool) -> tuple[Path, str]:
-    """`continual-<look>[-quick]` .md (table + plot), .json (summary) and .png under `out`."""
+def write(s: Scenario, params: Params, out: Path, quick: bool, ablation: bool = False) -> tuple[Path, str]:
+    """`continual[-ablation]-<look>[-quick]` .md (table + plot), .json (summary) and .png under `out`."""
     import json
 
     style = params.synth.style
-    name = f"continual-{style}" + ("-quick" if quick else "")
-    command = "incseg bench" + (" --quick" if quick else "") + f" --style {style}"
+    name = f"continual{'-ablation' if ablation else ''}-{style}" + ("-quick" if quick else "")
+    command = "incseg bench" + (" --ablation" if ablation else "") + (" --quick" if quick else "") + f" --style {style}"
     summ = summary(s)
     text = markdown(s, summ, params.continual.strategy, command, style)
     out.mkdir(parents=True, exist_ok=True)
