@@ -93,6 +93,8 @@ class ContinualParams(Section):
     head_lr_scale: float = Field(10.0, gt=0, description="learning-rate factor of the classifier during an update")
     head_init: Literal["background", "random"] = Field(
         "background", description="new-class classifier rows: copied from background (MiB) or random")
+    feature_distill_weight: float = Field(0.0, ge=0, description="PLOP's pooled feature distillation (with a "
+                                                                 "distill strategy); 0 disables")
     freeze_stem: bool = Field(False, description="keep the earliest encoder stage as the champion has it")
     fuse_old_weight: float = Field(0.0, ge=0, lt=1, description="after an update, weights = this x champion's + "
                                                                "the rest x candidate's (EWF); 0 disables")

@@ -130,6 +130,14 @@ def expand_classes(model: nn.Module, n_new: int, init: str = "background") -> nn
     return model
 
 
+def feature_modules(model: nn.Module) -> list[nn.Module]:
+    """Where feature distillation taps a model: the U-Net's encoder stages and bottleneck, a
+    torchvision segmenter's backbone (its feature maps)."""
+    if isinstance(model, UNet):
+        return [*model.enc, model.bottleneck]
+    return [model.net.backbone]
+
+
 def stem_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The earliest encoder stage (generic edge and colour filters): the U-Net's first block,
     a torchvision backbone's first feature block."""

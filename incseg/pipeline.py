@@ -6,6 +6,7 @@ directly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from torch import nn
 
 from incseg.config import Params, TrainParams, Workspace
 from incseg.continual.memory import ExemplarMemory
-from incseg.continual.strategies import make_objective, training_set, uses_distillation
+from incseg.continual.strategies import feature_taps, make_objective, training_set, uses_distillation
 from incseg.data.dataset import SegmentationFolder, eval_transforms, train_transforms
 from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, read_classes
 from incseg.datastore import has_dvc, safe_batch_id
@@ -211,14 +212,17 @@ def train_candidate(
     data, sampler = training_set(data, memory, strategy, p.continual.replay_fraction, transform, n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, sampler=sampler,
                          num_workers=p.train.num_workers, seed=p.train.seed)
-    result = train(
-        student, loader, make_objective(strategy, p.train, p.continual, teacher), budget(p.train, from_scratch=False),
-        lr=p.train.update_lr, weight_decay=p.train.weight_decay, device=device,
-        param_groups=param_groups(student, p.train.update_lr, p.continual.head_lr_scale),
-        validate=validation_score(held, p, n, batch.classes, device),
-        checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress,
-        description=f"update {batch.batch_id} ({strategy})",
-    )
+    taps = feature_taps(student, teacher) if teacher is not None and p.continual.feature_distill_weight > 0 \
+        else contextlib.nullcontext()
+    with taps as features:
+        result = train(
+            student, loader, make_objective(strategy, p.train, p.continual, teacher, features),
+            budget(p.train, from_scratch=False), lr=p.train.update_lr, weight_decay=p.train.weight_decay,
+            device=device, param_groups=param_groups(student, p.train.update_lr, p.continual.head_lr_scale),
+            validate=validation_score(held, p, n, batch.classes, device),
+            checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress,
+            description=f"update {batch.batch_id} ({strategy})",
+        )
     student = fuse_weights(student.cpu(), champion, p.continual.fuse_old_weight)
     for param in student.parameters():
         param.requires_grad_(True)

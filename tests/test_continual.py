@@ -46,6 +46,43 @@ def test_pseudo_labels_fill_confident_background_only():
     assert pseudo_label(target, teacher, 0.9).tolist() == [[[1, 0]]]
 
 
+def test_feature_distillation_is_zero_for_equal_features_and_grows_as_they_move():
+    from incseg.continual.distillation import pod_distillation
+
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    assert pod_distillation([f.clone() for f in feats], feats).item() < 1e-6
+    near = pod_distillation([f + 0.1 * torch.randn_like(f) for f in feats], feats)
+    far = pod_distillation([torch.randn_like(f) for f in feats], feats)
+    assert 0 < near < far
+
+
+def test_feature_taps_feed_the_objective_and_leave_no_hooks():
+    """With `feature_distill_weight`, a student whose features moved pays more than the plain
+    distillation objective; the hooks are gone after the block."""
+    import copy
+
+    from incseg.config import ContinualParams, TrainParams
+    from incseg.continual.strategies import feature_taps, make_objective
+    from incseg.models import build_model, expand_classes, feature_modules
+
+    torch.manual_seed(0)
+    teacher = build_model("unet", 3, width=4).eval()
+    student = expand_classes(copy.deepcopy(teacher), 1)
+    with torch.no_grad():
+        student.enc[0][0].weight.add_(0.5 * torch.randn_like(student.enc[0][0].weight))
+    images, target = torch.randn(2, 3, 16, 16), torch.zeros(2, 16, 16, dtype=torch.long)
+    annotated = torch.ones(2, 4, dtype=torch.bool)
+    cont = ContinualParams(feature_distill_weight=1.0)
+    plain = make_objective("distill", TrainParams(), cont, teacher)(student(images), images, target, annotated)
+    with feature_taps(student, teacher) as features:
+        tapped = make_objective("distill", TrainParams(), cont, teacher, features)(student(images), images, target,
+                                                                                   annotated)
+        assert len(features[0]) == len(features[1]) == len(feature_modules(student))
+    assert tapped > plain + 1e-4
+    assert all(not m._forward_hooks for m in feature_modules(student) + feature_modules(teacher))
+
+
 def test_memory_stays_bounded_and_class_balanced(stream_dir, tmp_path):
     memory = ExemplarMemory.empty()
     for i, batch in enumerate(("batch-00", "batch-01", "batch-02")):

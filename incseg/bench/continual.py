@@ -31,6 +31,7 @@ STRATEGIES = (*strategies.STRATEGIES, "joint")  # joint: retrain on all data so 
 # changed each (name -> "section.key": value).
 ABLATION: dict[str, dict[str, object]] = {
     "+ pseudo-labels 0.7 (PLOP)": {"continual.pseudo_label_threshold": 0.7},
+    "+ feature distillation 0.5 (PLOP POD)": {"continual.feature_distill_weight": 0.5},
     "+ weight fusion 0.3 (EWF)": {"continual.fuse_old_weight": 0.3},
     "+ frozen stem": {"continual.freeze_stem": True},
     "random new-head init": {"continual.head_init": "random"},

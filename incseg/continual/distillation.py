@@ -46,3 +46,16 @@ def pseudo_label(target: torch.Tensor, teacher: torch.Tensor, threshold: float) 
     prob, cls = teacher.softmax(dim=1).max(dim=1)
     take = (target == 0) & (cls > 0) & (prob >= threshold)
     return torch.where(take, cls, target)
+
+
+def pod_distillation(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """PLOP's pooled output distillation (Douillard et al., CVPR 2021) of intermediate features:
+    each squared feature map is summed over its width and over its height, the two profiles are
+    L2-normalised, and their distance to the old model's is averaged over the layers. Zero when
+    the features are equal; it keeps where things are without pinning every activation."""
+    def profile(f: torch.Tensor) -> torch.Tensor:
+        f = f.pow(2)
+        return F.normalize(torch.cat([f.sum(dim=-1).flatten(1), f.sum(dim=-2).flatten(1)], dim=1), dim=1)
+
+    distances = [(profile(s) - profile(t.detach())).norm(dim=1).mean() for s, t in zip(student, teacher)]
+    return torch.stack(distances).mean()

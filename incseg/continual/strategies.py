@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
 
 from incseg.config import ContinualParams, TrainParams
-from incseg.continual.distillation import pseudo_label, unbiased_cross_entropy, unbiased_distillation
+from incseg.continual.distillation import (pod_distillation, pseudo_label, unbiased_cross_entropy,
+                                          unbiased_distillation)
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import SegmentationFolder
 from incseg.losses import IGNORE, dice_loss, segmentation_loss
+from incseg.models import feature_modules
 
 STRATEGIES = ("naive", "replay", "distill", "replay+distill")
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -52,8 +55,39 @@ def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: to
         logits, dice_target)
 
 
-def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, teacher: nn.Module | None) -> Objective:
-    """loss(logits, images, target, annotated) for the strategy; `teacher` is the old model."""
+Features = tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
+
+
+@contextmanager
+def feature_taps(student: nn.Module, teacher: nn.Module) -> Iterator[Features]:
+    """The intermediate features (`models.feature_modules`) of each model's latest forward pass,
+    for feature distillation; the hooks are removed on exit."""
+    taps: Features = ({}, {})
+    handles = []
+    for store, model in zip(taps, (student, teacher)):
+        for k, module in enumerate(feature_modules(model)):
+            def keep(mod, args, out, store=store, k=k):
+                store[k] = out
+            handles.append(module.register_forward_hook(keep))
+    try:
+        yield taps
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _flat(features: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for k in sorted(features):
+        f = features[k]
+        out.extend(f.values() if isinstance(f, dict) else [f])
+    return out
+
+
+def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, teacher: nn.Module | None,
+                   features: Features | None = None) -> Objective:
+    """loss(logits, images, target, annotated) for the strategy; `teacher` is the old model;
+    `features` (from `feature_taps`) adds PLOP's feature distillation at `cont.feature_distill_weight`."""
     if not uses_distillation(strategy) or teacher is None:
         return lambda logits, images, target, annotated: segmentation_loss(
             logits, target, train.ce_weight, train.dice_weight
@@ -65,7 +99,10 @@ def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, tea
             old = teacher(images)
         if cont.pseudo_label_threshold > 0:
             target = pseudo_label(target, old, cont.pseudo_label_threshold)
-        return partial_label_loss(logits, target, annotated, train) + cont.distill_weight * unbiased_distillation(
+        loss = partial_label_loss(logits, target, annotated, train) + cont.distill_weight * unbiased_distillation(
             logits, old)
+        if features is not None and cont.feature_distill_weight > 0:
+            loss = loss + cont.feature_distill_weight * pod_distillation(_flat(features[0]), _flat(features[1]))
+        return loss
 
     return objective
