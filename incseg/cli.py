@@ -544,7 +544,7 @@ def bench(
                                                  "(default: synth.style).")] = None,
     ablation: Annotated[bool, typer.Option("--ablation", help="Forgetting-control ablation: naive, the default "
                                            "strategy, and the default with one knob changed each (pseudo-labels, "
-                                           "weight fusion, frozen stem, head init, classifier LR).")] = False,
+                                           "feature distillation, weight fusion, frozen stem, head init).")] = False,
 ) -> None:
     """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
     (--inference); print and write tables."""

@@ -124,3 +124,16 @@ def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
 def test_bench_names_an_unknown_strategy(tmp_path):
     result = CliRunner().invoke(app, ["-C", str(tmp_path), "bench", "--quick", "--strategies", "naive,magic"])
     assert result.exit_code == 1 and "unknown strategies ['magic']" in result.output
+
+
+def test_each_ablation_variant_changes_one_knob_of_the_default():
+    from incseg.bench import continual as b
+    from incseg.bench.recipe import with_changes
+    from incseg.config import Params
+
+    default = Params()
+    for name, changes in b.ABLATION.items():
+        varied = with_changes(default, changes).continual.model_dump()
+        differs = {k for k, v in default.continual.model_dump().items() if varied[k] != v}
+        assert len(changes) == 1 and differs == {next(iter(changes)).split(".")[1]}, name
+        assert varied["strategy"] == default.continual.strategy, name
