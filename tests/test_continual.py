@@ -137,3 +137,13 @@ def test_each_ablation_variant_changes_one_knob_of_the_default():
         differs = {k for k, v in default.continual.model_dump().items() if varied[k] != v}
         assert len(changes) == 1 and differs == {next(iter(changes)).split(".")[1]}, name
         assert varied["strategy"] == default.continual.strategy, name
+
+
+def test_a_report_without_the_default_strategy_has_no_targets_section():
+    from incseg.bench import continual as b
+
+    s = b.Scenario({0: "background", 1: "square", 2: "triangle"}, {0: 0, 1: 0, 2: 1})
+    s.runs["naive"] = [b.Step("batch-00", [0.9, 0.8, float("nan")], 10, 1.0),
+                       b.Step("batch-01", [0.9, 0.5, 0.6], 10, 1.0)]
+    text = b.markdown(s, b.summary(s), "replay+distill", "incseg bench --strategies naive")
+    assert "| naive |" in text and "## Targets" not in text
