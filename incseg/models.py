@@ -158,10 +158,8 @@ def fuse_weights(new: nn.Module, old: nn.Module, old_weight: float) -> nn.Module
         before = old_state.get(key)
         if before is None or not value.is_floating_point():
             continue
-        rows = min(before.shape[0], value.shape[0]) if value.dim() else None
-        target = value[:rows] if rows is not None else value
-        target.mul_(1 - old_weight).add_(before[:rows].to(value) if rows is not None else before.to(value),
-                                         alpha=old_weight)
+        target = value[: before.shape[0]] if value.dim() else value  # a grown head: only the old rows
+        target.lerp_(before.to(value), old_weight)
     return new
 
 
