@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -47,8 +47,31 @@ def git(root: Path, *args: str) -> str:
     return run(["git", *identity, *args], root, ["git", *args])
 
 
-def dvc(root: Path, *args: str) -> str:
-    return run([sys.executable, "-m", "dvc", *args], root, ["dvc", *args])
+def dvc(root: Path, command: str, *targets: Path) -> None:
+    """`dvc init|add|push|pull TARGETS` through DVC's Python API (`dvc.repo.Repo`), in this process:
+    what the CLI does, without a Python start per call (~1 s of CPU each). Its chatter ("To track the
+    changes with git...") stays out of our output; a failure is a one-line `StoreError` naming the
+    command as the user would type it. TARGETS are relative to ROOT (or absolute)."""
+    import logging
+
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    log = logging.getLogger("dvc")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        if command == "init":
+            Repo.init(str(root)).close()
+            return
+        with Repo(str(root)) as repo:
+            getattr(repo, command)([str(root / t) for t in targets])
+    except DvcException as err:
+        said = " ".join(str(err).split())
+        shown = " ".join(["dvc", command, *map(str, targets)])
+        raise StoreError(f"`{shown}` failed in {root}: {said[:400]}") from None
+    finally:
+        log.setLevel(level)
 
 
 PIPELINE_YAML = Path(__file__).parent / "templates" / "dvc.yaml"  # the one source of the DVC pipeline
@@ -73,13 +96,24 @@ def init_workspace(root: Path, remote: str | None = None) -> Path:
     if not (root / ".git").exists():
         git(root, "init", "-q")
     if not (root / ".dvc").exists():
-        dvc(root, "init", "-q")
-        dvc(root, "config", "core.analytics", "false")
-        dvc(root, "remote", "add", "-d", "storage", remote or str((root / "dvc-remote").resolve()))
+        dvc(root, "init")
+        with repo_config(root) as conf:
+            conf["core"]["analytics"] = False
+            conf["core"]["remote"] = "storage"
+            conf["remote"]["storage"] = {"url": remote or str((root / "dvc-remote").resolve())}
     git(root, "add", "-A")
     if git(root, "status", "--porcelain").strip():
         git(root, "commit", "-q", "-m", "incseg init")
     return root
+
+
+@contextmanager
+def repo_config(root: Path):
+    """The workspace's DVC config (`.dvc/config`) to edit, as `dvc config` / `dvc remote add` do."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo, repo.config.edit() as conf:
+        yield conf
 
 
 def has_dvc(root: Path) -> bool:
@@ -101,14 +135,14 @@ def track_all(root: Path, paths: list[Path], message: str, also: list[Path] = ()
     if not has_dvc(root):
         raise StoreError(f"{root} is not a DVC workspace: run `incseg init {root}` first")
     rels = [p.resolve().relative_to(root.resolve()) for p in paths]
-    dvc(root, "add", *map(str, rels))
+    dvc(root, "add", *rels)
     dvc_files = [r.with_name(r.name + ".dvc") for r in rels]
     ignores = sorted({str(r.parent / ".gitignore") for r in rels})
     git(root, "add", *map(str, dvc_files), *ignores, *(str(p.resolve().relative_to(root.resolve())) for p in also))
     if _staged(root):
         git(root, "commit", "-q", "-m", message)
     if dvc_remote(root):
-        dvc(root, "push", *map(str, dvc_files))
+        dvc(root, "push", *dvc_files)
     publish(root)
     return [dvc_hash(root / f) for f in dvc_files]
 
@@ -143,7 +177,7 @@ def pull_registry(ws: Workspace) -> str | None:
     targets = sorted(ws.registry_dir.glob("*.dvc")) + sorted(ws.data_dir.glob("*.dvc"))
     try:
         if targets and dvc_remote(root):
-            dvc(root, "pull", *map(str, targets))
+            dvc(root, "pull", *targets)
     except StoreError:
         if after != before:
             git(root, "reset", "-q", "--keep", before)  # the .dvc files back where their data is
@@ -152,8 +186,11 @@ def pull_registry(ws: Workspace) -> str | None:
 
 
 def dvc_remote(root: Path) -> bool:
-    """Whether the workspace has a DVC remote to push to."""
-    return bool(dvc(root, "remote", "list").strip())
+    """Whether the workspace has a DVC remote to push to (a default one, as `dvc push` needs)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return bool(repo.config["core"].get("remote"))
 
 
 def _staged(root: Path) -> bool:
