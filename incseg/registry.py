@@ -15,21 +15,22 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from torch import nn
 
 from incseg.config import Workspace
-from incseg.continual.memory import ExemplarMemory
-from incseg.metrics import report_metrics
-from incseg.models import load_checkpoint, save_checkpoint
-from incseg.pipeline import CheckedBatch, Judgement
 from incseg.processes import owner_alive
-from incseg.training import EvalPoint, TrainResult
+
+if TYPE_CHECKING:  # torch and the learner load only where a model is written or read: `promote` stays light
+    from torch import nn
+
+    from incseg.continual.memory import ExemplarMemory
+    from incseg.pipeline import CheckedBatch, Judgement
+    from incseg.training import EvalPoint, TrainResult
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT = "checkpoint/model.pt"
@@ -154,6 +155,8 @@ class ModelRegistry:
     def log_judgement(self, run_id: str, j: Judgement, figures: dict[str, Any]) -> None:
         """Per-class IoU metrics of both models, decision.json, and the figures (path -> matplotlib figure)."""
         import matplotlib.pyplot as plt
+
+        from incseg.metrics import report_metrics
 
         champion = report_metrics("champion", j.champion) if j.champion else {}
         for k, v in {**report_metrics("candidate", j.candidate), **champion}.items():
@@ -294,6 +297,7 @@ class ModelRegistry:
         import torch
 
         import incseg
+        from incseg.models import save_checkpoint
         from incseg.serving import CHECKPOINT_ARTIFACT
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -408,6 +412,9 @@ class ModelRegistry:
 
     def load(self, mv: ModelVersion, scratch: Path) -> LoadedModel:
         """The version's model (from the plain checkpoint) and its exemplar memory."""
+        from incseg.continual.memory import ExemplarMemory
+        from incseg.models import load_checkpoint
+
         run_id = mv.tags.get("run_id") or mv.run_id
         dst = scratch / f"v{mv.version}"
         dst.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.cost(180)]
 def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, stream_dir):
     """`incseg serve` starts a local Prefect server; the schedule picks up the first batch; then
     `incseg data add` announces the next one with an `incseg.batch.registered` event, which runs the
-    watcher on that batch through its deployment trigger, while a scheduled tick and a manual `incseg
-    watch` arrive at the same time. One version per batch, whoever gets there."""
+    watcher on that batch through its deployment trigger. One version per batch. (Watchers racing for
+    one batch: tests/test_watch.py on a Prefect server's lock, tests/test_watch_processes.py on the
+    file lock.)"""
     import signal
     import time
 
@@ -56,7 +57,7 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
             processes.running(command, grace=20, sig=signal.SIGINT, env=env, stdout=log, stderr=subprocess.STDOUT) as proc:
         wait_for("the schedule's bootstrap", lambda: bool(ModelRegistry(ws).ledger()), proc)
         assert list(ModelRegistry(ws).ledger().values()) == ["promoted"]
-        # the schedule did its part: paused, its later ticks (a process each) don't compete with the event's run
+        # the schedule did its part: paused, so the event's run is the one that learns batch-01
         scheduled = httpx.post(f"{api}/deployments/filter", json={
             "deployments": {"name": {"any_": [f"watch-{params.model.name}"]}}}).json()
         assert len(scheduled) == 1 and scheduled[0]["schedules"]
@@ -67,13 +68,6 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
                                capture_output=True, text=True, timeout=300)
         assert added.returncode == 0 and "event incseg.batch.registered sent for batch-01" in added.stdout, \
             added.stdout + added.stderr
-        # at the same moment a scheduled tick comes due (a run of the paused schedule's deployment) and a
-        # person runs `incseg watch` by hand: the lock and the ledger decide, once
-        tick = httpx.post(f"{api}/deployments/{scheduled[0]['id']}/create_flow_run", json={})
-        tick.raise_for_status()
-        manual = subprocess.run([sys.executable, "-m", "incseg", "-C", str(root), "watch"],
-                                env={**env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=300)
-        assert manual.returncode == 0, manual.stdout + manual.stderr
         wait_for("the update of batch-01", lambda: any(b == "batch-01" for b, _ in ModelRegistry(ws).ledger()), proc)
 
         deployment = httpx.post(f"{api}/deployments/filter", json={
@@ -86,8 +80,6 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
 
         wait_for("the run the event triggered", lambda: [r["state_type"] for r in triggered()] == ["COMPLETED"], proc,
                  timeout=120)
-        wait_for("the tick's run", lambda: httpx.get(f"{api}/flow_runs/{tick.json()['id']}").json()["state_type"]
-                 == "COMPLETED", proc, timeout=120)
         runs = triggered()
         assert runs[0]["parameters"]["batch_id"] == "batch-01"  # the trigger passed the payload on
         assert runs[0]["parameters"]["event_time"]
@@ -98,8 +90,8 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
     reg = ModelRegistry(ws)
     [batch_01] = [r for r in reg.client.search_runs([reg.experiment_id()]) if r.data.tags.get("batch_id") == "batch-01"
                   and r.data.tags.get("outcome") not in (None, "running")]
-    if "event_time" in batch_01.data.tags:  # the event's run made the version (not the manual watch)
-        latency = batch_01.data.metrics
-        assert 0 < latency["latency.event_to_start_s"] <= latency["latency.event_to_verdict_s"]
-    assert [str(v.version) for v in reg.versions()] == ["1", "2"]  # one version per batch, whoever got there
+    assert batch_01.data.tags["event_time"]  # the event's run made the version
+    latency = batch_01.data.metrics
+    assert 0 < latency["latency.event_to_start_s"] <= latency["latency.event_to_verdict_s"]
+    assert [str(v.version) for v in reg.versions()] == ["1", "2"]  # one version per batch
     assert sorted(b for b, _ in reg.ledger()) == ["batch-00", "batch-01"]
