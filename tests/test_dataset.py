@@ -70,3 +70,30 @@ def test_pairs_are_matched_by_stem_and_annotation_flags(tmp_path):
     _, _, annotated = ds[0]
     assert annotated.tolist() == [True, False, True, False, False]
     assert BatchInfo.read(tmp_path).classes == [0, 1, 2, 3]
+
+
+def test_decoded_pairs_are_read_once_and_again_when_a_file_changes(tmp_path):
+    """Epochs and evaluations re-read the same files: decoded once per process, until the file changes
+    (same batch id, new content), and what a transform returns never writes back into the cache."""
+    import os
+
+    from incseg.data.dataset import read_pair
+
+    image, mask = blocky_sample(np.random.default_rng(3))
+    write_pair(tmp_path, "a", image, mask)
+    [pair] = find_pairs(tmp_path)
+    first = read_pair(pair)
+    assert read_pair(pair) is first  # the cached arrays, not a second decode
+    ds = SegmentationFolder([pair], train_transforms(32), num_classes=5)
+    for _ in range(3):
+        img_t, _, _ = ds[0]
+        img_t.add_(1.0)  # a consumer that modifies its sample in place
+    assert np.array_equal(read_pair(pair)[0], image) and np.array_equal(read_pair(pair)[1], mask)
+
+    changed = mask.copy()
+    changed[:4, :4] = 4
+    write_pair(tmp_path, "a", image, changed)
+    stat = os.stat(pair.mask)
+    os.utime(pair.mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a new mtime even on coarse clocks
+    again = read_pair(pair)
+    assert again is not first and np.array_equal(again[1], changed)
