@@ -115,67 +115,34 @@ _SERVER = pytest.StashKey()
 def pytest_configure(config):
     """Under pytest-xdist one Prefect API serves the whole run: the controller starts it (Prefect's
     own test-harness server process) and the workers, and every process they start, inherit
-    PREFECT_API_URL. One cold start instead of one per worker and one per CLI subprocess. It starts
-    in the background while the workers start and collect; a slow test waits for it (see
-    `pytest_runtest_setup`). The unit layer (`-m "not slow"`) needs none: every test that talks to
-    Prefect is marked slow (one that is not would still get the `prefect_api` fixture's harness)."""
+    PREFECT_API_URL. One cold start instead of one per worker and one per CLI subprocess.
+    The unit layer (`-m "not slow"`) needs none: every test that talks to Prefect is marked slow
+    (one that is not would still get the `prefect_api` fixture's harness)."""
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         return
     if (config.option.markexpr or "").replace(" ", "") == "notslow":
         return
-    import threading
-
     from prefect.server.api.server import SubprocessASGIServer
 
     from helpers import free_port
 
     server = SubprocessASGIServer(port=free_port())
-    template = _STATE / "prefect-template.db"
-
-    def start() -> None:
-        try:
-            server.start(timeout=180)
-            # its database, migrated and still empty: a test that gives a process a Prefect home of
-            # its own starts from a copy (helpers.prefect_home) instead of running every migration
-            # again (~9 s); written under another name first, so its presence means the server is up
-            import sqlite3
-
-            partial = template.with_suffix(".partial")
-            with sqlite3.connect(_STATE / "prefect" / "prefect.db") as src, sqlite3.connect(partial) as dst:
-                src.backup(dst)
-            partial.rename(template)
-        except BaseException as err:  # noqa: BLE001 - reported by every slow test that needs it
-            (_STATE / "prefect-server.failed").write_text(f"{type(err).__name__}: {err}")
-
-    starting = threading.Thread(target=start, name="prefect-test-server", daemon=True)
-    starting.start()
-    config.stash[_SERVER] = (server, starting)
+    config.stash[_SERVER] = server
+    server.start(timeout=180)
     os.environ["PREFECT_API_URL"] = os.environ["INCSEG_TEST_PREFECT_API"] = server.api_url
+    # its database, migrated and still empty: a test that gives a process a Prefect home of its own
+    # starts from a copy (helpers.prefect_home) instead of running every migration again (~9 s)
+    import sqlite3
+
+    template = _STATE / "prefect-template.db"
+    with sqlite3.connect(_STATE / "prefect" / "prefect.db") as src, sqlite3.connect(template) as dst:
+        src.backup(dst)
     os.environ["INCSEG_TEST_PREFECT_DB"] = str(template)
 
 
-def pytest_runtest_setup(item):
-    """A slow test starts once the run's shared Prefect server answers (its template database exists)."""
-    template = os.environ.get("INCSEG_TEST_PREFECT_DB")
-    if not template or item.get_closest_marker("slow") is None or Path(template).exists():
-        return
-    import time
-
-    failed = Path(template).parent / "prefect-server.failed"
-    deadline = time.monotonic() + 240
-    while not Path(template).exists():
-        if failed.exists():
-            pytest.fail(f"the shared Prefect test server did not start: {failed.read_text()}", pytrace=False)
-        if time.monotonic() > deadline:
-            pytest.fail("the shared Prefect test server did not start within 240 s", pytrace=False)
-        time.sleep(0.2)
-
-
 def pytest_unconfigure(config):
-    started = config.stash.get(_SERVER, None)
-    if started is not None:
-        server, starting = started
-        starting.join(timeout=200)
+    server = config.stash.get(_SERVER, None)
+    if server is not None:
         server.stop()  # SIGTERM, SIGKILL after 5 s
 
 
