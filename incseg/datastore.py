@@ -30,8 +30,7 @@ class StoreError(RuntimeError):
 
 def run(cmd: list[str], cwd: Path, shown: list[str] | None = None) -> str:
     """The command's stdout; a failure is a one-line `StoreError` naming the command as the user
-    would type it (`shown`) and what it said (its error lines). DVC's `-q` silences its errors too,
-    so DVC runs without it (the output is captured either way)."""
+    would type it (`shown`) and what it said (its error lines)."""
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
@@ -66,7 +65,7 @@ def dvc(root: Path, command: str, *targets: Path) -> None:
             return
         with Repo(str(root)) as repo:
             getattr(repo, command)([str(root / t) for t in targets])
-    except DvcException as err:
+    except (DvcException, OSError) as err:  # e.g. a remote folder that cannot be written
         said = " ".join(str(err).split())
         shown = " ".join(["dvc", command, *map(str, targets)])
         raise StoreError(f"`{shown}` failed in {root}: {said[:400]}") from None

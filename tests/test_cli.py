@@ -53,6 +53,21 @@ def test_init_scaffolds_git_and_dvc_with_a_local_remote(tmp_path):
     assert (ws / "dvc.yaml").read_text() == (repo_root / "dvc.yaml").read_text()  # one pipeline, kept in sync
 
 
+def test_a_push_to_an_unusable_dvc_remote_fails_in_one_line_naming_the_command(tmp_path, stream_dir):
+    """DVC runs in process: its failure is still one `error:` line naming the dvc command, and the
+    batch is versioned locally (committed) though not pushed."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the DVC remote should be\n")
+    result = runner.invoke(app, ["init", str(tmp_path / "ws"), "--remote", str(blocker)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["-C", str(tmp_path / "ws"), "data", "add", str(stream_dir / "registry" / "batch-00")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "`dvc push data/registry/batch-00.dvc` failed" in errors[0], result.output
+    log = subprocess.run(["git", "log", "--oneline"], cwd=tmp_path / "ws", capture_output=True, text=True).stdout
+    assert "data: add batch batch-00" in log
+
+
 def test_data_synth_writes_the_layout(tmp_path):
     (tmp_path / "params.yaml").write_text("synth: {size: 24, base_images: 2, step_images: 2, holdout_per_class: 1}\n")
     result = runner.invoke(app, ["-C", str(tmp_path), "data", "synth"])
