@@ -18,15 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from incseg.data.dataset import MEAN, STD
+from incseg.data.dataset import normalize
 from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, DataError, read_image
-
-
-def normalize(rgb: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 → 1x3xHxW float, normalised as in training."""
-    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).div(255)
-    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
-    return ((x - mean) / std)[None]
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -41,7 +34,7 @@ def logits_at_own_size(model: nn.Module, rgb: np.ndarray, size: int, device: tor
                        overlap: float = 0.25) -> torch.Tensor:
     """Class logits (C x H x W) for the whole image at its own resolution."""
     model.eval()
-    x = normalize(rgb).to(device)
+    x = normalize(rgb)[None].to(device)
     h, w = x.shape[-2:]
     if h <= size and w <= size:
         out = model(nn.functional.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False))

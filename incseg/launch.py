@@ -18,6 +18,7 @@ import sys
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as torch_dist
@@ -30,26 +31,28 @@ from incseg.data.layout import BatchInfo, Pair
 from incseg.metrics import mean_iou
 from incseg.models import load_checkpoint, num_classes, save_checkpoint
 from incseg.pipeline import Batch, class_names, holdout_matrix
-from incseg.registry import ModelRegistry
 from incseg.training import DivergenceError, EvalPoint, TrainResult, resolve_device
+
+if TYPE_CHECKING:
+    from incseg.registry import ModelRegistry
 
 DIVERGED_EXIT = 3
 
 
-def eval_logger(ws: Workspace, reg: ModelRegistry, run_id: str, scope: list[int]):
+def eval_logger(ws: Workspace, reg: ModelRegistry | None, run_id: str, scope: list[int]):
     """on_eval callback: logs the training loss, the validation split's mIoU (what early stopping
     watches) and the holdout mIoU over `scope` (what the gate will judge) at each evaluation.
     Every rank of a distributed run evaluates its holdout shard; only rank 0 logs."""
 
     def log(point: EvalPoint, model: nn.Module) -> None:
         miou = mean_iou(holdout_matrix(ws, model), scope)
-        if dist.is_main():
+        if reg is not None and dist.is_main():
             reg.log_evaluation(run_id, point, miou)
 
     return log
 
 
-def run_training(ws: Workspace, reg: ModelRegistry, run_id: str, batch: Batch, checkpoint_path: Path,
+def run_training(ws: Workspace, reg: ModelRegistry | None, run_id: str, batch: Batch, checkpoint_path: Path,
                  champion: nn.Module | None = None, memory: ExemplarMemory | None = None) -> tuple[nn.Module, TrainResult]:
     """Bootstrap (no champion) or continue the champion on the batch in this process (or rank),
     logging each evaluation to the run."""
@@ -162,7 +165,12 @@ def run_job(job: TrainingJob):
     batch = Batch(job.batch_id, Path(job.batch_root), pairs, BatchInfo(job.batch_id, classes=job.classes))
     champion = load_checkpoint(Path(job.champion_checkpoint))[0] if job.champion_checkpoint else None
     memory = ExemplarMemory.load(Path(job.memory_root)) if job.memory_root else ExemplarMemory.empty()
-    return run_training(ws, ModelRegistry(ws), job.run_id, batch, Path(job.checkpoint_path), champion, memory)
+    reg = None
+    if dist.is_main():  # only rank 0 logs: the other ranks need not load MLflow at all
+        from incseg.registry import ModelRegistry
+
+        reg = ModelRegistry(ws)
+    return run_training(ws, reg, job.run_id, batch, Path(job.checkpoint_path), champion, memory)
 
 
 def main(job_file: str) -> int:

@@ -56,13 +56,11 @@ def confusion_figure(cm: ConfusionMatrix, names: dict[int, str]) -> plt.Figure:
 @torch.no_grad()
 def preview_figure(models: dict[str, nn.Module], pairs: list[Pair], transform) -> plt.Figure:
     """Rows of holdout images: the image, ground truth, then each model's prediction, overlaid."""
-    from incseg.data.dataset import to_sample
-
     cols = 2 + len(models)
     fig, axes = plt.subplots(len(pairs), cols, figsize=(2 * cols, 2 * len(pairs)), squeeze=False)
     for row, pair in zip(axes, pairs):
         image, mask = read_image(pair.image), read_mask(pair.mask)
-        x, _ = transform(*to_sample(image, mask))
+        x, _ = transform(image, mask)
         panels = [image, overlay(image, mask)]
         for model in models.values():
             logits = model.eval()(x[None].float())

@@ -32,3 +32,15 @@ def test_a_reverse_import_breaks_the_contract(tmp_path):
     metrics.write_text(metrics.read_text() + "\nfrom incseg import pipeline  # noqa: E402 - points up\n")
     proc = lint(tmp_path)
     assert proc.returncode != 0 and "incseg.metrics -> incseg.pipeline" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_a_training_process_does_not_load_torchvision():
+    """torchvision loads `torch._dynamo` on import (~3 s of CPU in every process that trains): the
+    training path and the torchrun worker use plain torch; torchvision only for its own archs and
+    the VOC / Cityscapes importers, imported where they are used."""
+    code = ("import sys, incseg.launch, incseg.inference, incseg.reports; "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[]"]  # nor MLflow: a torchrun rank other than 0 never logs

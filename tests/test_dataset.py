@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from incseg.data.dataset import MEAN, STD, SegmentationFolder, eval_transforms, to_sample, train_transforms
+from incseg.data.dataset import MEAN, STD, SegmentationFolder, eval_transforms, train_transforms
 from incseg.data.layout import BatchInfo, find_pairs, read_mask, write_pair
 
 
@@ -33,10 +33,10 @@ def test_random_crops_and_flips_keep_image_and_mask_aligned():
     for i in range(20):
         image, mask = blocky_sample(rng)
         torch.manual_seed(i)
-        img_t, mask_t = tf(*to_sample(image, mask))
+        img_t, mask_t = tf(image, mask)
         aligned.append(decoded_agreement(img_t, mask_t))
         torch.manual_seed(1000 + i)  # same transform, other random draw for the mask alone
-        _, other_mask = tf(*to_sample(image, mask))
+        _, other_mask = tf(image, mask)
         misaligned.append(decoded_agreement(img_t, other_mask))
     assert min(aligned) > 0.95 and np.mean(aligned) > 0.99, aligned
     assert np.mean(misaligned) < 0.8
@@ -44,7 +44,7 @@ def test_random_crops_and_flips_keep_image_and_mask_aligned():
 
 def test_masks_stay_integer_label_maps_after_resize():
     image, mask = blocky_sample(np.random.default_rng(1))
-    img_t, mask_t = eval_transforms(40)(*to_sample(image, mask))
+    img_t, mask_t = eval_transforms(40)(image, mask)
     assert img_t.shape == (3, 40, 40) and mask_t.dtype == torch.int64
     assert set(mask_t.unique().tolist()) <= set(np.unique(mask).tolist())
 

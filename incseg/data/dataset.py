@@ -1,7 +1,9 @@
-"""Image/mask datasets with joint transforms (torchvision.transforms.v2 + tv_tensors)."""
+"""Image/mask datasets and their joint transforms (plain torch: one resize op for training,
+evaluation and serving, `incseg.inference` uses the same `normalize` and bilinear resize)."""
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -9,9 +11,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 from cachetools import LRUCache, cached
+from torch.nn import functional as F
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from incseg.data.layout import Pair, read_image, read_mask
 
@@ -35,29 +36,67 @@ def read_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     return read_image(pair.image), read_mask(pair.mask)
 
 
-def train_transforms(size: int, augment: bool = True) -> v2.Transform:
+_MEAN, _STD = torch.tensor(MEAN)[:, None, None] * 255, torch.tensor(STD)[:, None, None] * 255
+
+
+def normalize(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x H x W float, normalised as the models see it: (x / 255 - MEAN) / STD."""
+    x = torch.as_tensor(np.ascontiguousarray(rgb) if isinstance(rgb, np.ndarray) else rgb)
+    return _scale(x.permute(2, 0, 1).to(torch.float32, copy=True))
+
+
+def _scale(x: torch.Tensor) -> torch.Tensor:  # 0-255 float -> normalised (a linear map: commutes with resizing)
+    return x.sub_(_MEAN).div_(_STD)
+
+
+def resize_pair(x: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image (3 x h x w float) bilinear with antialiasing, mask (h x w ids) nearest, to size x size."""
+    x = F.interpolate(x[None], (size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    mask = F.interpolate(mask[None, None].float(), (size, size), mode="nearest")[0, 0]
+    return x, mask.long()
+
+
+def crop_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """A random (top, left, height, width) covering `scale` of the area at an aspect ratio in `ratio`
+    (log-uniform), drawn from torch's RNG as torchvision's RandomResizedCrop draws it; the whole
+    image when ten draws do not fit."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = h * w * torch.empty(1).uniform_(*scale).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return torch.randint(0, h - ch + 1, (1,)).item(), torch.randint(0, w - cw + 1, (1,)).item(), ch, cw
+    return 0, 0, h, w
+
+
+class PairTransform:
+    """(H x W x 3 uint8 image, H x W uint8 mask) -> (3 x size x size normalised float, size x size int64
+    label ids). With `augment`: a random resized crop (scale 0.5-1, aspect 3/4-4/3) and a random
+    horizontal flip, applied to image and mask together; without: a plain resize."""
+
+    def __init__(self, size: int, augment: bool, scale: tuple[float, float] = (0.5, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size, self.augment, self.scale, self.ratio = size, augment, scale, ratio
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
+        if self.augment:
+            top, left, h, w = crop_box(*y.shape, self.scale, self.ratio)
+            x, y = x[top:top + h, left:left + w], y[top:top + h, left:left + w]
+        x, y = resize_pair(x.permute(2, 0, 1).float(), y, self.size)  # crop first: only its pixels are converted
+        if self.augment and torch.rand(1).item() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return _scale(x.contiguous()), y.contiguous()
+
+
+def train_transforms(size: int, augment: bool = True) -> PairTransform:
     """Random resized crop and flip applied to image and mask together (mask: nearest)."""
-    geometry = (
-        [v2.RandomResizedCrop((size, size), scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-        if augment
-        else [v2.Resize((size, size), antialias=True)]
-    )
-    return v2.Compose([*geometry, *_to_tensors()])
+    return PairTransform(size, augment)
 
 
-def eval_transforms(size: int) -> v2.Transform:
-    return v2.Compose([v2.Resize((size, size), antialias=True), *_to_tensors()])
-
-
-def _to_tensors() -> list[v2.Transform]:
-    return [
-        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
-        v2.Normalize(MEAN, STD),
-    ]
-
-
-def to_sample(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-    return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), tv_tensors.Mask(torch.from_numpy(mask))
+def eval_transforms(size: int) -> PairTransform:
+    return PairTransform(size, augment=False)
 
 
 class SegmentationFolder(Dataset):
@@ -70,7 +109,7 @@ class SegmentationFolder(Dataset):
     def __init__(
         self,
         pairs: Sequence[Pair],
-        transform: v2.Transform,
+        transform: PairTransform,
         num_classes: int,
         annotated: Iterable[int] | None = None,
     ):
@@ -87,5 +126,5 @@ class SegmentationFolder(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int):
-        image, mask = self.transform(*to_sample(*read_pair(self.pairs[i])))
+        image, mask = self.transform(*read_pair(self.pairs[i]))
         return image, mask, self.annotated
