@@ -26,8 +26,8 @@ from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
 from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
 from incseg.models import build_model, expand_classes, fuse_weights, num_classes, param_groups, stem_parameters
-from incseg.training import (Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device, seed_everything,
-                             split_validation, train)
+from incseg.training import (FAST_LAYOUT, Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device,
+                             seed_everything, split_validation, train)
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
 from incseg.validation.history import earlier_profiles
 
@@ -205,7 +205,7 @@ def train_candidate(
         for param in stem_parameters(student):
             param.requires_grad_(False)
     device = resolve_device(p.train.device)
-    teacher = copy.deepcopy(champion).to(device) if uses_distillation(strategy) else None
+    teacher = copy.deepcopy(champion).to(device, memory_format=FAST_LAYOUT) if uses_distillation(strategy) else None
     transform = train_transforms(p.data.image_size, p.train.augment)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
     data = SegmentationFolder(fit, transform, n, batch.classes)

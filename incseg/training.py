@@ -132,6 +132,12 @@ def progress_bar(enabled: bool = True) -> Progress:
     )
 
 
+# Models and image batches are trained and evaluated channels-last (NHWC): the U-Net's convolutions
+# ran 10-13 % faster so on 2 CPU cores (width 8 at 32 px to width 16 at 64 px), and it is the layout
+# GPUs' convolution kernels prefer. Only 4-D tensors change; checkpoints load into any layout.
+FAST_LAYOUT = torch.channels_last
+
+
 def train(
     model: nn.Module,
     loader: DataLoader,
@@ -155,7 +161,7 @@ def train(
     one for the same model and budget, training resumes from it. Under torchrun the model trains
     as DDP (every rank sees the same all-reduced validation score, so all stop together); only
     rank 0 writes checkpoints and shows progress."""
-    model.to(device)
+    model.to(device, memory_format=FAST_LAYOUT)
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=lr, weight_decay=weight_decay)
     rate = LearningRate(budget.max_steps, cosine=validate is None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
@@ -174,7 +180,8 @@ def train(
             epoch += 1
             parallel.train()
             for images, masks, annotated in loader:
-                images, masks, annotated = images.to(device), masks.to(device), annotated.to(device)
+                images = images.to(device, memory_format=FAST_LAYOUT)
+                masks, annotated = masks.to(device), annotated.to(device)
                 loss = objective(parallel(images), images, masks, annotated)
                 if not dist.all_finite(loss):
                     raise DivergenceError(f"loss became {loss.item()} at step {step + 1}; update stopped")
@@ -279,10 +286,10 @@ def split_validation(pairs: list, fraction: float, seed: int, at_most: int = 256
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> ConfusionMatrix:
     """Confusion matrix of the model's argmax over every pixel of `loader` (of every rank's shard,
     all-reduced, in a distributed run)."""
-    model.to(device).eval()
+    model.to(device, memory_format=FAST_LAYOUT).eval()
     cm = ConfusionMatrix(num_classes)
     for images, masks, _ in loader:
-        cm.update(masks, model(images.to(device)).argmax(dim=1).cpu())
+        cm.update(masks, model(images.to(device, memory_format=FAST_LAYOUT)).argmax(dim=1).cpu())
     cm.all_reduce()
     return cm
 
