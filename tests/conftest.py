@@ -13,6 +13,7 @@ os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # no test reads run logs back from an API: not shipped
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # `mlflow server` would start ~8 idle job consumers
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # never a developer's own Prefect server: only the run's shared test server (see pytest_configure)
@@ -116,34 +117,80 @@ def pytest_configure(config):
     """Under pytest-xdist one Prefect API serves the whole run: the controller starts it (Prefect's
     own test-harness server process) and the workers, and every process they start, inherit
     PREFECT_API_URL. One cold start instead of one per worker and one per CLI subprocess.
+    The server starts while the workers import and collect (both take ~20 s of one core); each
+    worker waits for it after collection (`pytest_collection_finish`). PREFECT_API_URL is set only
+    once the server process exists, so the server itself never inherits it.
     The unit layer (`-m "not slow"`) needs none: every test that talks to Prefect is marked slow
     (one that is not would still get the `prefect_api` fixture's harness)."""
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         return
     if (config.option.markexpr or "").replace(" ", "") == "notslow":
         return
+    import threading
+    import time
+
     from prefect.server.api.server import SubprocessASGIServer
 
     from helpers import free_port
 
     server = SubprocessASGIServer(port=free_port())
-    config.stash[_SERVER] = server
-    server.start(timeout=180)
-    os.environ["PREFECT_API_URL"] = os.environ["INCSEG_TEST_PREFECT_API"] = server.api_url
-    # its database, migrated and still empty: a test that gives a process a Prefect home of its own
-    # starts from a copy (helpers.prefect_home) instead of running every migration again (~9 s)
-    import sqlite3
+    errors: list[BaseException] = []
 
-    template = _STATE / "prefect-template.db"
-    with sqlite3.connect(_STATE / "prefect" / "prefect.db") as src, sqlite3.connect(template) as dst:
-        src.backup(dst)
-    os.environ["INCSEG_TEST_PREFECT_DB"] = str(template)
+    def start() -> None:
+        try:
+            server.start(timeout=180)
+        except BaseException as err:  # noqa: BLE001 - reported by the workers' wait and at the end
+            errors.append(err)
+
+    starter = threading.Thread(target=start, name="prefect-test-server", daemon=True)
+    starter.start()
+    while server.server_process is None and starter.is_alive():
+        time.sleep(0.01)
+    config.stash[_SERVER] = (server, starter, errors)
+    os.environ["PREFECT_API_URL"] = os.environ["INCSEG_TEST_PREFECT_API"] = server.api_url
+    # its database, migrated and still empty, for a test that gives a process a Prefect home of its
+    # own (helpers.prefect_home): a copy instead of running every migration again (~9 s); made by
+    # the first worker that finds the server up
+    os.environ["INCSEG_TEST_PREFECT_DB"] = str(_STATE / "prefect-template.db")
+
+
+def pytest_collection_finish(session):
+    """A worker waits here for the run's shared Prefect server (started by the controller while the
+    workers collected) and the first one to see it up copies its empty database as the template."""
+    url = os.environ.get("INCSEG_TEST_PREFECT_API")
+    if not url or not hasattr(session.config, "workerinput"):
+        return
+    import sqlite3
+    import time
+
+    import httpx
+    from filelock import FileLock
+
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise pytest.UsageError(f"the shared Prefect test server at {url} did not answer within 180 s")
+        time.sleep(0.2)
+    template = Path(os.environ["INCSEG_TEST_PREFECT_DB"])  # beside the server's home (the controller's state)
+    with FileLock(f"{template}.lock"):
+        if not template.exists():
+            with sqlite3.connect(template.parent / "prefect" / "prefect.db") as src, sqlite3.connect(template) as dst:
+                src.backup(dst)
 
 
 def pytest_unconfigure(config):
-    server = config.stash.get(_SERVER, None)
-    if server is not None:
+    started = config.stash.get(_SERVER, None)
+    if started is not None:
+        server, starter, errors = started
+        starter.join(timeout=180)
         server.stop()  # SIGTERM, SIGKILL after 5 s
+        if errors:
+            raise errors[0]
 
 
 @pytest.fixture(scope="session")
