@@ -76,7 +76,7 @@ class TrainParams(Section):
     update_max_steps: int = Field(1600, ge=1, description="most optimizer steps of an update")
     update_min_steps: int = Field(400, ge=0, description="no early stop before this many steps (update)")
     eval_every: int = Field(200, ge=1, description="steps between evaluations of the validation split")
-    patience: int = Field(2, ge=1, description="evaluations without gain before the LR drops (or training stops)")
+    patience: int = Field(3, ge=1, description="evaluations without gain before the LR drops (or training stops)")
     lr_decays: int = Field(2, ge=0, description="plateaus that lower the LR (x0.2, from the best weights) before stopping")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of a batch held out for early stopping")
     augment: bool = True
