@@ -161,21 +161,12 @@ def pytest_collection_finish(session):
     if not url or not hasattr(session.config, "workerinput"):
         return
     import sqlite3
-    import time
 
-    import httpx
     from filelock import FileLock
 
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise pytest.UsageError(f"the shared Prefect test server at {url} did not answer within 180 s")
-        time.sleep(0.2)
+    from helpers import wait_http
+
+    wait_http(f"{url}/health", timeout=180)
     template = Path(os.environ["INCSEG_TEST_PREFECT_DB"])  # beside the server's home (the controller's state)
     with FileLock(f"{template}.lock"):
         if not template.exists():

@@ -89,15 +89,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc, timeout: float = 120) -> None:
-    """Until `url` answers 200; fails early with the output if `proc` exits."""
+def wait_http(url: str, proc=None, timeout: float = 120) -> None:
+    """Until `url` answers 200; fails early with the output if `proc` (when given) exits."""
     import time
 
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}"
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return

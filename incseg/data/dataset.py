@@ -39,10 +39,9 @@ def read_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
 _MEAN, _STD = torch.tensor(MEAN)[:, None, None] * 255, torch.tensor(STD)[:, None, None] * 255
 
 
-def normalize(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
+def normalize(rgb: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 -> 3 x H x W float, normalised as the models see it: (x / 255 - MEAN) / STD."""
-    x = torch.as_tensor(np.ascontiguousarray(rgb) if isinstance(rgb, np.ndarray) else rgb)
-    return _scale(x.permute(2, 0, 1).to(torch.float32, copy=True))
+    return _scale(torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1))
 
 
 def _scale(x: torch.Tensor) -> torch.Tensor:  # 0-255 float -> normalised (a linear map: commutes with resizing)
