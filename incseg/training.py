@@ -97,7 +97,9 @@ class Budget:
     """How long to train: evaluate every `eval_every` steps; when `patience` evaluations in a row
     did not beat the best by `min_delta`, go back to the best weights and multiply the learning
     rate by `decay_factor` (at most `decays` times), then stop (not before `min_steps`, never
-    beyond `max_steps`)."""
+    beyond `max_steps`). A run that reaches the last `anneal` share of `max_steps` lowers its
+    learning rate linearly to zero at `max_steps`, so that a capped run ends on settled weights,
+    not mid-stride at the peak rate."""
 
     max_steps: int
     min_steps: int = 0
@@ -106,21 +108,25 @@ class Budget:
     min_delta: float = 0.002
     decays: int = 2
     decay_factor: float = 0.2
+    anneal: float = 0.25
 
 
 class LearningRate:
     """LR factor per step: a linear warm-up over min(`warmup`, total / 10) steps, then constant,
-    lowered by `decay` on each plateau of the validation score (`cosine=True`, for training with
-    nothing to validate on: a cosine decay to 1 % at `total` instead)."""
+    lowered by `decay` on each plateau of the validation score, and linearly to zero over the last
+    `anneal` share of `total` (`cosine=True`, for training with nothing to validate on: a cosine
+    decay to 1 % at `total` instead)."""
 
-    def __init__(self, total: int, cosine: bool, warmup: int = 200):
+    def __init__(self, total: int, cosine: bool, warmup: int = 200, anneal: float = 0.0):
         self.total, self.cosine, self.warm, self.scale = total, cosine, max(1, min(warmup, total // 10)), 1.0
+        self.anneal_from = total - round(anneal * total)
 
     def __call__(self, step: int) -> float:
         if step < self.warm:
             return self.scale * (step + 1) / self.warm
         if not self.cosine:
-            return self.scale
+            tail = (self.total - step) / max(1, self.total - self.anneal_from) if step >= self.anneal_from else 1.0
+            return self.scale * max(0.0, tail)
         t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -163,7 +169,7 @@ def train(
     rank 0 writes checkpoints and shows progress."""
     model.to(device, memory_format=FAST_LAYOUT)
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=lr, weight_decay=weight_decay)
-    rate = LearningRate(budget.max_steps, cosine=validate is None)
+    rate = LearningRate(budget.max_steps, cosine=validate is None, anneal=budget.anneal)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     result = TrainResult(world_size=dist.world_size())
     state = _resume(checkpoint_path, model, opt, sched, result, budget)

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from incseg.cli import app
 from incseg.continual.distillation import pseudo_label, unbiased_cross_entropy, unbiased_distillation
 from incseg.continual.memory import ExemplarMemory
-from incseg.data.layout import BatchInfo, find_pairs
+from incseg.data.layout import IGNORE, BatchInfo, find_pairs
 
 
 def test_distillation_is_zero_when_student_equals_teacher():
@@ -40,10 +41,31 @@ def test_unbiased_ce_lets_background_hide_unannotated_classes():
     assert unbiased_cross_entropy(logits, target, labelled_everything) > 5
 
 
-def test_pseudo_labels_fill_confident_background_only():
-    teacher = torch.tensor([[0.0, 9.0], [0.0, 0.1]]).T.reshape(1, 2, 1, 2)  # pixel 0 confident class 1
-    target = torch.tensor([[[0, 0]]])
-    assert pseudo_label(target, teacher, 0.9).tolist() == [[[1, 0]]]
+def test_pseudo_labels_trust_the_old_model_where_it_is_confident_and_ignore_the_rest():
+    # pixels: confident class 1, unsure, confident background, a labelled new-class pixel
+    teacher = torch.tensor([[0.0, 9.0], [0.0, 0.1], [9.0, 0.0], [0.0, 9.0]]).T.reshape(1, 2, 1, 4)
+    target = torch.tensor([[[0, 0, 0, 2]]])
+    assert pseudo_label(target, teacher, 0.9).tolist() == [[[1, IGNORE, 0, 2]]]
+
+
+def test_with_pseudo_labels_an_old_class_on_confident_background_is_penalised():
+    """MiB's unbiased CE lets a background pixel of a new batch turn into any old class; once the
+    old model has labelled it background (PLOP), predicting an old class there costs."""
+    from incseg.config import ContinualParams, TrainParams
+    from incseg.continual.strategies import make_objective
+
+    teacher = nn.Conv2d(3, 2, 1)  # an old model with classes {0, 1} that calls everything background
+    nn.init.zeros_(teacher.weight)
+    teacher.bias.data = torch.tensor([9.0, 0.0])
+    images = torch.zeros(1, 3, 2, 2)
+    target = torch.zeros(1, 2, 2, dtype=torch.long)
+    annotated = torch.tensor([[True, False, True]])  # the batch labels class 2 only
+    old_class_everywhere = torch.tensor([0.0, 8.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    train = TrainParams(dice_weight=0.0)
+    mib = make_objective("distill", train, ContinualParams(distill_weight=0.0), teacher)
+    plop = make_objective("distill", train, ContinualParams(distill_weight=0.0, pseudo_label_threshold=0.7), teacher)
+    assert mib(old_class_everywhere, images, target, annotated) < 0.01
+    assert plop(old_class_everywhere, images, target, annotated) > 5
 
 
 def test_feature_distillation_is_zero_for_equal_features_and_grows_as_they_move():

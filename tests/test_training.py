@@ -5,7 +5,7 @@ from torch.utils.data import TensorDataset
 from incseg.metrics import mean_iou
 from incseg.models import build_model
 from incseg.pipeline import holdout_matrix
-from incseg.training import Budget, DivergenceError, make_loader, split_validation, train
+from incseg.training import Budget, DivergenceError, LearningRate, make_loader, split_validation, train
 
 LEARNED_MIOU = 0.5  # over background + the two base classes; the tiny base model reaches far more
 
@@ -82,6 +82,16 @@ def test_max_steps_end_training_even_on_a_plateau_step():
     model, result, _ = train_on_scores([0.5, 0.4], Budget(max_steps=10, eval_every=5, patience=1, decays=2))
     assert result.stopped == "max_steps" and result.steps == 10 and [e.step for e in result.evals] == [5, 10]
     assert result.lr_decays == 0
+
+
+def test_a_run_that_reaches_the_last_quarter_of_its_budget_anneals_to_zero():
+    rate = LearningRate(total=400, cosine=False, warmup=40, anneal=0.25)
+    assert rate(0) == pytest.approx(1 / 40) and rate(39) == 1.0  # warm-up
+    assert rate(200) == rate(299) == 1.0  # constant until the last quarter
+    assert rate(300) == 1.0 and rate(350) == pytest.approx(0.5) and rate(399) == pytest.approx(1 / 100)
+    rate.scale = 0.2  # after a plateau's drop the anneal scales that lower rate
+    assert rate(250) == pytest.approx(0.2) and rate(350) == pytest.approx(0.1)
+    assert LearningRate(total=400, cosine=False, warmup=40)(399) == 1.0  # anneal 0: off
 
 
 def test_a_nan_loss_stops_training():
