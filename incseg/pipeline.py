@@ -143,9 +143,9 @@ def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
     """The step budget from `params.yaml: train` for a bootstrap or an update."""
     if from_scratch:
         return Budget(train.bootstrap_max_steps, train.bootstrap_min_steps, train.eval_every, train.patience,
-                      decays=train.lr_decays, anneal=train.anneal_fraction)
+                      decays=train.lr_decays, anneal=train.anneal_fraction, average=train.average_weights)
     return Budget(train.update_max_steps, train.update_min_steps, train.eval_every, train.patience,
-                  decays=train.lr_decays, anneal=train.anneal_fraction)
+                  decays=train.lr_decays, anneal=train.anneal_fraction, average=train.average_weights)
 
 
 def validation_score(pairs: list[Pair], params: Params, n_classes: int, annotated: list[int],

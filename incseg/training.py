@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from incseg import dist
@@ -99,7 +100,8 @@ class Budget:
     rate by `decay_factor` (at most `decays` times), then stop (not before `min_steps`, never
     beyond `max_steps`). A run that reaches the last `anneal` share of `max_steps` lowers its
     learning rate linearly to zero at `max_steps`, so that a capped run ends on settled weights,
-    not mid-stride at the peak rate."""
+    not mid-stride at the peak rate. With `average`, what is evaluated and kept is an exponential
+    moving average of the weights over about the last `eval_every` steps, not the latest step's."""
 
     max_steps: int
     min_steps: int = 0
@@ -109,6 +111,7 @@ class Budget:
     decays: int = 2
     decay_factor: float = 0.2
     anneal: float = 0.25
+    average: bool = False
 
 
 class LearningRate:
@@ -174,6 +177,12 @@ def train(
     result = TrainResult(world_size=dist.world_size())
     state = _resume(checkpoint_path, model, opt, sched, result, budget)
     best, best_state, waited, decays = state["best"], state["best_state"], state["waited"], state["decays"]
+    averaged = None
+    if budget.average:  # torch's EMA of parameters and BatchNorm statistics
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1 - 1 / budget.eval_every), use_buffers=True)
+        if state["averaged"] is not None:
+            averaged.load_state_dict(state["averaged"])
+    judged = averaged.module if averaged is not None else model  # the weights evaluated and kept
     rate.scale = budget.decay_factor ** decays
     parallel = dist.wrap(model, device)
     step, epoch = result.steps, state["epoch"]
@@ -195,6 +204,8 @@ def train(
                 loss.backward()
                 opt.step()
                 sched.step()
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 step += 1
                 total += loss.item() * len(images)
                 seen += len(images)
@@ -203,7 +214,7 @@ def train(
                     continue
                 total, seen = dist.all_sum(torch.tensor([total, float(seen)], dtype=torch.float64)).tolist()
                 seconds = time.perf_counter() - clock
-                score = validate(model) if validate is not None else float("nan")
+                score = validate(judged) if validate is not None else float("nan")
                 point = EvalPoint(step, total / max(seen, 1), score, int(seen), seconds)
                 result.evals.append(point)
                 improved = score == score and score > best + budget.min_delta
@@ -211,7 +222,7 @@ def train(
                     result.best_step = step
                 elif improved or best_state is None:
                     best, waited, result.best_step = (score if improved else best), 0, step
-                    best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().clone().cpu() for k, v in judged.state_dict().items()}
                 else:
                     waited += 1
                 if step >= budget.max_steps:  # the budget is spent, plateau or not
@@ -220,14 +231,15 @@ def train(
                     decays, waited = decays + 1, 0
                     rate.scale = budget.decay_factor ** decays
                     model.load_state_dict(best_state)
+                    judged.load_state_dict(best_state)
                 elif step >= budget.min_steps and waited >= budget.patience:
                     result.stopped = "converged"
                 if checkpoint_path is not None and dist.is_main():
                     _save_state(checkpoint_path, model, opt, sched, result, budget,
                                 {"best": best, "best_state": best_state, "waited": waited, "epoch": epoch,
-                                 "decays": decays})
+                                 "decays": decays, "averaged": averaged.state_dict() if averaged is not None else None})
                 if on_eval is not None:
-                    on_eval(point, model)
+                    on_eval(point, judged)
                 parallel.train()
                 info = f"loss {point.loss:.4f}" + (f" val mIoU {score:.3f}" if score == score else "")
                 bar.update(task, info=info)
@@ -237,6 +249,8 @@ def train(
                 clock, total, seen = time.perf_counter(), 0.0, 0
                 if result.stopped:
                     break
+    if best_state is None and averaged is not None:  # nothing validated: the average of the last steps
+        best_state = averaged.module.state_dict()
     if best_state is not None:
         model.load_state_dict(best_state)
     result.lr_decays = decays
@@ -253,7 +267,7 @@ def _save_state(path: Path, model, opt, sched, result: TrainResult, budget: Budg
 
 
 def _resume(path: Path | None, model, opt, sched, result: TrainResult, budget: Budget) -> dict:
-    fresh = {"best": float("-inf"), "best_state": None, "waited": 0, "epoch": 0, "decays": 0}
+    fresh = {"best": float("-inf"), "best_state": None, "waited": 0, "epoch": 0, "decays": 0, "averaged": None}
     if path is None or not path.exists():
         return fresh
     try:

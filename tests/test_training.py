@@ -94,6 +94,27 @@ def test_a_run_that_reaches_the_last_quarter_of_its_budget_anneals_to_zero():
     assert LearningRate(total=400, cosine=False, warmup=40)(399) == 1.0  # anneal 0: off
 
 
+def test_weight_averaging_evaluates_and_keeps_the_moving_average():
+    seen = {}
+
+    def run(average: bool):
+        torch.manual_seed(0)
+        model = build_model("unet", 2, 4)
+        on_eval = (lambda point, judged: seen.update({point.step: {k: v.clone() for k, v in judged.state_dict().items()},
+                                                      "judged": judged, "raw": model})) if average else None
+        train(model, toy_loader(), toy_objective, Budget(max_steps=20, eval_every=10, average=average), lr=1e-2,
+              validate=lambda m: 0.5, on_eval=on_eval, progress=False)
+        return model
+
+    plain, averaged = run(False), run(True)
+    assert seen["judged"] is not seen["raw"]  # the evaluations judge the average, not the latest step
+    kept = averaged.state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in kept.values())
+    assert not all(torch.equal(kept[k], v) for k, v in plain.state_dict().items())  # same run, other weights kept
+    assert all(torch.equal(kept[k], v) for k, v in seen[10].items())  # the best: step 10's average
+    assert not all(torch.equal(kept[k], v) for k, v in seen[20].items())
+
+
 def test_a_nan_loss_stops_training():
     with pytest.raises(DivergenceError, match="loss became"):
         train(build_model("unet", 2, 4), toy_loader(), lambda *a: torch.tensor(float("nan"), requires_grad=True),

@@ -35,6 +35,7 @@ ABLATION: dict[str, dict[str, object]] = {
     "+ weight fusion 0.3 (EWF)": {"continual.fuse_old_weight": 0.3},
     "+ frozen stem": {"continual.freeze_stem": True},
     "random new-head init": {"continual.head_init": "random"},
+    "+ weight averaging (EMA)": {"train.average_weights": True},
 }
 
 
