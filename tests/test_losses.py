@@ -44,3 +44,21 @@ def test_loss_gradient_raises_the_true_class_and_lowers_the_others():
     before = segmentation_loss(logits.detach(), target)
     after = segmentation_loss(logits.detach() - 0.5 * grad, target)
     assert after < before
+
+
+def test_dice_of_a_partially_labelled_sample_counts_the_new_class_on_its_background():
+    """A batch that labels only class 2 calls old classes background: predicting an old class
+    (1) on its background is not wrong, predicting the labelled class 2 there is."""
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, :2, :2] = 2  # the labelled new class; the rest is background (may hide class 1)
+    annotated = torch.tensor([[True, False, True]])
+    right = onehot_logits(target, 3)
+    old_on_background = right.clone()
+    old_on_background[0, :, 2:, 2:] = onehot_logits(torch.ones(1, 2, 2, dtype=torch.long), 3)[0]
+    new_on_background = right.clone()
+    new_on_background[0, :, 2:, 2:] = onehot_logits(torch.full((1, 2, 2), 2), 3)[0]
+    assert dice_loss(right, target, annotated=annotated).item() < 1e-4
+    assert dice_loss(old_on_background, target, annotated=annotated).item() < 1e-4
+    assert dice_loss(new_on_background, target, annotated=annotated) > 0.05
+    # fully labelled: every background pixel is background
+    assert dice_loss(old_on_background, target, annotated=torch.ones(1, 3, dtype=torch.bool)) > 0.05

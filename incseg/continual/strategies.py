@@ -49,10 +49,8 @@ def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: to
                        train: TrainParams) -> torch.Tensor:
     """Unbiased CE + Dice where labels are trustworthy: the background of a partially
     labelled sample may hide classes its batch did not annotate."""
-    partial = (~annotated).any(dim=1)[:, None, None]
-    dice_target = torch.where(partial & (target == 0), torch.full_like(target, IGNORE), target)
     return train.ce_weight * unbiased_cross_entropy(logits, target, annotated) + train.dice_weight * dice_loss(
-        logits, dice_target)
+        logits, target, annotated=annotated)
 
 
 Features = tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
