@@ -14,7 +14,7 @@ from incseg.continual.distillation import (annotated_after_pseudo_labels, pod_di
                                           unbiased_cross_entropy, unbiased_distillation)
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import SegmentationFolder
-from incseg.losses import IGNORE, dice_loss, segmentation_loss
+from incseg.losses import dice_loss, segmentation_loss
 from incseg.models import feature_modules
 
 STRATEGIES = ("naive", "replay", "distill", "replay+distill")
