@@ -122,14 +122,13 @@ class LearningRate:
 
     def __init__(self, total: int, cosine: bool, warmup: int = 200, anneal: float = 0.0):
         self.total, self.cosine, self.warm, self.scale = total, cosine, max(1, min(warmup, total // 10)), 1.0
-        self.anneal_from = total - round(anneal * total)
+        self.anneal_steps = round(anneal * total)
 
     def __call__(self, step: int) -> float:
         if step < self.warm:
             return self.scale * (step + 1) / self.warm
         if not self.cosine:
-            tail = (self.total - step) / max(1, self.total - self.anneal_from) if step >= self.anneal_from else 1.0
-            return self.scale * max(0.0, tail)
+            return self.scale * (min(1.0, (self.total - step) / self.anneal_steps) if self.anneal_steps else 1.0)
         t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -231,7 +230,8 @@ def train(
                     decays, waited = decays + 1, 0
                     rate.scale = budget.decay_factor ** decays
                     model.load_state_dict(best_state)
-                    judged.load_state_dict(best_state)
+                    if averaged is not None:
+                        averaged.module.load_state_dict(best_state)
                 elif step >= budget.min_steps and waited >= budget.patience:
                     result.stopped = "converged"
                 if checkpoint_path is not None and dist.is_main():

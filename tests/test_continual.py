@@ -45,7 +45,9 @@ def test_pseudo_labels_trust_the_old_model_where_it_is_confident_and_ignore_the_
     # pixels: confident class 1, unsure, confident background, a labelled new-class pixel
     teacher = torch.tensor([[0.0, 9.0], [0.0, 0.1], [9.0, 0.0], [0.0, 9.0]]).T.reshape(1, 2, 1, 4)
     target = torch.tensor([[[0, 0, 0, 2]]])
-    assert pseudo_label(target, teacher, 0.9).tolist() == [[[1, IGNORE, 0, 2]]]
+    labels, annotated = pseudo_label(target, torch.tensor([[True, False, True]]), teacher, 0.9)
+    assert labels.tolist() == [[[1, IGNORE, 0, 2]]]
+    assert annotated.tolist() == [[True, True, True]]  # the old model's classes are now labelled
 
 
 def test_with_pseudo_labels_an_old_class_on_confident_background_is_penalised():

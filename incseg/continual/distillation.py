@@ -41,21 +41,19 @@ def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def pseudo_label(target: torch.Tensor, teacher: torch.Tensor, threshold: float) -> torch.Tensor:
+def pseudo_label(target: torch.Tensor, annotated: torch.Tensor, teacher: torch.Tensor,
+                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PLOP (Douillard et al., CVPR 2021): a background pixel takes the old model's class,
     background included, where the old model is confident (max probability >= `threshold`),
-    and is ignored where it is not. Labelled pixels keep their label. The result labels every
-    old class, so the loss may trust its background (see `annotated_after_pseudo_labels`)."""
+    and is ignored where it is not; labelled pixels keep their label. Returns the new target
+    and what each sample now annotates: its own classes and every class the old model knows
+    (so the loss trusts the background that is left)."""
     prob, cls = teacher.softmax(dim=1).max(dim=1)
     background = target == 0
-    return torch.where(background, torch.where(prob >= threshold, cls, torch.full_like(cls, IGNORE)), target)
-
-
-def annotated_after_pseudo_labels(annotated: torch.Tensor, n_old: int) -> torch.Tensor:
-    """The classes a pseudo-labelled sample annotates: its own, and every class the old model knows."""
-    out = annotated.clone()
-    out[:, :n_old] = True
-    return out
+    target = torch.where(background, torch.where(prob >= threshold, cls, torch.full_like(cls, IGNORE)), target)
+    annotated = annotated.clone()
+    annotated[:, : teacher.shape[1]] = True
+    return target, annotated
 
 
 def pod_distillation(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

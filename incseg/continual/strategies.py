@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
 
 from incseg.config import ContinualParams, TrainParams
-from incseg.continual.distillation import (annotated_after_pseudo_labels, pod_distillation, pseudo_label,
-                                          unbiased_cross_entropy, unbiased_distillation)
+from incseg.continual.distillation import (pod_distillation, pseudo_label, unbiased_cross_entropy,
+                                          unbiased_distillation)
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import SegmentationFolder
 from incseg.losses import dice_loss, segmentation_loss
@@ -96,8 +96,7 @@ def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, tea
         with torch.no_grad():
             old = teacher(images)
         if cont.pseudo_label_threshold > 0:
-            target = pseudo_label(target, old, cont.pseudo_label_threshold)
-            annotated = annotated_after_pseudo_labels(annotated, old.shape[1])
+            target, annotated = pseudo_label(target, annotated, old, cont.pseudo_label_threshold)
         loss = partial_label_loss(logits, target, annotated, train) + cont.distill_weight * unbiased_distillation(
             logits, old)
         if features is not None and cont.feature_distill_weight > 0:
