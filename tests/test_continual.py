@@ -134,7 +134,12 @@ def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
 
     params = tiny_params(synth={"new_classes": 1, "domain_shift": False}, train={  # base, then one new class
         "bootstrap_max_steps": 240, "bootstrap_min_steps": 120, "update_max_steps": 120, "update_min_steps": 60})
-    scenario = b.run_scenario(params, ("naive", "replay+distill"), ceiling_check=False)
+    finished = []  # what was measured each time a strategy finished (the CLI writes its tables then)
+    scenario = b.run_scenario(params, ("naive", "replay+distill"), ceiling_check=False,
+                              on_done=lambda s: finished.append(list(s.runs)))
+    assert finished == [["naive"], ["naive", "replay+distill"]]
+    _, partial = b.write(scenario, params, tmp_path / "partial", quick=True, pending=("joint",))
+    assert partial.startswith("**Partial result: still running joint.**")
     path, text = b.write(scenario, params, tmp_path / "results", quick=True)
     summary = json.loads(path.with_suffix(".json").read_text())
     naive, ours = summary["naive"], summary["replay+distill"]

@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from rich.console import Console
@@ -89,8 +90,11 @@ def train_joint(ws: Workspace, full: list[Batch], classes: list[int], budget_sca
 
 
 def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: Console | None = None,
-                 ceiling_check: bool = True) -> Scenario:
+                 ceiling_check: bool = True, on_done: Callable[[Scenario], None] | None = None) -> Scenario:
+    """Run every chosen strategy; `on_done(scenario)` after each one finishes (and after the ceiling
+    check), so a run of hours keeps what it has measured if it is stopped."""
     console = console or Console()
+    on_done = on_done or (lambda _: None)
     with tempfile.TemporaryDirectory(prefix="incseg-bench-") as tmp:
         ws = Workspace(Path(tmp), params)
         infos = synthesize(ws.data_dir, params.synth)
@@ -129,6 +133,7 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                               f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps, "
                               f"{steps[-1].seconds:.0f} s")
             scenario.runs[strategy] = steps
+            on_done(scenario)
         if "joint" in chosen and ceiling_check:
             t0 = time.perf_counter()
             longer, result = train_joint(ws, full, _known(scenario, len(batches) - 1), budget_scale=2.0)
@@ -136,6 +141,7 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                                       "seconds": round(time.perf_counter() - t0, 1)}
             console.print(f"  joint with twice the budget: mIoU(all) {scenario.ceiling_check['miou_all']:.3f}, "
                           f"{result.steps} steps")
+            on_done(scenario)
     return scenario
 
 
@@ -273,8 +279,10 @@ def plot(s: Scenario, path: Path) -> None:
     plt.close(fig)
 
 
-def write(s: Scenario, params: Params, out: Path, quick: bool, ablation: bool = False) -> tuple[Path, str]:
-    """`continual[-ablation]-<look>[-quick]` .md (table + plot), .json (summary) and .png under `out`."""
+def write(s: Scenario, params: Params, out: Path, quick: bool, ablation: bool = False,
+          pending: tuple[str, ...] = ()) -> tuple[Path, str]:
+    """`continual[-ablation]-<look>[-quick]` .md (table + plot), .json (summary) and .png under `out`;
+    `pending` names what a partial result still lacks."""
     import json
 
     style = params.synth.style
@@ -282,6 +290,8 @@ def write(s: Scenario, params: Params, out: Path, quick: bool, ablation: bool = 
     command = "incseg bench" + (" --ablation" if ablation else "") + (" --quick" if quick else "") + f" --style {style}"
     summ = summary(s)
     text = markdown(s, summ, params.continual.strategy, command, style)
+    if pending:
+        text = f"**Partial result: still running {', '.join(pending)}.**\n\n" + text
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text + f"\n![plot]({name}.png)\n")
     (out / f"{name}.json").write_text(json.dumps(summ, indent=2))
