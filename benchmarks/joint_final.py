@@ -13,33 +13,22 @@ steps, images, seconds and validation curve as JSON. Run it from a project folde
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from incseg.bench import continual as b
-from incseg.config import Workspace, load_params
-from incseg.data.layout import list_batches, read_classes
-from incseg.data.synthetic import synthesize
-from incseg.pipeline import Batch
+from incseg.config import load_params
+from incseg.data.layout import read_classes
 
 
 def main(style: str, out: Path, scale: float = 1.0) -> dict:
     params = b.full_params(load_params(Path("params.yaml")))  # the stream `incseg bench` makes
     params.synth.style = style
     with tempfile.TemporaryDirectory(prefix="incseg-joint-") as tmp:
-        ws = Workspace(Path(tmp), params)
-        synthesize(ws.data_dir, params.synth)
-        synthesize(Path(tmp) / "full", params.synth.model_copy(update={"old_classes": "keep"}))
-        classes = read_classes(ws.classes_file)
-        full = [Batch.load(Path(tmp) / "full" / "registry" / x) for x in list_batches(ws.registry_dir)]
-        known = sorted({c for x in full for c in x.classes})
-        t0 = time.perf_counter()
-        model, result = b.train_joint(ws, full, known, budget_scale=scale)
-        iou = b._iou(ws, model)
-        res = {"style": style, "budget_scale": scale, "steps": result.steps, "images": result.images_processed,
-               "seconds": round(time.perf_counter() - t0, 1), "batch_images": [len(x.pairs) for x in full],
-               "iou": {classes[c]: round(iou[c], 4) for c in known}, "miou_all": round(b._mean(iou, known), 4),
-               "curve": [(e.step, round(e.val_miou, 4)) for e in result.evals]}
+        ws, _, _, full = b.stream(params, Path(tmp))
+        names = read_classes(ws.classes_file)
+        res = b.joint_once(ws, full, sorted({c for x in full for c in x.classes}), scale)
+    res = {"style": style, "budget_scale": scale, "batch_images": [len(x.pairs) for x in full], **res,
+           "iou": {names[c]: v for c, v in res["iou"].items()}}
     out.write_text(json.dumps(res, indent=1) + "\n")
     return res
 

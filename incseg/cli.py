@@ -574,13 +574,8 @@ def bench(
     unknown = set(chosen) - set(b.STRATEGIES) - set(b.ABLATION)
     if unknown:
         raise Failure(f"unknown strategies {sorted(unknown)}; choose from {', '.join(b.STRATEGIES)}")
-    def save(partial: b.Scenario) -> None:  # after every strategy: hours of work survive a stop
-        pending = tuple(x for x in chosen if x not in partial.runs)
-        if "joint" in chosen and not ablation and not partial.ceiling_check:
-            pending += ("the ceiling check",)
-        b.write(partial, params, out, quick, ablation, pending)
-
-    scenario = b.run_scenario(params, chosen, console, ceiling_check=not ablation, on_done=save)
+    scenario = b.run_scenario(params, chosen, console, ceiling_check=not ablation,  # a stopped run keeps its tables
+                              on_done=lambda partial, pending: b.write(partial, params, out, quick, ablation, pending))
     path, text = b.write(scenario, params, out, quick, ablation)
     console.print(Markdown(text))
     console.print(f"written: {path}.md, .json, .png  (python {sys.version.split()[0]})")

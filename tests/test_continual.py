@@ -136,8 +136,8 @@ def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
         "bootstrap_max_steps": 240, "bootstrap_min_steps": 120, "update_max_steps": 120, "update_min_steps": 60})
     finished = []  # what was measured each time a strategy finished (the CLI writes its tables then)
     scenario = b.run_scenario(params, ("naive", "replay+distill"), ceiling_check=False,
-                              on_done=lambda s: finished.append(list(s.runs)))
-    assert finished == [["naive"], ["naive", "replay+distill"]]
+                              on_done=lambda s, pending: finished.append((list(s.runs), pending)))
+    assert finished == [(["naive"], ("replay+distill",)), (["naive", "replay+distill"], ())]
     _, partial = b.write(scenario, params, tmp_path / "partial", quick=True, pending=("joint",))
     assert partial.startswith("**Partial result: still running joint.**")
     path, text = b.write(scenario, params, tmp_path / "results", quick=True)
@@ -148,6 +148,25 @@ def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
     assert ours["miou_all"] > naive["miou_all"]
     assert path.with_suffix(".png").stat().st_size > 1000
     assert "Accuracy matrix: replay+distill" in text and path.with_suffix(".md").read_text().startswith(text)
+
+
+@pytest.mark.slow
+@pytest.mark.cost(10)
+def test_joint_once_trains_on_the_fully_labelled_stream_and_scores_every_class(tmp_path):
+    """The ceiling check's (and `benchmarks/joint_final.py`'s) joint: one run on every batch with
+    full labels, reported with its cost, curve and an IoU for every class of the stream."""
+    from helpers import tiny_params
+    from incseg.bench import continual as b
+
+    params = tiny_params(synth={"new_classes": 1, "domain_shift": False},
+                         train={"bootstrap_max_steps": 60, "bootstrap_min_steps": 30})
+    ws, infos, batches, full = b.stream(params, tmp_path)
+    assert [x.batch_id for x in full] == [x.batch_id for x in batches] and len(infos) == 2
+    assert set(full[1].classes) > set(batches[1].classes)  # old objects labelled in the full copy
+    classes = sorted({c for x in full for c in x.classes})
+    res = b.joint_once(ws, full, classes, budget_scale=0.5)
+    assert res["steps"] == 30 and res["images"] >= 30 * 15 and res["curve"][-1][0] == 30
+    assert set(res["iou"]) == set(classes) and 0 <= res["miou_all"] <= 1
 
 
 def test_bench_names_an_unknown_strategy(tmp_path):

@@ -89,20 +89,37 @@ def train_joint(ws: Workspace, full: list[Batch], classes: list[int], budget_sca
     return train_base(Workspace(ws.root, p), joint, progress=False)
 
 
+def stream(params: Params, root: Path) -> tuple[Workspace, list, list[Batch], list[Batch]]:
+    """The seeded stream under `root`: (workspace, each batch's synth info, the batches as labelled
+    for the learner, the same images with every class labelled, for joint)."""
+    ws = Workspace(root, params)
+    infos = synthesize(ws.data_dir, params.synth)
+    synthesize(root / "full", params.synth.model_copy(update={"old_classes": "keep"}))
+    batches = [Batch.load(ws.registry_dir / b) for b in list_batches(ws.registry_dir)]
+    return ws, infos, batches, [Batch.load(root / "full" / "registry" / b.batch_id) for b in batches]
+
+
+def joint_once(ws: Workspace, full: list[Batch], classes: list[int], budget_scale: float = 1.0) -> dict:
+    """Joint on `full`, trained once: steps, images, seconds, holdout mIoU over `classes`, IoU per
+    class id and the validation curve (the ceiling check; `benchmarks/joint_final.py`)."""
+    t0 = time.perf_counter()
+    model, result = train_joint(ws, full, classes, budget_scale)
+    iou = _iou(ws, model)
+    return {"steps": result.steps, "images": result.images_processed, "seconds": round(time.perf_counter() - t0, 1),
+            "miou_all": _mean(iou, classes), "iou": {c: round(iou[c], 4) for c in classes},
+            "curve": [(e.step, round(e.val_miou, 4)) for e in result.evals]}
+
+
 def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: Console | None = None,
-                 ceiling_check: bool = True, on_done: Callable[[Scenario], None] | None = None) -> Scenario:
-    """Run every chosen strategy; `on_done(scenario)` after each one finishes (and after the ceiling
-    check), so a run of hours keeps what it has measured if it is stopped."""
+                 ceiling_check: bool = True,
+                 on_done: Callable[[Scenario, tuple[str, ...]], None] | None = None) -> Scenario:
+    """Run every chosen strategy; `on_done(scenario, still_pending)` after each one finishes (and
+    after the ceiling check), so a run of hours keeps what it has measured if it is stopped."""
     console = console or Console()
-    on_done = on_done or (lambda _: None)
+    ceiling = "joint" in chosen and ceiling_check
     with tempfile.TemporaryDirectory(prefix="incseg-bench-") as tmp:
-        ws = Workspace(Path(tmp), params)
-        infos = synthesize(ws.data_dir, params.synth)
-        full_synth = params.synth.model_copy(update={"old_classes": "keep"})  # same images, every class labelled
-        synthesize(Path(tmp) / "full", full_synth)
+        ws, infos, batches, full = stream(params, Path(tmp))
         classes = read_classes(ws.classes_file)
-        batches = [Batch.load(ws.registry_dir / b) for b in list_batches(ws.registry_dir)]
-        full = [Batch.load(Path(tmp) / "full" / "registry" / b.batch_id) for b in batches]
         learned = {c: 0 for c in batches[0].classes}
         for i, info in enumerate(infos[1:], start=1):
             learned.update({c: i for c in info.new_classes})
@@ -133,15 +150,15 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                               f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps, "
                               f"{steps[-1].seconds:.0f} s")
             scenario.runs[strategy] = steps
-            on_done(scenario)
-        if "joint" in chosen and ceiling_check:
-            t0 = time.perf_counter()
-            longer, result = train_joint(ws, full, _known(scenario, len(batches) - 1), budget_scale=2.0)
-            scenario.ceiling_check = {"steps": result.steps, "miou_all": _mean(_iou(ws, longer), sorted(learned)),
-                                      "seconds": round(time.perf_counter() - t0, 1)}
+            if on_done is not None:
+                on_done(scenario, tuple(x for x in chosen if x not in scenario.runs) + (
+                    ("the ceiling check",) if ceiling else ()))
+        if ceiling:
+            scenario.ceiling_check = joint_once(ws, full, sorted(learned), budget_scale=2.0)
             console.print(f"  joint with twice the budget: mIoU(all) {scenario.ceiling_check['miou_all']:.3f}, "
-                          f"{result.steps} steps")
-            on_done(scenario)
+                          f"{scenario.ceiling_check['steps']} steps")
+            if on_done is not None:
+                on_done(scenario, ())
     return scenario
 
 
