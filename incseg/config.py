@@ -78,6 +78,8 @@ class TrainParams(Section):
     eval_every: int = Field(200, ge=1, description="steps between evaluations of the validation split")
     patience: int = Field(3, ge=1, description="evaluations without gain before the LR drops (or training stops)")
     lr_decays: int = Field(2, ge=0, description="plateaus that lower the LR (x0.2, from the best weights) before stopping")
+    update_eval_every: int | None = Field(100, ge=1, description="eval_every of an update; null: eval_every")
+    update_lr_decays: int | None = Field(1, ge=0, description="lr_decays of an update; null: lr_decays")
     anneal_fraction: float = Field(0.25, ge=0, le=1, description="the last share of max_steps lowers the LR linearly to 0")
     average_weights: bool = Field(False, description="evaluate and keep an EMA of the weights over ~eval_every steps")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of a batch held out for early stopping")

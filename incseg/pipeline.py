@@ -144,8 +144,10 @@ def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
     if from_scratch:
         return Budget(train.bootstrap_max_steps, train.bootstrap_min_steps, train.eval_every, train.patience,
                       decays=train.lr_decays, anneal=train.anneal_fraction, average=train.average_weights)
-    return Budget(train.update_max_steps, train.update_min_steps, train.eval_every, train.patience,
-                  decays=train.lr_decays, anneal=train.anneal_fraction, average=train.average_weights)
+    every = train.eval_every if train.update_eval_every is None else train.update_eval_every
+    decays = train.lr_decays if train.update_lr_decays is None else train.update_lr_decays
+    return Budget(train.update_max_steps, train.update_min_steps, every, train.patience,
+                  decays=decays, anneal=train.anneal_fraction, average=train.average_weights)
 
 
 def validation_score(pairs: list[Pair], params: Params, n_classes: int, annotated: list[int],

@@ -84,6 +84,25 @@ def test_max_steps_end_training_even_on_a_plateau_step():
     assert result.lr_decays == 0
 
 
+def test_an_update_evaluates_and_drops_its_lr_on_its_own_cadence_when_set():
+    """`update_eval_every` / `update_lr_decays` shape an update's stopping rule; null, it shares the
+    bootstrap's, and the bootstrap never reads them."""
+    from incseg.config import TrainParams
+    from incseg.pipeline import budget
+
+    own = TrainParams(eval_every=200, lr_decays=2, update_max_steps=1600, update_min_steps=400,
+                      update_eval_every=100, update_lr_decays=1)
+    update, boot = budget(own, from_scratch=False), budget(own, from_scratch=True)
+    assert (update.eval_every, update.decays, update.max_steps, update.min_steps) == (100, 1, 1600, 400)
+    assert (boot.eval_every, boot.decays) == (200, 2)
+    shared = budget(own.model_copy(update={"update_eval_every": None, "update_lr_decays": None}), from_scratch=False)
+    assert (shared.eval_every, shared.decays) == (200, 2)
+    # at the defaults an update can stop before its cap: it waits at most patience evaluations at each
+    # of decays + 1 rates past its best weights (at the bootstrap's rule: 1800 steps > 1600, never)
+    default = budget(TrainParams(), from_scratch=False)
+    assert default.patience * (default.decays + 1) * default.eval_every < default.max_steps - default.min_steps
+
+
 def test_a_run_that_reaches_the_last_quarter_of_its_budget_anneals_to_zero():
     rate = LearningRate(total=400, cosine=False, warmup=40, anneal=0.25)
     assert rate(0) == pytest.approx(1 / 40) and rate(39) == 1.0  # warm-up
