@@ -196,3 +196,25 @@ def test_a_report_without_the_default_strategy_has_no_targets_section():
                        b.Step("batch-01", [0.9, 0.5, 0.6], 10, 1.0)]
     text = b.markdown(s, b.summary(s), "replay+distill", "incseg bench --strategies naive")
     assert "| naive |" in text and "## Targets" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.cost(10)
+def test_a_scenario_runs_named_variants_for_the_first_updates_and_traces_the_holdout():
+    """`run_scenario`'s variants (as `benchmarks/update_rule.py` uses them): each named set of param
+    changes runs the default strategy from the same base, only the first `updates` batches, and a
+    traced variant scores the holdout at every evaluation."""
+    from helpers import tiny_params
+    from incseg.bench import continual as b
+
+    params = tiny_params(synth={"new_classes": 2, "domain_shift": False}, train={
+        "bootstrap_max_steps": 24, "bootstrap_min_steps": 24, "update_max_steps": 12, "update_min_steps": 12,
+        "eval_every": 6})
+    variants = {"short": {"train.update_max_steps": 6, "train.update_min_steps": 6}, "as is": {}}
+    s = b.run_scenario(params, ("short", "as is"), ceiling_check=False, variants=variants, updates=1, trace=("short",))
+    short, as_is = s.runs["short"], s.runs["as is"]
+    assert short[0] is as_is[0] and short[0].steps == 24  # one base model, shared
+    assert [st.batch_id for st in short] == [st.batch_id for st in as_is] == ["batch-00", "batch-01"]
+    assert (short[1].steps, as_is[1].steps) == (6, 12) and short[1].stopped == as_is[1].stopped == "max_steps"
+    assert [t["step"] for t in short[1].trace] == [6] and as_is[1].trace == []
+    assert len(short[1].trace[0]["holdout_iou"]) == len(s.classes) and short[1].best_step == 6

@@ -48,6 +48,9 @@ class Step:
     seconds: float
     steps: int = 0  # optimizer steps
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation mIoU)
+    best_step: int = 0  # the step whose weights were kept
+    stopped: str = ""  # converged | max_steps
+    trace: list[dict] = field(default_factory=list)  # traced runs: the holdout at every evaluation
 
 
 @dataclass
@@ -113,10 +116,17 @@ def joint_once(ws: Workspace, full: list[Batch], classes: list[int], budget_scal
 
 def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: Console | None = None,
                  ceiling_check: bool = True,
-                 on_done: Callable[[Scenario, tuple[str, ...]], None] | None = None) -> Scenario:
+                 on_done: Callable[[Scenario, tuple[str, ...]], None] | None = None,
+                 variants: dict[str, dict[str, object]] | None = None, updates: int | None = None,
+                 trace: tuple[str, ...] = ()) -> Scenario:
     """Run every chosen strategy; `on_done(scenario, still_pending)` after each one finishes (and
-    after the ceiling check), so a run of hours keeps what it has measured if it is stopped."""
+    after the ceiling check), so a run of hours keeps what it has measured if it is stopped.
+
+    A chosen name is a strategy, an `ABLATION` entry or one of `variants` (name -> param changes,
+    the default strategy otherwise); `updates` stops each after that many updates; the runs named in
+    `trace` also score the holdout at every evaluation (`Step.trace`)."""
     console = console or Console()
+    named = {**ABLATION, **(variants or {})}
     ceiling = "joint" in chosen and ceiling_check
     with tempfile.TemporaryDirectory(prefix="incseg-bench-") as tmp:
         ws, infos, batches, full = stream(params, Path(tmp))
@@ -127,8 +137,7 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
         scenario = Scenario(classes, learned)
         t0 = time.perf_counter()
         base, result = train_base(ws, batches[0], progress=False)
-        base_step = Step(batches[0].batch_id, _iou(ws, base), result.images_processed, time.perf_counter() - t0,
-                         result.steps, [(e.step, e.val_miou) for e in result.evals])
+        base_step = _step(ws, batches[0], base, result, time.perf_counter() - t0)
         console.print(f"base model on {batches[0].batch_id}: {result.steps} steps, {result.images_processed} images, "
                       f"{base_step.seconds:.0f} s")
         for strategy in chosen:
@@ -136,17 +145,22 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
             model, memory = base, ExemplarMemory.empty()
             memory = memory.refreshed(batches[0].pairs, batches[0].batch_id, batches[0].classes,
                                       params.continual.memory_size, Path(tmp) / strategy / "memory-0")
-            for i, batch in enumerate(batches[1:], start=1):
-                t0 = time.perf_counter()
+            for i, batch in enumerate(batches[1:][:updates], start=1):
+                t0, traced = time.perf_counter(), []
+
+                def on_eval(point, m, traced=traced):
+                    traced.append({"step": point.step, "loss": round(point.loss, 4), "val_miou": round(point.val_miou, 4),
+                                   "holdout_iou": [round(v, 4) for v in _iou(ws, m)]})
+
                 if strategy == "joint":
                     model, result = train_joint(ws, full[: i + 1], _known(scenario, i))
                 else:
-                    p = with_changes(params, ABLATION.get(strategy, {"continual.strategy": strategy}))
-                    model, result = train_candidate(p, model, batch, memory, progress=False)
+                    p = with_changes(params, named.get(strategy, {"continual.strategy": strategy}))
+                    model, result = train_candidate(p, model, batch, memory, progress=False,
+                                                    on_eval=on_eval if strategy in trace else None)
                     memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, params.continual.memory_size,
                                               Path(tmp) / strategy / f"memory-{i}")
-                steps.append(Step(batch.batch_id, _iou(ws, model), result.images_processed, time.perf_counter() - t0,
-                                  result.steps, [(e.step, e.val_miou) for e in result.evals]))
+                steps.append(_step(ws, batch, model, result, time.perf_counter() - t0, traced))
                 console.print(f"  {strategy:>14} after {batch.batch_id}: mIoU(all) "
                               f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps, "
                               f"{steps[-1].seconds:.0f} s")
@@ -161,6 +175,11 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
             if on_done is not None:
                 on_done(scenario, ())
     return scenario
+
+
+def _step(ws: Workspace, batch: Batch, model, result, seconds: float, trace: list[dict] | None = None) -> Step:
+    return Step(batch.batch_id, _iou(ws, model), result.images_processed, seconds, result.steps,
+                [(e.step, e.val_miou) for e in result.evals], result.best_step, result.stopped, trace or [])
 
 
 def _iou(ws: Workspace, model) -> list[float]:
