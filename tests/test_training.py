@@ -69,12 +69,23 @@ def test_a_plateau_lowers_the_learning_rate_from_the_best_weights_before_stoppin
 def test_min_steps_hold_off_the_early_stop_and_max_steps_end_it():
     model = build_model("unet", 2, 4)
     result = train(model, toy_loader(), toy_objective,
-                   Budget(max_steps=30, min_steps=25, eval_every=5, patience=1, decays=0),
+                   Budget(max_steps=40, min_steps=25, eval_every=5, patience=1, decays=0),
                    lr=1e-2, validate=lambda m: 0.5, progress=False)
-    assert result.stopped == "converged" and result.steps == 25  # no gain since step 5, but not before 25
+    # no gain after step 5, but nothing is judged before 25: best at 25, one evaluation without gain
+    assert result.stopped == "converged" and result.steps == 30 and result.best_step == 25
     result = train(build_model("unet", 2, 4), toy_loader(), toy_objective, Budget(max_steps=12, eval_every=5),
                    lr=1e-2, progress=False)
     assert result.stopped == "max_steps" and [e.step for e in result.evals] == [5, 10, 12]
+
+
+def test_a_lucky_score_before_min_steps_is_neither_kept_nor_restarted_from():
+    """A small validation split can score an early, half-trained model highest by chance; before
+    `min_steps` no weights are kept and no plateau is counted, so the LR drops restart from later weights."""
+    model, result, snapshots = train_on_scores([0.9, 0.5, 0.6, 0.7, 0.65, 0.6, 0.55, 0.5], Budget(
+        max_steps=100, min_steps=15, eval_every=5, patience=1, decays=1, decay_factor=0.1))
+    assert [e.step for e in result.evals] == [5, 10, 15, 20, 25, 30]
+    assert result.best_step == 20 and result.lr_decays == 1 and result.stopped == "converged"
+    assert same_weights(model, snapshots[20])
 
 
 def test_max_steps_end_training_even_on_a_plateau_step():

@@ -70,10 +70,13 @@ def test_poisoned_batch_passes_validation_and_is_rejected_by_the_gate(champion_w
     add_data(ws, tmp_path / "batch-09-poisoned")
     result = incremental_update("batch-09-poisoned", str(ws.root))
     assert result.status == "rejected"
-    assert "class_drop:" in result.reason and any(n in result.reason for n in ("'square'", "'circle'", "'background'"))
+    # which check fires first is a learned detail (one class's steep drop, or a smaller drop of every
+    # class that only the mean shows); that a quality check of the gate fires is not
+    failed = {part.split(" failed:")[0].split(":")[0] for part in result.reason.split("; ")}
+    assert failed and failed <= {"miou_gain", "class_drop"}, result.reason
     assert not (ws.quarantine_dir / "batch-09-poisoned").exists()  # validation found nothing wrong
     reg = ModelRegistry(ws)
     assert reg.aliases() == {"champion": "1"}
     mv = reg.version(result.candidate_version)  # registered, judged, never served
-    assert mv.tags["status"] == "rejected" and "class_drop:" in mv.tags["reason"]
+    assert mv.tags["status"] == "rejected" and mv.tags["reason"] == result.reason
     assert result.metrics["candidate.miou"] < result.metrics["champion.miou"]
