@@ -141,9 +141,10 @@ def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None 
 
 def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
     """The step budget from `params.yaml: train` for a bootstrap or an update."""
-    if from_scratch:
+    if from_scratch:  # nothing before min_steps is a model to keep: no best weights, no plateau before it
         return Budget(train.bootstrap_max_steps, train.bootstrap_min_steps, train.eval_every, train.patience,
-                      decays=train.lr_decays, anneal=train.anneal_fraction, average=train.average_weights)
+                      judge_from=train.bootstrap_min_steps, decays=train.lr_decays, anneal=train.anneal_fraction,
+                      average=train.average_weights)
     every = train.eval_every if train.update_eval_every is None else train.update_eval_every
     decays = train.lr_decays if train.update_lr_decays is None else train.update_lr_decays
     return Budget(train.update_max_steps, train.update_min_steps, every, train.patience,

@@ -98,9 +98,10 @@ class Budget:
     """How long to train: evaluate every `eval_every` steps; when `patience` evaluations in a row
     did not beat the best by `min_delta`, go back to the best weights and multiply the learning
     rate by `decay_factor` (at most `decays` times), then stop (not before `min_steps`, never
-    beyond `max_steps`). Evaluations before `min_steps` are logged but not judged: no weights from
-    before it are kept, and no plateau is counted, so a lucky early score on a small validation
-    split cannot become the weights every later learning-rate drop restarts from. A run that reaches the last `anneal` share of `max_steps` lowers its
+    beyond `max_steps`). Evaluations before `judge_from` are logged but not judged: no weights from
+    before it are kept, and no plateau is counted, so that, from scratch, a lucky early score of a
+    half-trained model on a small validation split cannot become the weights every later
+    learning-rate drop restarts from (an update starts from a trained model: every evaluation counts). A run that reaches the last `anneal` share of `max_steps` lowers its
     learning rate linearly to zero at `max_steps`, so that a capped run ends on settled weights,
     not mid-stride at the peak rate. With `average`, what is evaluated and kept is an exponential
     moving average of the weights over about the last `eval_every` steps, not the latest step's."""
@@ -114,6 +115,7 @@ class Budget:
     decay_factor: float = 0.2
     anneal: float = 0.25
     average: bool = False
+    judge_from: int = 0
 
 
 class LearningRate:
@@ -221,7 +223,7 @@ def train(
                 improved = score == score and score > best + budget.min_delta
                 if validate is None:  # nothing to judge by: the latest weights are the best
                     result.best_step = step
-                elif step < budget.min_steps and step < budget.max_steps:
+                elif step < budget.judge_from and step < budget.max_steps:
                     pass  # still climbing: a score this early is no candidate to keep or to wait on
                 elif improved or best_state is None:
                     best, waited, result.best_step = (score if improved else best), 0, step

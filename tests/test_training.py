@@ -69,20 +69,20 @@ def test_a_plateau_lowers_the_learning_rate_from_the_best_weights_before_stoppin
 def test_min_steps_hold_off_the_early_stop_and_max_steps_end_it():
     model = build_model("unet", 2, 4)
     result = train(model, toy_loader(), toy_objective,
-                   Budget(max_steps=40, min_steps=25, eval_every=5, patience=1, decays=0),
+                   Budget(max_steps=30, min_steps=25, eval_every=5, patience=1, decays=0),
                    lr=1e-2, validate=lambda m: 0.5, progress=False)
-    # no gain after step 5, but nothing is judged before 25: best at 25, one evaluation without gain
-    assert result.stopped == "converged" and result.steps == 30 and result.best_step == 25
+    assert result.stopped == "converged" and result.steps == 25  # no gain since step 5, but not before 25
+    assert result.best_step == 5  # an update's early weights (closest to the champion) may be kept
     result = train(build_model("unet", 2, 4), toy_loader(), toy_objective, Budget(max_steps=12, eval_every=5),
                    lr=1e-2, progress=False)
     assert result.stopped == "max_steps" and [e.step for e in result.evals] == [5, 10, 12]
 
 
-def test_a_lucky_score_before_min_steps_is_neither_kept_nor_restarted_from():
+def test_a_lucky_score_before_judge_from_is_neither_kept_nor_restarted_from():
     """A small validation split can score an early, half-trained model highest by chance; before
-    `min_steps` no weights are kept and no plateau is counted, so the LR drops restart from later weights."""
+    `judge_from` no weights are kept and no plateau is counted, so the LR drops restart from later weights."""
     model, result, snapshots = train_on_scores([0.9, 0.5, 0.6, 0.7, 0.65, 0.6, 0.55, 0.5], Budget(
-        max_steps=100, min_steps=15, eval_every=5, patience=1, decays=1, decay_factor=0.1))
+        max_steps=100, min_steps=15, judge_from=15, eval_every=5, patience=1, decays=1, decay_factor=0.1))
     assert [e.step for e in result.evals] == [5, 10, 15, 20, 25, 30]
     assert result.best_step == 20 and result.lr_decays == 1 and result.stopped == "converged"
     assert same_weights(model, snapshots[20])
@@ -105,7 +105,8 @@ def test_an_update_evaluates_and_drops_its_lr_on_its_own_cadence_when_set():
                       update_eval_every=100, update_lr_decays=1)
     update, boot = budget(own, from_scratch=False), budget(own, from_scratch=True)
     assert (update.eval_every, update.decays, update.max_steps, update.min_steps) == (100, 1, 1600, 400)
-    assert (boot.eval_every, boot.decays) == (200, 2)
+    assert update.judge_from == 0  # from trained weights every evaluation counts; from scratch not before min_steps
+    assert (boot.eval_every, boot.decays, boot.judge_from) == (200, 2, boot.min_steps)
     shared = budget(own.model_copy(update={"update_eval_every": None, "update_lr_decays": None}), from_scratch=False)
     assert (shared.eval_every, shared.decays) == (200, 2)
     # at the defaults an update can stop before its cap: it waits at most patience evaluations at each

@@ -138,8 +138,8 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
         t0 = time.perf_counter()
         base, result = train_base(ws, batches[0], progress=False)
         base_step = _step(ws, batches[0], base, result, time.perf_counter() - t0)
-        console.print(f"base model on {batches[0].batch_id}: {result.steps} steps, {result.images_processed} images, "
-                      f"{base_step.seconds:.0f} s")
+        console.print(f"base model on {batches[0].batch_id}: {result.steps} steps (best {result.best_step}), "
+                      f"{result.images_processed} images, {base_step.seconds:.0f} s; {_per_class(scenario, base_step, 0)}")
         for strategy in chosen:
             steps = [base_step]
             model, memory = base, ExemplarMemory.empty()
@@ -162,8 +162,8 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                                               Path(tmp) / strategy / f"memory-{i}")
                 steps.append(_step(ws, batch, model, result, time.perf_counter() - t0, traced))
                 console.print(f"  {strategy:>14} after {batch.batch_id}: mIoU(all) "
-                              f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps, "
-                              f"{steps[-1].seconds:.0f} s")
+                              f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps "
+                              f"(best {result.best_step}), {steps[-1].seconds:.0f} s; {_per_class(scenario, steps[-1], i)}")
             scenario.runs[strategy] = steps
             if on_done is not None:
                 on_done(scenario, tuple(x for x in chosen if x not in scenario.runs) + (
@@ -180,6 +180,11 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
 def _step(ws: Workspace, batch: Batch, model, result, seconds: float, trace: list[dict] | None = None) -> Step:
     return Step(batch.batch_id, _iou(ws, model), result.images_processed, seconds, result.steps,
                 [(e.step, e.val_miou) for e in result.evals], result.best_step, result.stopped, trace or [])
+
+
+def _per_class(s: Scenario, step: Step, i: int) -> str:
+    """The holdout IoU of each class known after step i, for the progress lines."""
+    return " ".join(f"{s.classes[c]} {step.iou[c]:.3f}" for c in _known(s, i))
 
 
 def _iou(ws: Workspace, model) -> list[float]:
