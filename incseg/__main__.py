@@ -1,3 +1,3 @@
-from incseg.cli import app
+from incseg.cli import run
 
-app(prog_name="incseg")
+run()

@@ -57,6 +57,20 @@ console = Console()
 DEMO_MARKER = ".incseg-demo"
 
 
+def run() -> None:
+    """The `incseg` program. SIGTERM (a service manager's or `kill`'s stop) ends it as Ctrl-C does,
+    through every `finally` and exit handler: Python's default would end it at once and orphan the
+    Prefect server `serve` started, or the one Prefect's ephemeral API starts for a flow run."""
+    import signal
+    import sys
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    sys.exit(app(prog_name="incseg"))
+
+
 def workspace(ctx: typer.Context) -> Workspace:
     return Workspace(ctx.obj["workspace"])
 

@@ -50,3 +50,46 @@ def test_two_watch_processes_on_the_file_lock_process_each_batch_once(tmp_path, 
     assert {r.info.status for r in runs} == {"FINISHED"}
     reported = [line for text in logs for line in text.splitlines() if line.startswith("batch-0")]
     assert len(reported) == 2, logs  # the two processes together reported each batch once
+
+
+@pytest.mark.cost(40)
+def test_a_watch_stopped_by_sigterm_stops_the_ephemeral_prefect_server_it_started(tmp_path, stream_dir):
+    """`kill PID` (SIGTERM, what a service manager sends) on an `incseg watch` mid-bootstrap: the
+    Prefect server its ephemeral API started goes down with it (Python's default SIGTERM skips the
+    exit handler that stops it, and it was left running)."""
+    import signal
+    import time
+
+    import psutil
+
+    root = tmp_path / "ws"
+    seed_store(init_workspace(root))
+    (root / "params.yaml").write_text(yaml.safe_dump(fault_params(
+        bootstrap_max_steps=10**6, bootstrap_min_steps=10**6, eval_every=10**6).model_dump()))  # trains until stopped
+    ws = Workspace(root)
+    add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
+    add_data(ws, stream_dir / "registry" / "batch-00")
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+           "PREFECT_HOME": str(prefect_home(tmp_path / "prefect"))}
+    with (tmp_path / "watch.log").open("w") as log, processes.running(
+            [sys.executable, "-m", "incseg", "-C", str(root), "watch"], env=env, stdout=log,
+            stderr=subprocess.STDOUT) as proc:
+        def servers() -> list[psutil.Process]:
+            try:
+                return [c for c in psutil.Process(proc.pid).children(recursive=True) if "uvicorn" in c.cmdline()]
+            except psutil.Error:
+                return []
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (servers() and ModelRegistry(ws).client.search_experiments()):
+            assert proc.poll() is None, (tmp_path / "watch.log").read_text()
+            time.sleep(1)
+        [server] = servers()
+        time.sleep(3)  # into the flow run
+        proc.send_signal(signal.SIGTERM)  # the leader only, as `kill PID` does
+        code = proc.wait(timeout=60)
+        gone, _ = psutil.wait_procs([server], timeout=15)
+        assert gone == [server], f"the Prefect server outlived its watch (exit {code})\n" + \
+            (tmp_path / "watch.log").read_text()[-3000:]
+        assert code != -signal.SIGKILL
+    assert not ModelRegistry(ws).versions()  # nothing half-trained was registered
