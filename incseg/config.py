@@ -72,9 +72,11 @@ class TrainParams(Section):
     ce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(0.5, ge=0)
     bootstrap_max_steps: int = Field(4000, ge=1, description="most optimizer steps of a model trained from scratch")
-    bootstrap_min_steps: int = Field(800, ge=0, description="no early stop, and no weights kept or plateau counted, before this many steps (from scratch)")
+    bootstrap_min_steps: int = Field(800, ge=0, description="no early stop before this many steps (from scratch)")
+    bootstrap_judge_from: int = Field(0, ge=0, description="from scratch, evaluations before this step are logged, not "
+                                      "judged: no weights kept, no plateau counted (0: every evaluation)")
     update_max_steps: int = Field(1600, ge=1, description="most optimizer steps of an update")
-    update_min_steps: int = Field(400, ge=0, description="no early stop before this many steps (update; earlier weights may be kept)")
+    update_min_steps: int = Field(400, ge=0, description="no early stop before this many steps (update)")
     eval_every: int = Field(200, ge=1, description="steps between evaluations of the validation split")
     patience: int = Field(3, ge=1, description="evaluations without gain before the LR drops (or training stops)")
     lr_decays: int = Field(2, ge=0, description="plateaus that lower the LR (x0.2, from the best weights) before stopping")

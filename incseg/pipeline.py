@@ -141,9 +141,9 @@ def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None 
 
 def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
     """The step budget from `params.yaml: train` for a bootstrap or an update."""
-    if from_scratch:  # nothing before min_steps is a model to keep: no best weights, no plateau before it
+    if from_scratch:
         return Budget(train.bootstrap_max_steps, train.bootstrap_min_steps, train.eval_every, train.patience,
-                      judge_from=train.bootstrap_min_steps, decays=train.lr_decays, anneal=train.anneal_fraction,
+                      judge_from=train.bootstrap_judge_from, decays=train.lr_decays, anneal=train.anneal_fraction,
                       average=train.average_weights)
     every = train.eval_every if train.update_eval_every is None else train.update_eval_every
     decays = train.lr_decays if train.update_lr_decays is None else train.update_lr_decays

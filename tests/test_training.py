@@ -105,8 +105,9 @@ def test_an_update_evaluates_and_drops_its_lr_on_its_own_cadence_when_set():
                       update_eval_every=100, update_lr_decays=1)
     update, boot = budget(own, from_scratch=False), budget(own, from_scratch=True)
     assert (update.eval_every, update.decays, update.max_steps, update.min_steps) == (100, 1, 1600, 400)
-    assert update.judge_from == 0  # from trained weights every evaluation counts; from scratch not before min_steps
-    assert (boot.eval_every, boot.decays, boot.judge_from) == (200, 2, boot.min_steps)
+    assert update.judge_from == 0  # from trained weights every evaluation counts (the earliest: closest to the champion)
+    assert (boot.eval_every, boot.decays, boot.judge_from) == (200, 2, 0)
+    assert budget(own.model_copy(update={"bootstrap_judge_from": 800}), from_scratch=True).judge_from == 800
     shared = budget(own.model_copy(update={"update_eval_every": None, "update_lr_decays": None}), from_scratch=False)
     assert (shared.eval_every, shared.decays) == (200, 2)
     # at the defaults an update can stop before its cap: it waits at most patience evaluations at each
