@@ -99,9 +99,9 @@ class Budget:
     did not beat the best by `min_delta`, go back to the best weights and multiply the learning
     rate by `decay_factor` (at most `decays` times), then stop (not before `min_steps`, never
     beyond `max_steps`). Evaluations before `judge_from` are logged but not judged: no weights from
-    before it are kept, and no plateau is counted, so that, from scratch, a lucky early score of a
-    half-trained model on a small validation split cannot become the weights every later
-    learning-rate drop restarts from (an update starts from a trained model: every evaluation counts). A run that reaches the last `anneal` share of `max_steps` lowers its
+    before it are kept and no plateau is counted (from scratch, a half-trained model's lucky score on
+    a small validation split would otherwise be what every later LR drop restarts from). A run that
+    reaches the last `anneal` share of `max_steps` lowers its
     learning rate linearly to zero at `max_steps`, so that a capped run ends on settled weights,
     not mid-stride at the peak rate. With `average`, what is evaluated and kept is an exponential
     moving average of the weights over about the last `eval_every` steps, not the latest step's."""

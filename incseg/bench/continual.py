@@ -147,17 +147,12 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                                       params.continual.memory_size, Path(tmp) / strategy / "memory-0")
             for i, batch in enumerate(batches[1:][:updates], start=1):
                 t0, traced = time.perf_counter(), []
-
-                def on_eval(point, m, traced=traced):
-                    traced.append({"step": point.step, "loss": round(point.loss, 4), "val_miou": round(point.val_miou, 4),
-                                   "holdout_iou": [round(v, 4) for v in _iou(ws, m)]})
-
                 if strategy == "joint":
                     model, result = train_joint(ws, full[: i + 1], _known(scenario, i))
                 else:
                     p = with_changes(params, named.get(strategy, {"continual.strategy": strategy}))
                     model, result = train_candidate(p, model, batch, memory, progress=False,
-                                                    on_eval=on_eval if strategy in trace else None)
+                                                    on_eval=_tracer(ws, traced) if strategy in trace else None)
                     memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, params.continual.memory_size,
                                               Path(tmp) / strategy / f"memory-{i}")
                 steps.append(_step(ws, batch, model, result, time.perf_counter() - t0, traced))
@@ -180,6 +175,14 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
 def _step(ws: Workspace, batch: Batch, model, result, seconds: float, trace: list[dict] | None = None) -> Step:
     return Step(batch.batch_id, _iou(ws, model), result.images_processed, seconds, result.steps,
                 [(e.step, e.val_miou) for e in result.evals], result.best_step, result.stopped, trace or [])
+
+
+def _tracer(ws: Workspace, into: list[dict]) -> Callable:
+    """An `on_eval` that appends the loss, the validation score and the holdout IoU per class id."""
+    def on_eval(point, model) -> None:
+        into.append({"step": point.step, "loss": round(point.loss, 4), "val_miou": round(point.val_miou, 4),
+                     "holdout_iou": [round(v, 4) for v in _iou(ws, model)]})
+    return on_eval
 
 
 def _per_class(s: Scenario, step: Step, i: int) -> str:
