@@ -24,7 +24,7 @@ from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, r
 from incseg.datastore import has_dvc, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
-from incseg.metrics import ConfusionMatrix, iou_report, mean_iou
+from incseg.metrics import ConfusionMatrix, iou_report
 from incseg.models import build_model, expand_classes, fuse_weights, num_classes, param_groups, stem_parameters
 from incseg.training import (FAST_LAYOUT, Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device,
                              seed_everything, split_validation, train)
@@ -151,20 +151,34 @@ def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
                   decays=decays, anneal=train.anneal_fraction, average=train.average_weights)
 
 
-def validation_score(pairs: list[Pair], params: Params, n_classes: int, annotated: list[int],
+def validation_score(groups: list[tuple[list[Pair], list[int]]], params: Params, n_classes: int,
                      device: torch.device) -> Callable[[nn.Module], float] | None:
-    """mIoU on the batch's validation split over what its labels can judge: every annotated
-    class, but not background when the batch labels only some classes (its background may
-    hide the others). None when the batch is too small for a split."""
-    if not pairs:
+    """Mean IoU over the classes that some group of validation pairs can judge, each class pooled over
+    the groups whose labels judge it: every class a group annotates, but not background when the group
+    labels only some classes (its background may hide the others). A group is (pairs, annotated
+    classes): the batch's validation split, and for an update the held-back exemplars of each earlier
+    label set. None when the first group (the batch's own split) is empty: too small a batch."""
+    if not groups or not groups[0][0]:
         return None
-    data = SegmentationFolder(pairs, eval_transforms(params.data.image_size), n_classes, annotated)
-    loader = make_loader(data, params.eval.batch_size, shuffle=False)
-    partial = set(range(n_classes)) - set(annotated) - {0}
-    scope = [c for c in sorted(set(annotated) | {0}) if c < n_classes and not (partial and c == 0)]
+    judged = []
+    for pairs, annotated in groups:
+        if not pairs:
+            continue
+        data = SegmentationFolder(pairs, eval_transforms(params.data.image_size), n_classes, annotated)
+        partial = set(range(n_classes)) - set(annotated) - {0}
+        scope = [c for c in sorted(set(annotated) | {0}) if c < n_classes and not (partial and c == 0)]
+        judged.append((make_loader(data, params.eval.batch_size, shuffle=False), scope))
 
     def score(model: nn.Module) -> float:
-        return mean_iou(evaluate(model, loader, n_classes, device), scope)
+        tp, union = torch.zeros(n_classes, dtype=torch.float64), torch.zeros(n_classes, dtype=torch.float64)
+        for loader, scope in judged:
+            mat = evaluate(model, loader, n_classes, device).mat.double()
+            for c in scope:
+                if mat[c].sum() > 0:  # the class occurs in this group's labels
+                    tp[c] += mat[c, c]
+                    union[c] += mat[c].sum() + mat[:, c].sum() - mat[c, c]
+        seen = union > 0
+        return float((tp[seen] / union[seen]).mean()) if seen.any() else float("nan")
 
     return score
 
@@ -185,7 +199,7 @@ def train_base(
     result = train(
         model, loader, make_objective("naive", p.train, p.continual, None), budget(p.train, from_scratch=True),
         lr=p.train.lr, weight_decay=p.train.weight_decay, device=device,
-        validate=validation_score(held, p, n, list(range(n)), device),
+        validate=validation_score([(held, list(range(n)))], p, n, device),
         checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress, description=f"bootstrap {batch.batch_id}",
     )
     return model.cpu(), result
@@ -211,8 +225,9 @@ def train_candidate(
     teacher = copy.deepcopy(champion).to(device, memory_format=FAST_LAYOUT) if uses_distillation(strategy) else None
     transform = train_transforms(p.data.image_size, p.train.augment)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
+    replayed, checked = memory.held_back(p.continual.memory_val_fraction if held else 0.0, p.train.seed)
     data = SegmentationFolder(fit, transform, n, batch.classes)
-    data, sampler = training_set(data, memory, strategy, p.continual.replay_fraction, transform, n)
+    data, sampler = training_set(data, replayed, strategy, p.continual.replay_fraction, transform, n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, sampler=sampler,
                          num_workers=p.train.num_workers, seed=p.train.seed)
     taps = feature_taps(student, teacher) if teacher is not None and p.continual.feature_distill_weight > 0 \
@@ -222,7 +237,8 @@ def train_candidate(
             student, loader, make_objective(strategy, p.train, p.continual, teacher, features),
             budget(p.train, from_scratch=False), lr=p.train.update_lr, weight_decay=p.train.weight_decay,
             device=device, param_groups=param_groups(student, p.train.update_lr, p.continual.head_lr_scale),
-            validate=validation_score(held, p, n, batch.classes, device),
+            validate=validation_score([(held, batch.classes), *((pairs, list(annotated)) for annotated, pairs
+                                                                 in checked.by_label_set().items())], p, n, device),
             checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress,
             description=f"update {batch.batch_id} ({strategy})",
         )

@@ -124,6 +124,57 @@ def test_memory_stays_bounded_and_class_balanced(stream_dir, tmp_path):
     assert {it.annotated for it in memory.items if it.batch_id == "batch-01"} == {(3,)}
 
 
+def test_held_back_exemplars_are_a_seeded_share_of_every_class_and_never_replayed(stream_dir, tmp_path):
+    memory = ExemplarMemory.empty()
+    for i, batch in enumerate(("batch-00", "batch-01")):
+        root = stream_dir / "registry" / batch
+        memory = memory.refreshed(find_pairs(root), batch, BatchInfo.read(root).classes, 24, tmp_path / f"m{i}")
+    replayed, held = memory.held_back(0.25, seed=0)
+    assert {it.stem for it in replayed.items} | {it.stem for it in held.items} == {it.stem for it in memory.items}
+    assert not {it.stem for it in replayed.items} & {it.stem for it in held.items}
+    assert held.per_class() == {c: n // 4 for c, n in memory.per_class().items()}  # each class, rounded down
+    assert memory.held_back(0.25, seed=0) == (replayed, held)
+    assert memory.held_back(0.0, seed=0)[1].items == []
+    assert [held.pair(it).image.exists() for it in held.items] == [True] * len(held.items)
+
+
+class Constant(nn.Module):
+    """A 'model' that calls every pixel class `k`."""
+
+    def __init__(self, k: int, n: int):
+        super().__init__()
+        self.k, self.n, self.dummy = k, n, nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.n, *x.shape[2:])
+        out[:, self.k] = 1.0
+        return out
+
+
+def test_early_stopping_pools_each_class_over_the_groups_that_label_it(stream_dir):
+    """An update's validation score: the new class from the batch's split, old classes from held-back
+    exemplars of their own batches; background where no group labels every class is left out."""
+    from helpers import tiny_params
+    from incseg.data.dataset import SegmentationFolder, eval_transforms
+    from incseg.pipeline import validation_score
+
+    params, n, cpu = tiny_params(), 5, torch.device("cpu")
+    base, new = find_pairs(stream_dir / "registry" / "batch-00"), find_pairs(stream_dir / "registry" / "batch-01")
+
+    def share(pairs, c) -> float:  # the IoU of a model calling everything c: c's share of the labelled pixels
+        masks = torch.stack([m for _, m, _ in SegmentationFolder(pairs, eval_transforms(32), n)])
+        return float((masks == c).sum() / (masks < n).sum())
+
+    only_new = validation_score([(new[:8], [0, 3])], params, n, cpu)
+    pooled = validation_score([(new[:8], [0, 3]), (base[:12], [0, 1, 2])], params, n, cpu)
+    assert only_new(Constant(3, n)) == pytest.approx(share(new[:8], 3))  # the batch alone: its new class
+    assert pooled(Constant(3, n)) == pytest.approx(share(new[:8], 3) / 3)  # + squares and circles forgotten: 0
+    assert pooled(Constant(1, n)) == pytest.approx(share(base[:12], 1) / 3)
+    halves = validation_score([(new[:8], [0, 3]), (base[:6], [0, 1, 2]), (base[6:12], [0, 1, 2])], params, n, cpu)
+    assert halves(Constant(1, n)) == pytest.approx(pooled(Constant(1, n)))  # pooled pixels, not a mean of groups
+    assert validation_score([([], [0, 3]), (base[:12], [0, 1, 2])], params, n, cpu) is None  # no split of the batch
+
+
 @pytest.mark.slow
 @pytest.mark.cost(110)
 def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):

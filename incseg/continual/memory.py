@@ -70,6 +70,17 @@ class ExemplarMemory:
             groups.setdefault(it.annotated, []).append(self.pair(it))
         return groups
 
+    def held_back(self, fraction: float, seed: int = 0) -> tuple[ExemplarMemory, ExemplarMemory]:
+        """(replayed, held): a seeded `fraction` of each class's exemplars set aside (rounded down,
+        so a class with few keeps them all for replay), e.g. to score old classes during an update."""
+        rng = random.Random(seed)
+        held: set[str] = set()
+        for c in sorted(self.per_class()):
+            stems = sorted(it.stem for it in self.items if it.primary == c)
+            held.update(rng.sample(stems, int(fraction * len(stems))))
+        return (ExemplarMemory(self.root, [it for it in self.items if it.stem not in held]),
+                ExemplarMemory(self.root, [it for it in self.items if it.stem in held]))
+
     def refreshed(
         self, pairs: list[Pair], batch_id: str, annotated: list[int], size: int, out: Path, seed: int = 0
     ) -> ExemplarMemory:
