@@ -94,9 +94,9 @@ class ContinualParams(Section):
     strategy: Literal["naive", "replay", "distill", "replay+distill"] = "replay+distill"
     memory_size: int = Field(64, ge=0, description="exemplar images kept for replay")
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each epoch drawn from memory")
-    memory_val_fraction: float = Field(0.25, ge=0, lt=1, description="share of each class's exemplars not replayed "
+    memory_val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's exemplars not replayed "
                                        "but scored with the batch's validation split, so an update's early stop "
-                                       "sees old classes too (0: the batch's split alone)")
+                                       "sees old classes too (0: the batch's split alone; update-recipe.md section 7)")
     distill_weight: float = Field(1.0, ge=0)
     pseudo_label_threshold: float = Field(0.0, ge=0, le=1, description="0 disables PLOP pseudo-labels")
     head_lr_scale: float = Field(10.0, gt=0, description="learning-rate factor of the classifier during an update")

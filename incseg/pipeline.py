@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Sampler
 
 from incseg.config import Params, TrainParams, Workspace
 from incseg.continual.memory import ExemplarMemory
@@ -205,6 +206,21 @@ def train_base(
     return model.cpu(), result
 
 
+def update_sets(params: Params, batch: Batch, memory: ExemplarMemory, n_classes: int
+                ) -> tuple[Dataset, Sampler | None, list[tuple[list[Pair], list[int]]]]:
+    """What an update trains on (the batch less its validation split, with the replayed memory as the
+    strategy says) and the groups its early stop scores (`validation_score`): the batch's split, then,
+    with `continual.memory_val_fraction`, the exemplars held back from replay, one group per label set."""
+    p = params
+    transform = train_transforms(p.data.image_size, p.train.augment)
+    fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
+    replayed, checked = memory.held_back(p.continual.memory_val_fraction if held else 0.0, p.train.seed)
+    data, sampler = training_set(SegmentationFolder(fit, transform, n_classes, batch.classes), replayed,
+                                 p.continual.strategy, p.continual.replay_fraction, transform, n_classes)
+    return data, sampler, [(held, batch.classes), *((pairs, list(annotated))
+                                                   for annotated, pairs in checked.by_label_set().items())]
+
+
 def train_candidate(
     params: Params, champion: nn.Module, batch: Batch, memory: ExemplarMemory, *, progress: bool = True,
     on_eval: Callable[[EvalPoint, nn.Module], None] | None = None, checkpoint_path: Path | None = None,
@@ -223,11 +239,7 @@ def train_candidate(
             param.requires_grad_(False)
     device = resolve_device(p.train.device)
     teacher = copy.deepcopy(champion).to(device, memory_format=FAST_LAYOUT) if uses_distillation(strategy) else None
-    transform = train_transforms(p.data.image_size, p.train.augment)
-    fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
-    replayed, checked = memory.held_back(p.continual.memory_val_fraction if held else 0.0, p.train.seed)
-    data = SegmentationFolder(fit, transform, n, batch.classes)
-    data, sampler = training_set(data, replayed, strategy, p.continual.replay_fraction, transform, n)
+    data, sampler, checks = update_sets(p, batch, memory, n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, sampler=sampler,
                          num_workers=p.train.num_workers, seed=p.train.seed)
     taps = feature_taps(student, teacher) if teacher is not None and p.continual.feature_distill_weight > 0 \
@@ -237,8 +249,7 @@ def train_candidate(
             student, loader, make_objective(strategy, p.train, p.continual, teacher, features),
             budget(p.train, from_scratch=False), lr=p.train.update_lr, weight_decay=p.train.weight_decay,
             device=device, param_groups=param_groups(student, p.train.update_lr, p.continual.head_lr_scale),
-            validate=validation_score([(held, batch.classes), *((pairs, list(annotated)) for annotated, pairs
-                                                                 in checked.by_label_set().items())], p, n, device),
+            validate=validation_score(checks, p, n, device),
             checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress,
             description=f"update {batch.batch_id} ({strategy})",
         )

@@ -175,6 +175,28 @@ def test_early_stopping_pools_each_class_over_the_groups_that_label_it(stream_di
     assert validation_score([([], [0, 3]), (base[:12], [0, 1, 2])], params, n, cpu) is None  # no split of the batch
 
 
+def test_an_update_scores_held_back_exemplars_only_when_asked_and_never_replays_them(stream_dir, tmp_path):
+    from helpers import tiny_params
+    from incseg.pipeline import Batch, update_sets
+
+    base = stream_dir / "registry" / "batch-00"
+    memory = ExemplarMemory.empty().refreshed(find_pairs(base), "batch-00", [0, 1, 2], 24, tmp_path / "m")
+    batch = Batch.load(stream_dir / "registry" / "batch-01")
+
+    def stems(dataset) -> set[str]:
+        return {pair.stem for part in getattr(dataset, "datasets", [dataset]) for pair in part.pairs}
+
+    data, _, groups = update_sets(tiny_params(), batch, memory, 5)  # the default: the batch's split alone
+    assert len(groups) == 1 and groups[0][1] == batch.classes and groups[0][0]
+    assert stems(data) >= {it.stem for it in memory.items}  # every exemplar is replayed
+    data, _, groups = update_sets(tiny_params(continual={"memory_val_fraction": 0.5}), batch, memory, 5)
+    assert [annotated for _, annotated in groups] == [batch.classes, [0, 1, 2]]
+    held = {pair.stem for pair in groups[1][0]}
+    assert len(held) == 12 and not held & stems(data)  # half of each class scored, none of them replayed
+    assert stems(data) >= {it.stem for it in memory.items} - held
+    assert not {pair.stem for pair in groups[0][0]} & stems(data)  # nor the batch's own split
+
+
 @pytest.mark.slow
 @pytest.mark.cost(110)
 def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
