@@ -5,9 +5,12 @@ model trained once), then updates 1..K of the default strategy under each named 
 rule from the same base (`bench.continual.run_scenario` with these rules as variants). Writes, per
 rule and update: steps, best step, why it stopped, the validation curve and the holdout IoU per
 class id. With `--trace`, every evaluation of the `constant LR` rule also scores the holdout (the
-raw trajectory behind update-recipe.md section 5).
+raw trajectory behind update-recipe.md section 5). `--seed N` sets `train.seed` (the base model,
+the validation splits, the batches' order); `--demo-size` applies the demo's changes to params
+(48 px, short budgets: minutes instead of an hour, for several seeds; update-recipe.md section 7).
 
     python benchmarks/update_rule.py STYLE OUT.json [--updates K] [--params params.yaml] [--rules a,b] [--trace]
+                                     [--seed N] [--demo-size]
 """
 
 import argparse
@@ -15,6 +18,8 @@ import json
 from pathlib import Path
 
 from incseg.bench import continual as b
+from incseg.bench.recipe import with_changes
+from incseg.cli import DEMO_CHANGES
 from incseg.config import load_params
 
 RULES: dict[str, dict[str, object]] = {
@@ -33,10 +38,18 @@ def row(step: b.Step) -> dict:
             "curve": [(s, round(v, 4)) for s, v in step.curve], "trace": step.trace}
 
 
-def main(style: str, out: Path, updates: int, params_file: Path, rules: list[str], trace: bool) -> dict:
-    params = b.full_params(load_params(params_file))
+def main(style: str, out: Path, updates: int, params_file: Path, rules: list[str], trace: bool,
+         seed: int | None = None, demo_size: bool = False) -> dict:
+    params = load_params(params_file)
+    if demo_size:
+        params = with_changes(params, {f"{section}.{k}": v for section, values in DEMO_CHANGES.items()
+                                       for k, v in values.items()})
+    params = b.full_params(params)
     params.synth.style = style
-    log: dict = {"style": style, "params": str(params_file), "rules": {}}
+    if seed is not None:
+        params.train.seed = seed
+    log: dict = {"style": style, "params": str(params_file), "seed": params.train.seed, "demo_size": demo_size,
+                 "rules": {}}
 
     def save(scenario: b.Scenario, pending: tuple[str, ...]) -> None:
         runs = list(scenario.runs.values())
@@ -57,8 +70,10 @@ if __name__ == "__main__":
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--rules", default=",".join(list(RULES)[:2]), help=f"comma-separated, of: {', '.join(RULES)}")
     ap.add_argument("--trace", action="store_true", help="score the holdout at every evaluation of 'constant LR'")
+    ap.add_argument("--seed", type=int, help="train.seed (default: the params file's)")
+    ap.add_argument("--demo-size", action="store_true", help="the demo's image size and budgets")
     a = ap.parse_args()
     unknown = set(a.rules.split(",")) - set(RULES)
     if unknown:
         ap.error(f"unknown rules {sorted(unknown)}; choose from {list(RULES)}")
-    main(a.style, a.out, a.updates, a.params, a.rules.split(","), a.trace)
+    main(a.style, a.out, a.updates, a.params, a.rules.split(","), a.trace, a.seed, a.demo_size)
