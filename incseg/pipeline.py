@@ -171,15 +171,16 @@ def validation_score(groups: list[tuple[list[Pair], list[int]]], params: Params,
         judged.append((make_loader(data, params.eval.batch_size, shuffle=False), scope))
 
     def score(model: nn.Module) -> float:
-        tp, union = torch.zeros(n_classes, dtype=torch.float64), torch.zeros(n_classes, dtype=torch.float64)
-        for loader, scope in judged:
-            mat = evaluate(model, loader, n_classes, device).mat.double()
-            for c in scope:
-                if mat[c].sum() > 0:  # the class occurs in this group's labels
-                    tp[c] += mat[c, c]
-                    union[c] += mat[c].sum() + mat[:, c].sum() - mat[c, c]
-        seen = union > 0
-        return float((tp[seen] / union[seen]).mean()) if seen.any() else float("nan")
+        matrices = [(evaluate(model, loader, n_classes, device), scope) for loader, scope in judged]
+        ious = []
+        for c in sorted({c for _, scope in judged for c in scope}):
+            pooled = ConfusionMatrix(n_classes)  # every group whose labels judge c
+            for cm, scope in matrices:
+                if c in scope:
+                    pooled.mat += cm.mat
+            if c in pooled.present():
+                ious.append(pooled.iou()[c])
+        return float(torch.stack(ious).mean()) if ious else float("nan")
 
     return score
 

@@ -87,8 +87,8 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
                             ).json()["events"]
         assert [e["resource"]["prefect.resource.id"] for e in events] == [f"incseg.batch.{params.model.name}.batch-01"]
         assert events[0]["payload"]["data_hash"] == ModelRegistry(ws).version("2").tags["data_hash"]
-    # stopped by Ctrl-C to its own process group only: it stopped the Prefect server it started (in a
-    # session of its own) on the way out. (SIGTERM: Prefect's runner takes it over for a graceful
+    # stopped by Ctrl-C to its process group, which holds the Prefect server serve started too: that
+    # server is gone as well. (SIGTERM: Prefect's runner takes it over for a graceful
     # shutdown that hung past 60 s in one of three runs, "Pausing all deployments...": not asserted here)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{api}/health", timeout=5)
