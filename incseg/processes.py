@@ -1,19 +1,39 @@
 """Child processes that always end: each starts in its own process group and is stopped with
-SIGTERM to the whole group, then SIGKILL after a bound (servers, workers, torchrun)."""
+SIGTERM to the whole group, then SIGKILL after a bound (servers, workers, torchrun). On Linux a
+child also gets SIGTERM from the kernel when its parent dies without stopping it (SIGKILL, the
+OOM killer), so no server or training process outlives the program that started it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+# Run in the child before it becomes `cmd`: ask the kernel for SIGTERM when the parent dies
+# (prctl PR_SET_PDEATHSIG, kept across exec), and go at once if the parent is already gone.
+# A separate small interpreter rather than Popen's preexec_fn, which is unsafe with threads.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(143)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def start(cmd: list[str], own_group: bool = True, **popen) -> subprocess.Popen:
     """`subprocess.Popen` in a new session, so the process and everything it spawns form one group.
     `own_group=False` keeps it in the caller's group instead: a helper that must go down with its
-    caller (Ctrl-C in the terminal, or a kill of the caller's group, reaches it too)."""
+    caller (Ctrl-C in the terminal, or a kill of the caller's group, reaches it too). Either way,
+    on Linux, the process is sent SIGTERM if this process dies first (see the module docstring)."""
+    if sys.platform == "linux":
+        path = (popen.get("env") or os.environ).get("PATH")
+        if shutil.which(cmd[0], path=path) is None:  # as Popen would: the caller sees a missing program
+            raise FileNotFoundError(2, "No such file or directory", cmd[0])
+        cmd = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
     proc = subprocess.Popen(cmd, start_new_session=own_group, **popen)
     proc.own_group = own_group  # how `stop` must signal it
     return proc
