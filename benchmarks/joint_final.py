@@ -3,7 +3,8 @@
 `incseg bench` retrains `joint` from scratch after every batch (that is what its images-processed
 and accuracy-matrix columns need) and then once more at twice the budget: hours per look on a
 laptop. This script runs only the last of those retrainings (every batch of the same seeded stream,
-full labels, the bootstrap's convergence-driven budget times BUDGET_SCALE) and writes its holdout IoU,
+full labels, the bootstrap's convergence-driven rule with its step limits, and above 1 its patience,
+times BUDGET_SCALE) and writes its holdout IoU,
 steps, images, seconds and validation curve as JSON. Run it from a project folder (it reads
 `params.yaml` there, like `incseg bench`):
 

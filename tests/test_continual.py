@@ -242,6 +242,21 @@ def test_joint_once_trains_on_the_fully_labelled_stream_and_scores_every_class(t
     assert set(res["iou"]) == set(classes) and 0 <= res["miou_all"] <= 1
 
 
+def test_a_longer_joint_budget_waits_longer_for_a_gain_too():
+    """Twice the budget with the patience unchanged lets the rule stop as early as before (it did,
+    at 4200 of 8000 steps); the ceiling check doubles both. A shorter budget keeps the patience."""
+    from incseg.bench.continual import joint_params
+    from incseg.config import Params
+
+    base = Params()
+    longer = joint_params(base, 2.0).train
+    assert (longer.bootstrap_min_steps, longer.bootstrap_max_steps, longer.patience) == (
+        2 * base.train.bootstrap_min_steps, 2 * base.train.bootstrap_max_steps, 2 * base.train.patience)
+    shorter = joint_params(base, 0.5).train
+    assert shorter.bootstrap_max_steps == base.train.bootstrap_max_steps // 2 and shorter.patience == base.train.patience
+    assert base.train.patience == Params().train.patience  # the caller's params are not changed
+
+
 def test_bench_names_an_unknown_strategy(tmp_path):
     result = CliRunner().invoke(app, ["-C", str(tmp_path), "bench", "--quick", "--strategies", "naive,magic"])
     assert result.exit_code == 1 and "unknown strategies ['magic']" in result.output

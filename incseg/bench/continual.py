@@ -58,7 +58,7 @@ class Scenario:
     classes: dict[int, str]
     learned_at: dict[int, int]  # class id -> step that introduced it
     runs: dict[str, list[Step]] = field(default_factory=dict)
-    ceiling_check: dict = field(default_factory=dict)  # joint at twice the budget on the whole stream
+    ceiling_check: dict = field(default_factory=dict)  # joint at twice the budget and patience, whole stream
 
 
 def quick_params(base: Params) -> Params:
@@ -82,12 +82,23 @@ def full_params(base: Params) -> Params:
     return p
 
 
-def train_joint(ws: Workspace, full: list[Batch], classes: list[int], budget_scale: float = 1.0):
-    """The upper bound: from scratch on every batch so far with *full* labels (what the generator
-    knows), with the bootstrap's convergence-driven budget (`budget_scale` x its step limits)."""
-    p = ws.params.model_copy(deep=True)
+def joint_params(params: Params, budget_scale: float) -> Params:
+    """The bootstrap's rule with `budget_scale` x its step limits. A longer budget (scale > 1) also
+    waits `budget_scale` x longer for a gain before each LR drop and the stop: with the patience
+    unchanged, the rule ends a run long before a doubled cap (the stream's joint stopped at 4200 of
+    8000 steps, while patience 6 ran to the cap and gained 2.7-5 points; README, "The ceiling")."""
+    p = params.model_copy(deep=True)
     p.train.bootstrap_max_steps = round(p.train.bootstrap_max_steps * budget_scale)
     p.train.bootstrap_min_steps = round(p.train.bootstrap_min_steps * budget_scale)
+    if budget_scale > 1:
+        p.train.patience = round(p.train.patience * budget_scale)
+    return p
+
+
+def train_joint(ws: Workspace, full: list[Batch], classes: list[int], budget_scale: float = 1.0):
+    """The upper bound: from scratch on every batch so far with *full* labels (what the generator
+    knows), with the bootstrap's convergence-driven budget (`joint_params`)."""
+    p = joint_params(ws.params, budget_scale)
     pairs = [pair for b in full for pair in b.pairs]
     joint = Batch(f"joint-{full[-1].batch_id}", full[-1].root, pairs, BatchInfo(full[-1].batch_id, classes=classes))
     return train_base(Workspace(ws.root, p), joint, progress=False)
@@ -165,7 +176,7 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                     ("the ceiling check",) if ceiling else ()))
         if ceiling:
             scenario.ceiling_check = joint_once(ws, full, sorted(learned), budget_scale=2.0)
-            console.print(f"  joint with twice the budget: mIoU(all) {scenario.ceiling_check['miou_all']:.3f}, "
+            console.print(f"  joint with twice the budget and patience: mIoU(all) {scenario.ceiling_check['miou_all']:.3f}, "
                           f"{scenario.ceiling_check['steps']} steps")
             if on_done is not None:
                 on_done(scenario, ())
@@ -254,7 +265,7 @@ def targets(summ: dict[str, dict], default: str) -> list[tuple[str, bool, str]]:
         check = j.get("ceiling_check")
         if check:
             gain = 100 * (check["miou_all"] - j["miou_all"])
-            out.append(("joint with twice the budget adds < 1 point", gain < 1,
+            out.append(("joint with twice the budget and patience adds < 1 point", gain < 1,
                         f"{check['miou_all']:.3f} ({gain:+.1f} points, {check['steps']} steps)"))
         out.append(("final mIoU(all) >= 0.90 x joint", d["miou_all"] >= 0.9 * j["miou_all"],
                     f"{d['miou_all']:.3f} vs {0.9 * j['miou_all']:.3f}"))
