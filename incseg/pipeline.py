@@ -148,7 +148,8 @@ def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
                       average=train.average_weights)
     every = train.eval_every if train.update_eval_every is None else train.update_eval_every
     decays = train.lr_decays if train.update_lr_decays is None else train.update_lr_decays
-    return Budget(train.update_max_steps, train.update_min_steps, every, train.patience,
+    patience = train.patience if train.update_patience is None else train.update_patience
+    return Budget(train.update_max_steps, train.update_min_steps, every, patience,
                   decays=decays, anneal=train.anneal_fraction, average=train.average_weights)
 
 

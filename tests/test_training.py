@@ -96,20 +96,21 @@ def test_max_steps_end_training_even_on_a_plateau_step():
 
 
 def test_an_update_evaluates_and_drops_its_lr_on_its_own_cadence_when_set():
-    """`update_eval_every` / `update_lr_decays` shape an update's stopping rule; null, it shares the
-    bootstrap's, and the bootstrap never reads them."""
+    """`update_eval_every` / `update_lr_decays` / `update_patience` shape an update's stopping rule;
+    null, it shares the bootstrap's, and the bootstrap never reads them."""
     from incseg.config import TrainParams
     from incseg.pipeline import budget
 
-    own = TrainParams(eval_every=200, lr_decays=2, update_max_steps=1600, update_min_steps=400,
-                      update_eval_every=100, update_lr_decays=1)
+    own = TrainParams(eval_every=200, lr_decays=2, patience=6, update_max_steps=1600, update_min_steps=400,
+                      update_eval_every=100, update_lr_decays=1, update_patience=3)
     update, boot = budget(own, from_scratch=False), budget(own, from_scratch=True)
-    assert (update.eval_every, update.decays, update.max_steps, update.min_steps) == (100, 1, 1600, 400)
+    assert (update.eval_every, update.decays, update.patience, update.max_steps, update.min_steps) == (100, 1, 3, 1600, 400)
     assert update.judge_from == 0  # from trained weights every evaluation counts (the earliest: closest to the champion)
-    assert (boot.eval_every, boot.decays, boot.judge_from) == (200, 2, 0)
+    assert (boot.eval_every, boot.decays, boot.patience, boot.judge_from) == (200, 2, 6, 0)
     assert budget(own.model_copy(update={"bootstrap_judge_from": 800}), from_scratch=True).judge_from == 800
-    shared = budget(own.model_copy(update={"update_eval_every": None, "update_lr_decays": None}), from_scratch=False)
-    assert (shared.eval_every, shared.decays) == (200, 2)
+    shared = budget(own.model_copy(update={"update_eval_every": None, "update_lr_decays": None, "update_patience": None}),
+                    from_scratch=False)
+    assert (shared.eval_every, shared.decays, shared.patience) == (200, 2, 6)
     # at the defaults an update can stop before its cap: it waits at most patience evaluations at each
     # of decays + 1 rates past its best weights (at the bootstrap's rule: 1800 steps > 1600, never)
     default = budget(TrainParams(), from_scratch=False)

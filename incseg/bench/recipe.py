@@ -25,6 +25,7 @@ from incseg.pipeline import Batch, holdout_matrix, train_base
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "no LR drop on plateaus": {"train.lr_decays": 0},
+    "patience 3, max 4000 steps (before)": {"train.patience": 3, "train.bootstrap_max_steps": 4000},
     "lr 3e-3": {"train.lr": 3e-3},
     "lr 3e-2": {"train.lr": 3e-2},
     "dice 0 (CE only)": {"train.dice_weight": 0.0},
