@@ -86,9 +86,7 @@ class TrainParams(Section):
     anneal_fraction: float = Field(0.25, ge=0, le=1, description="the last share of max_steps lowers the LR linearly to 0")
     average_weights: bool = Field(False, description="evaluate and keep an EMA of the weights over ~eval_every steps")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of a batch held out for early stopping")
-    augment: bool = Field(False, description="random resized crops and flips when training from scratch "
-                          "(recipe.md: off, holdout mIoU 0.97 / 0.95 against 0.88 / 0.88)")
-    update_augment: bool | None = Field(True, description="augment of an update; null: augment")
+    augment: bool = True
     num_workers: int = Field(0, ge=0)
     distributed: DistributedParams = DistributedParams()
 

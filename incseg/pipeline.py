@@ -153,12 +153,6 @@ def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
                   decays=decays, anneal=train.anneal_fraction, average=train.average_weights)
 
 
-def augments(train: TrainParams, *, from_scratch: bool) -> bool:
-    """Whether a bootstrap (`augment`) or an update (`update_augment`, null: `augment`) trains on
-    random resized crops and flips."""
-    return train.augment if from_scratch or train.update_augment is None else train.update_augment
-
-
 def validation_score(groups: list[tuple[list[Pair], list[int]]], params: Params, n_classes: int,
                      device: torch.device) -> Callable[[nn.Module], float] | None:
     """Mean IoU over the classes that some group of validation pairs can judge, each class pooled over
@@ -203,7 +197,7 @@ def train_base(
     device = resolve_device(p.train.device)
     model = build_model(p.model.arch, n, p.model.width)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
-    data = SegmentationFolder(fit, train_transforms(p.data.image_size, augments(p.train, from_scratch=True)), n)
+    data = SegmentationFolder(fit, train_transforms(p.data.image_size, p.train.augment), n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, num_workers=p.train.num_workers, seed=p.train.seed)
     result = train(
         model, loader, make_objective("naive", p.train, p.continual, None), budget(p.train, from_scratch=True),
@@ -220,7 +214,7 @@ def update_sets(params: Params, batch: Batch, memory: ExemplarMemory, n_classes:
     strategy says) and the groups its early stop scores (`validation_score`): the batch's split, then,
     with `continual.memory_val_fraction`, the exemplars held back from replay, one group per label set."""
     p = params
-    transform = train_transforms(p.data.image_size, augments(p.train, from_scratch=False))
+    transform = train_transforms(p.data.image_size, p.train.augment)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
     replayed, checked = memory.held_back(p.continual.memory_val_fraction if held else 0.0, p.train.seed)
     data, sampler = training_set(SegmentationFolder(fit, transform, n_classes, batch.classes), replayed,

@@ -203,15 +203,3 @@ def test_an_update_with_a_frozen_stem_and_fusion_keeps_and_mixes_the_champion(ba
     moved = [not torch.equal(a, b) for (k, a), b in zip(student.state_dict().items(), champion.state_dict().values())
              if k.startswith("bottleneck") and a.is_floating_point()]
     assert any(moved)
-
-
-def test_augmentation_is_chosen_per_kind_of_run():
-    """Runs from scratch follow `augment`; updates `update_augment`, or `augment` when it is null."""
-    from incseg.config import TrainParams
-    from incseg.pipeline import augments
-
-    defaults = TrainParams()
-    assert (augments(defaults, from_scratch=True), augments(defaults, from_scratch=False)) == (False, True)
-    shared = TrainParams(augment=True, update_augment=None)
-    assert augments(shared, from_scratch=True) and augments(shared, from_scratch=False)
-    assert not augments(TrainParams(augment=True, update_augment=False), from_scratch=False)

@@ -69,7 +69,7 @@ def quick_params(base: Params) -> Params:
     p.model.width = 8
     p.train.bootstrap_max_steps, p.train.bootstrap_min_steps = 600, 200
     p.train.update_max_steps, p.train.update_min_steps, p.train.eval_every = 300, 100, 50
-    p.train.patience, p.train.augment = 3, True  # the budgets and rule these quick results were measured with
+    p.train.patience = 3  # the budgets and rule these quick results were measured with
     p.train.update_eval_every = p.train.update_lr_decays = p.train.update_patience = None  # updates share them
     p.continual.memory_size = 32
     return p

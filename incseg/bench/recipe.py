@@ -30,7 +30,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lr 3e-2": {"train.lr": 3e-2},
     "dice 0 (CE only)": {"train.dice_weight": 0.0},
     "dice 1.0": {"train.dice_weight": 1.0},
-    "augmentation (before)": {"train.augment": True},
+    "no augmentation": {"train.augment": False},
     "width 24": {"model.width": 24},
 }
 
