@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -23,6 +24,17 @@ PARENT = textwrap.dedent("""
 """)
 
 
+def wait_for_cmdline(proc: psutil.Process, last: str, timeout: float = 30.0) -> bool:
+    """Whether `proc`'s command line ends with `last` within `timeout`: `start` returns once the wrapper
+    runs, and the wrapper exec's the command a moment later (mid-exec the command line reads empty)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.cmdline()[-1:] == [last]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @linux_only
 @pytest.mark.parametrize("own_group", [True, False])
 def test_a_child_is_terminated_when_its_parent_is_killed(own_group):
@@ -34,7 +46,7 @@ def test_a_child_is_terminated_when_its_parent_is_killed(own_group):
     try:
         child = psutil.Process(int(parent.stdout.readline()))
         assert child.ppid() == parent.pid
-        assert child.cmdline()[-1] == "import time; time.sleep(120)"  # the wrapper has become the command
+        assert wait_for_cmdline(child, "import time; time.sleep(120)")  # the wrapper has become the command
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
         child.wait(timeout=10)  # psutil.TimeoutExpired if it survived
