@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Column, Table
 from typer.core import TyperGroup
 
-from incseg.config import ConfigError, Workspace
+from incseg.config import UPDATE_RULE_SHARED, ConfigError, Workspace
 from incseg.data.layout import DataError, list_batches
 from incseg.datastore import StoreError
 
@@ -653,8 +653,7 @@ def extract_with_runner(batch: Path, n_classes: int, runner: str, workers: int, 
 
 DEMO_CHANGES = {"data": {"image_size": 48}, "synth": {"size": 48},
                 "train": {"bootstrap_max_steps": 800, "bootstrap_min_steps": 400, "update_max_steps": 300,
-                          "update_min_steps": 150, "eval_every": 50, "patience": 2,
-                          "update_eval_every": None, "update_lr_decays": None, "update_patience": None}}
+                          "update_min_steps": 150, "eval_every": 50, "patience": 2, **UPDATE_RULE_SHARED}}
 
 
 def write_demo_params(directory: Path) -> None:

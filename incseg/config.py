@@ -62,6 +62,11 @@ class DistributedParams(Section):
                                      description="extra torchrun flags, e.g. ['--nnodes=2', '--rdzv-endpoint=host:29400']")
 
 
+# An update that stops by the bootstrap's rule (its eval_every, patience and lr_decays): what the
+# short-budget configurations use (the demo, the quick bench, the tests' tiny params)
+UPDATE_RULE_SHARED: dict[str, None] = {"update_eval_every": None, "update_lr_decays": None, "update_patience": None}
+
+
 class TrainParams(Section):
     device: str = "auto"
     seed: int = 0

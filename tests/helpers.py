@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from incseg.config import Params, Workspace
+from incseg.config import UPDATE_RULE_SHARED, Params, Workspace
 from incseg.data.synthetic import synthesize
 
 
@@ -21,8 +21,7 @@ def tiny_params(**sections) -> Params:
         "model": {"width": 8},
         "train": {"bootstrap_max_steps": 240, "bootstrap_min_steps": 150, "update_max_steps": 210,
                   "update_min_steps": 150, "eval_every": 30, "patience": 2, "batch_size": 16,
-                  "update_eval_every": None, "update_lr_decays": None,  # updates: eval_every, lr_decays,
-                  "update_patience": None},  # patience
+                  **UPDATE_RULE_SHARED},
         # tiny models learn less than the defaults: thresholds far below what they reach (see test_update_flow)
         "gate": {"min_new_class_iou": 0.1, "max_class_drop": 0.15},
         "continual": {"memory_size": 32},

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 from rich.console import Console
-from incseg.config import Params, Workspace
+from incseg.config import UPDATE_RULE_SHARED, Params, Workspace
 from incseg.continual import strategies
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.layout import BatchInfo, list_batches, read_classes
@@ -70,7 +70,8 @@ def quick_params(base: Params) -> Params:
     p.train.bootstrap_max_steps, p.train.bootstrap_min_steps = 600, 200
     p.train.update_max_steps, p.train.update_min_steps, p.train.eval_every = 300, 100, 50
     p.train.patience = 3  # the budgets and rule these quick results were measured with
-    p.train.update_eval_every = p.train.update_lr_decays = p.train.update_patience = None  # updates share them
+    for key, value in UPDATE_RULE_SHARED.items():  # updates stop by the same rule
+        setattr(p.train, key, value)
     p.continual.memory_size = 32
     return p
 
