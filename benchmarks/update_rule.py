@@ -4,8 +4,8 @@ The bench's seeded scenario (`incseg bench`'s full stream at the params given, o
 model trained once), then updates 1..K of the default strategy under each named rule below, each
 rule from the same base (`bench.continual.run_scenario` with these rules as variants). Writes, per
 rule and update: steps, best step, why it stopped, the validation curve and the holdout IoU per
-class id. With `--trace`, every evaluation of the `constant LR` rule also scores the holdout (the
-raw trajectory behind update-recipe.md section 5). `--seed N` sets `train.seed` (the base model,
+class id. With `--trace`, every evaluation of every chosen rule also scores the holdout (with
+`constant LR`: the raw trajectory behind update-recipe.md section 5). `--seed N` sets `train.seed` (the base model,
 the validation splits, the batches' order); `--demo-size` applies the demo's changes to params
 (48 px, short budgets: minutes instead of an hour, for several seeds; update-recipe.md section 7).
 
@@ -29,6 +29,10 @@ RULES: dict[str, dict[str, object]] = {
     "constant LR": {"train.patience": 10**6, "train.anneal_fraction": 0.0},  # never stops: the trajectory
     "memory scored": {"continual.memory_val_fraction": 0.25},  # early stop also sees held-back exemplars
     "head x1": {"continual.head_lr_scale": 1.0},  # the classifier at the backbone's learning rate
+    "head x3": {"continual.head_lr_scale": 3.0},
+    "update_lr 3e-3": {"train.update_lr": 3e-3},  # an update's peak rate (the classifier still x10)
+    "update_lr 3e-3 + head x3": {"train.update_lr": 3e-3, "continual.head_lr_scale": 3.0},
+    "update_lr 1e-3": {"train.update_lr": 1e-3},
 }
 
 
@@ -58,7 +62,7 @@ def main(style: str, out: Path, updates: int, params_file: Path, rules: list[str
         out.write_text(json.dumps(log, indent=1) + "\n")
 
     b.run_scenario(params, tuple(rules), ceiling_check=False, on_done=save, variants=RULES, updates=updates,
-                   trace=("constant LR",) if trace else ())
+                   trace=tuple(rules) if trace else ())
     return log
 
 
@@ -69,7 +73,7 @@ if __name__ == "__main__":
     ap.add_argument("--updates", type=int, default=2, help="how many of the stream's updates (default 2)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--rules", default=",".join(list(RULES)[:2]), help=f"comma-separated, of: {', '.join(RULES)}")
-    ap.add_argument("--trace", action="store_true", help="score the holdout at every evaluation of 'constant LR'")
+    ap.add_argument("--trace", action="store_true", help="score the holdout at every evaluation of every rule")
     ap.add_argument("--seed", type=int, help="train.seed (default: the params file's)")
     ap.add_argument("--demo-size", action="store_true", help="the demo's image size and budgets")
     a = ap.parse_args()
