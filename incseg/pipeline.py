@@ -133,11 +133,18 @@ def holdout_set(ws: Workspace, n_classes: int) -> SegmentationFolder:
     return SegmentationFolder(pairs, eval_transforms(ws.params.data.image_size), n_classes)
 
 
-def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None = None) -> ConfusionMatrix:
-    """Confusion matrix of `model` on the fixed holdout over every class in `classes.yaml`."""
+def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None = None,
+                   known: int | None = None) -> ConfusionMatrix:
+    """Confusion matrix of `model` on the fixed holdout over every class in `classes.yaml`.
+
+    Pixels of a class not taught yet (id >= `known`, by default the model's own classes) are left
+    out, as in the test protocol of MiB and the methods after it: a holdout labelled with every
+    class up front would otherwise charge a model for what it calls objects it has never been
+    shown (a ring or a cross called triangle right after the triangle batch)."""
     n = len(read_classes(ws.classes_file))
     loader = make_loader(holdout_set(ws, n), ws.params.eval.batch_size, shuffle=False)
-    return evaluate(model, loader, n, device or resolve_device(ws.params.train.device))
+    return evaluate(model, loader, n, device or resolve_device(ws.params.train.device),
+                    known=num_classes(model) if known is None else known)
 
 
 def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
@@ -314,9 +321,10 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
     names = read_classes(ws.classes_file)
     old = list(range(num_classes(champion))) if champion is not None else []
     new = [c for c in batch.classes if c not in old]
-    cms = {"candidate": holdout_matrix(ws, candidate)}
+    known = num_classes(candidate)  # both judged on the same pixels: the classes the candidate knows
+    cms = {"candidate": holdout_matrix(ws, candidate, known=known)}
     if champion is not None:
-        cms["champion"] = holdout_matrix(ws, champion)
+        cms["champion"] = holdout_matrix(ws, champion, known=known)
     reports = {k: iou_report(cm, old, new, names) for k, cm in cms.items()}
     if champion is None:
         reason = f"bootstrap: first model, holdout mIoU {reports['candidate']['miou']:.3f}"

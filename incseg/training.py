@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from incseg import dist
+from incseg.data.layout import IGNORE
 from incseg.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)
@@ -309,12 +310,16 @@ def split_validation(pairs: list, fraction: float, seed: int, at_most: int = 256
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> ConfusionMatrix:
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             known: int | None = None) -> ConfusionMatrix:
     """Confusion matrix of the model's argmax over every pixel of `loader` (of every rank's shard,
-    all-reduced, in a distributed run)."""
+    all-reduced, in a distributed run). With `known`, pixels whose ground truth is a class id >=
+    `known` (a class no batch has taught yet) are left out."""
     model.to(device, memory_format=FAST_LAYOUT).eval()
     cm = ConfusionMatrix(num_classes)
     for images, masks, _ in loader:
+        if known is not None:
+            masks = masks.masked_fill(masks >= known, IGNORE)
         cm.update(masks, model(images.to(device, memory_format=FAST_LAYOUT)).argmax(dim=1).cpu())
     cm.all_reduce()
     return cm

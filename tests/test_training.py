@@ -4,8 +4,8 @@ from torch.utils.data import TensorDataset
 
 from incseg.metrics import mean_iou
 from incseg.models import build_model
-from incseg.pipeline import holdout_matrix
-from incseg.training import Budget, DivergenceError, LearningRate, make_loader, split_validation, train
+from incseg.pipeline import Batch, holdout_matrix, judge
+from incseg.training import Budget, DivergenceError, LearningRate, evaluate, make_loader, split_validation, train
 
 LEARNED_MIOU = 0.5  # over background + the two base classes; the tiny base model reaches far more
 
@@ -19,6 +19,52 @@ def test_short_training_learns_the_base_classes(base_model):
     assert result.evals[-1].loss < result.evals[0].loss / 2
     assert all(e.val_miou == e.val_miou for e in result.evals)  # the validation split was scored every time
     assert result.best_step in [e.step for e in result.evals]
+
+
+class Constant(torch.nn.Module):
+    """Calls every pixel `label`, out of `n` classes."""
+
+    def __init__(self, n: int, label: int):
+        super().__init__()
+        self.n, self.label, self.unused = n, label, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full(x.shape[:1] + x.shape[2:], self.label), self.n).permute(0, 3, 1, 2).float()
+
+
+def test_pixels_of_classes_not_taught_yet_are_left_out_of_the_holdout_scores():
+    # one image: 4 pixels of class 1, 4 of class 2 (a class the model does not know), 8 background
+    mask = torch.tensor([[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 0, 0], [0, 0, 0, 0]])
+    loader = make_loader(TensorDataset(torch.zeros(1, 3, 4, 4), mask[None], torch.ones(1, 3, dtype=torch.bool)),
+                         1, shuffle=False)
+    model = Constant(2, label=1)  # knows background and class 1, calls everything class 1
+    everything = evaluate(model, loader, 3, torch.device("cpu"))
+    taught = evaluate(model, loader, 3, torch.device("cpu"), known=2)
+    assert everything.iou()[1].item() == pytest.approx(4 / 16)  # charged for the 4 class-2 pixels too
+    assert taught.iou()[1].item() == pytest.approx(4 / 12)
+    assert taught.mat[2].sum().item() == 0 and taught.mat.sum().item() == 12
+
+
+def test_the_holdout_is_scored_over_the_classes_the_model_knows(base_model):
+    ws, model, _ = base_model  # knows background and the two base classes; the holdout has later ones
+    default = holdout_matrix(ws, model)
+    full = holdout_matrix(ws, model, known=default.n)
+    assert full.mat[3:].sum() > 0  # later classes are in the holdout
+    assert default.mat[3:].sum() == 0 and default.mat[:3].sum() > 0
+    assert torch.equal(default.mat[:3, :3], full.mat[:3, :3])
+
+
+def test_the_gate_judges_champion_and_candidate_on_the_pixels_of_the_candidates_classes(base_model):
+    import copy
+
+    from incseg.models import expand_classes
+    ws, champion, _ = base_model  # 3 classes; the holdout also has class 3 (the batch's) and class 4 (later)
+    candidate = expand_classes(copy.deepcopy(champion), 1)
+    verdict = judge(ws, candidate, champion, Batch.load(ws.registry_dir / "batch-01"))
+    for cm in verdict.matrices.values():
+        assert cm.mat[3].sum() > 0  # the batch's class is scored, for the champion too (it calls it something else)
+        assert cm.mat[4:].sum() == 0  # a class no batch has taught yet is not
+    assert torch.equal(verdict.matrices["champion"].mat.sum(1), verdict.matrices["candidate"].mat.sum(1))
 
 
 def toy_loader(n: int = 32):
