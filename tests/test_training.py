@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from incseg.metrics import mean_iou
-from incseg.models import build_model
+from incseg.models import build_model, expand_classes
 from incseg.pipeline import Batch, holdout_matrix, judge
 from incseg.training import Budget, DivergenceError, LearningRate, evaluate, make_loader, split_validation, train
 
@@ -26,10 +28,11 @@ class Constant(torch.nn.Module):
 
     def __init__(self, n: int, label: int):
         super().__init__()
-        self.n, self.label, self.unused = n, label, torch.nn.Parameter(torch.zeros(1))
+        self.n, self.label = n, label
 
     def forward(self, x):
-        return torch.nn.functional.one_hot(torch.full(x.shape[:1] + x.shape[2:], self.label), self.n).permute(0, 3, 1, 2).float()
+        labels = torch.full((x.shape[0], *x.shape[2:]), self.label)
+        return torch.nn.functional.one_hot(labels, self.n).permute(0, 3, 1, 2).float()
 
 
 def test_pixels_of_classes_not_taught_yet_are_left_out_of_the_holdout_scores():
@@ -55,9 +58,6 @@ def test_the_holdout_is_scored_over_the_classes_the_model_knows(base_model):
 
 
 def test_the_gate_judges_champion_and_candidate_on_the_pixels_of_the_candidates_classes(base_model):
-    import copy
-
-    from incseg.models import expand_classes
     ws, champion, _ = base_model  # 3 classes; the holdout also has class 3 (the batch's) and class 4 (later)
     candidate = expand_classes(copy.deepcopy(champion), 1)
     verdict = judge(ws, candidate, champion, Batch.load(ws.registry_dir / "batch-01"))
