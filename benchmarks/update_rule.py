@@ -39,7 +39,7 @@ RULES: dict[str, dict[str, object]] = {
 def row(step: b.Step) -> dict:
     return {"batch": step.batch_id, "steps": step.steps, "best_step": step.best_step, "stopped": step.stopped,
             "holdout_iou": [round(v, 4) for v in step.iou], "seconds": round(step.seconds),
-            "curve": [(s, round(v, 4)) for s, v in step.curve], "trace": step.trace}
+            "curve": [(s, round(v, 4)) for s, v in step.curve], "trace": step.trace, "gate": step.gate}
 
 
 def main(style: str, out: Path, updates: int, params_file: Path, rules: list[str], trace: bool,

@@ -219,6 +219,10 @@ def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
     assert naive["forgetting_points"] > 10  # naive visibly forgets
     assert ours["forgetting_points"] < naive["forgetting_points"] - 10
     assert ours["miou_all"] > naive["miou_all"]
+    # the product's gate judges each update against the model before it (the stream goes on regardless)
+    assert [v["batch"] for v in naive["gate"]] == [v["batch"] for v in ours["gate"]] == ["batch-01"]
+    assert naive["gate"][0]["status"] == "rejected" and "class_drop:" in naive["gate"][0]["reason"]
+    assert ours["gate"][0]["status"] in ("promoted", "rejected") and "## What the gate would do" in text
     assert path.with_suffix(".png").stat().st_size > 1000
     assert "Accuracy matrix: replay+distill" in text and path.with_suffix(".md").read_text().startswith(text)
 
@@ -284,6 +288,24 @@ def test_a_report_without_the_default_strategy_has_no_targets_section():
                        b.Step("batch-01", [0.9, 0.5, 0.6], 10, 1.0)]
     text = b.markdown(s, b.summary(s), "replay+distill", "incseg bench --strategies naive")
     assert "| naive |" in text and "## Targets" not in text
+
+
+def test_the_report_shows_each_updates_gate_verdict_and_counts_the_promotions():
+    from incseg.bench import continual as b
+
+    s = b.Scenario({0: "background", 1: "square", 2: "triangle", 3: "ring"}, {0: 0, 1: 0, 2: 1, 3: 2})
+    nan = float("nan")
+    s.runs["replay+distill"] = [
+        b.Step("batch-00", [0.9, 0.8, nan, nan], 10, 1.0),
+        b.Step("batch-01", [0.9, 0.8, 0.6, nan], 10, 1.0, gate={"status": "promoted", "reason": "all 3 gates passed"}),
+        b.Step("batch-02", [0.9, 0.6, 0.6, 0.5], 10, 1.0,
+               gate={"status": "rejected", "reason": "class_drop:square failed: 'square' IoU 0.800 -> 0.600"})]
+    summ = b.summary(s)
+    assert [v["status"] for v in summ["replay+distill"]["gate"]] == ["promoted", "rejected"]
+    text = b.markdown(s, summ, "replay+distill", "incseg bench")
+    row = next(line for line in text.splitlines() if line.startswith("| replay+distill | promoted"))
+    assert row == ("| replay+distill | promoted | **rejected**: class_drop:square failed: 'square' IoU 0.800 -> 0.600 "
+                   "| 1 of 2 |")
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 
 Each strategy starts from the same base model and sees the batches in order; `joint`
 retrains from scratch on every batch so far (the upper bound). No gate is applied: the
-benchmark measures the strategies themselves. Results: the accuracy matrix, final
-mIoU (all / old / new / hIoU), average forgetting and cost per step.
+benchmark measures the strategies themselves, every candidate goes on to the next batch; what the
+product's gate (`params.gate`, `pipeline.judge`) would have said of each update is reported beside it.
+Results: the accuracy matrix, final mIoU (all / old / new / hIoU), average forgetting, the gate's
+verdicts and cost per step.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from incseg.continual.memory import ExemplarMemory
 from incseg.data.layout import BatchInfo, list_batches, read_classes
 from incseg.data.synthetic import synthesize
 from incseg.metrics import harmonic_mean
-from incseg.pipeline import Batch, holdout_matrix, train_base, train_candidate
+from incseg.pipeline import Batch, holdout_matrix, judge, train_base, train_candidate
 from incseg.bench.recipe import with_changes
 
 STRATEGIES = (*strategies.STRATEGIES, "joint")  # joint: retrain on all data so far (the upper bound)
@@ -51,6 +53,7 @@ class Step:
     best_step: int = 0  # the step whose weights were kept
     stopped: str = ""  # converged | max_steps
     trace: list[dict] = field(default_factory=list)  # traced runs: the holdout at every evaluation
+    gate: dict = field(default_factory=dict)  # an update: the gate's verdict against the model before it
 
 
 @dataclass
@@ -164,14 +167,19 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                     model, result = train_joint(ws, full[: i + 1], _known(scenario, i))
                 else:
                     p = with_changes(params, named.get(strategy, {"continual.strategy": strategy}))
+                    before = model
                     model, result = train_candidate(p, model, batch, memory, progress=False,
                                                     on_eval=_tracer(ws, traced) if strategy in trace else None)
                     memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, params.continual.memory_size,
                                               Path(tmp) / strategy / f"memory-{i}")
                 steps.append(_step(ws, batch, model, result, time.perf_counter() - t0, traced))
+                if strategy != "joint":  # what the product would do with this candidate (the stream goes on)
+                    steps[-1].gate = judge(ws, model, before, batch).decision.to_dict()
+                verdict = f"; gate: {steps[-1].gate['status']}" if steps[-1].gate else ""
                 console.print(f"  {strategy:>14} after {batch.batch_id}: mIoU(all) "
                               f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps "
-                              f"(best {result.best_step}), {steps[-1].seconds:.0f} s; {_per_class(scenario, steps[-1], i)}")
+                              f"(best {result.best_step}), {steps[-1].seconds:.0f} s; {_per_class(scenario, steps[-1], i)}"
+                              f"{verdict}")
             scenario.runs[strategy] = steps
             if on_done is not None:
                 on_done(scenario, tuple(x for x in chosen if x not in scenario.runs) + (
@@ -238,6 +246,9 @@ def summary(s: Scenario) -> dict[str, dict]:
             "new_class_iou": {s.classes[c]: round(steps[at].iou[c], 4) for c, at in sorted(s.learned_at.items())
                               if at > 0 and not math.isnan(steps[at].iou[c])},
         }
+        if any(st.gate for st in steps[1:]):  # the gate's verdict on each update, in order
+            out[name]["gate"] = [{"batch": st.batch_id, "status": st.gate["status"], "reason": st.gate["reason"]}
+                                 for st in steps[1:]]
     if s.ceiling_check and "joint" in out:
         out["joint"]["ceiling_check"] = s.ceiling_check
         out["joint"]["curve_last"] = s.runs["joint"][-1].curve
@@ -314,6 +325,17 @@ def markdown(s: Scenario, summ: dict, default: str, command: str, style: str = "
               " | ".join(st.batch_id for st in next(iter(s.runs.values()))[1:]) + " |",
               "|---|" + "---|" * (len(next(iter(s.runs.values()))) - 1)]
     lines += [f"| {name} | " + " | ".join(str(x) for x in r["step_seconds"]) + " |" for name, r in summ.items()]
+    gated = {name: r["gate"] for name, r in summ.items() if "gate" in r}
+    if gated:
+        lines += ["", "## What the gate would do (the stream goes on with every candidate)", "",
+                  "Each update's candidate judged against the model before it by `params.gate`, as the product judges "
+                  "it; a rejection's reason names the failed check.", "",
+                  "| strategy | " + " | ".join(v["batch"] for v in next(iter(gated.values()))) + " | promoted |",
+                  "|---|" + "---|" * (len(next(iter(gated.values()))) + 1)]
+        lines += [f"| {name} | " + " | ".join(v["status"] if v["status"] == "promoted" else f"**rejected**: {v['reason']}"
+                                              for v in verdicts) +
+                  f" | {sum(v['status'] == 'promoted' for v in verdicts)} of {len(verdicts)} |"
+                  for name, verdicts in gated.items()]
     if "joint" in s.runs:
         lines += ["", "## Joint's validation curve on the whole stream (step: mIoU)", "",
                   ", ".join(f"{st}: {v:.3f}" for st, v in s.runs["joint"][-1].curve)]
