@@ -25,7 +25,7 @@ from incseg.continual.memory import ExemplarMemory
 from incseg.data.layout import BatchInfo, list_batches, read_classes
 from incseg.data.synthetic import synthesize
 from incseg.metrics import harmonic_mean
-from incseg.pipeline import Batch, holdout_matrix, judge, train_base, train_candidate
+from incseg.pipeline import Batch, Judgement, holdout_matrix, judge, train_base, train_candidate
 from incseg.bench.recipe import with_changes
 
 STRATEGIES = (*strategies.STRATEGIES, "joint")  # joint: retrain on all data so far (the upper bound)
@@ -172,14 +172,15 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                                                     on_eval=_tracer(ws, traced) if strategy in trace else None)
                     memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, params.continual.memory_size,
                                               Path(tmp) / strategy / f"memory-{i}")
-                steps.append(_step(ws, batch, model, result, time.perf_counter() - t0, traced))
+                seconds, verdict = time.perf_counter() - t0, None
                 if strategy != "joint":  # what the product would do with this candidate (the stream goes on)
-                    steps[-1].gate = judge(ws, model, before, batch).decision.to_dict()
-                verdict = f"; gate: {steps[-1].gate['status']}" if steps[-1].gate else ""
+                    verdict = judge(ws, model, before, batch)  # its candidate matrix is the step's holdout score
+                steps.append(_step(ws, batch, model, result, seconds, traced, verdict))
+                gate = f"; gate: {steps[-1].gate['status']}" if steps[-1].gate else ""
                 console.print(f"  {strategy:>14} after {batch.batch_id}: mIoU(all) "
                               f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps "
                               f"(best {result.best_step}), {steps[-1].seconds:.0f} s; {_per_class(scenario, steps[-1], i)}"
-                              f"{verdict}")
+                              f"{gate}")
             scenario.runs[strategy] = steps
             if on_done is not None:
                 on_done(scenario, tuple(x for x in chosen if x not in scenario.runs) + (
@@ -193,9 +194,12 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
     return scenario
 
 
-def _step(ws: Workspace, batch: Batch, model, result, seconds: float, trace: list[dict] | None = None) -> Step:
-    return Step(batch.batch_id, _iou(ws, model), result.images_processed, seconds, result.steps,
-                [(e.step, e.val_miou) for e in result.evals], result.best_step, result.stopped, trace or [])
+def _step(ws: Workspace, batch: Batch, model, result, seconds: float, trace: list[dict] | None = None,
+          verdict: Judgement | None = None) -> Step:
+    iou = [float(v) for v in verdict.matrices["candidate"].iou()] if verdict else _iou(ws, model)
+    return Step(batch.batch_id, iou, result.images_processed, seconds, result.steps,
+                [(e.step, e.val_miou) for e in result.evals], result.best_step, result.stopped, trace or [],
+                verdict.decision.to_dict() if verdict else {})
 
 
 def _tracer(ws: Workspace, into: list[dict]) -> Callable:
