@@ -62,6 +62,15 @@ def test_serve_runs_the_watcher_on_its_schedule_and_on_data_events(tmp_path, str
             "deployments": {"name": {"any_": [f"watch-{params.model.name}"]}}}).json()
         assert len(scheduled) == 1 and scheduled[0]["schedules"]
         httpx.post(f"{api}/deployments/{scheduled[0]['id']}/pause_deployment").raise_for_status()
+        # pausing deletes the schedule's Scheduled runs, not one the runner has already taken: a run
+        # started just before the pause can find batch-01 first (CI saw it once). Let any such run end.
+
+        def schedule_busy() -> list[dict]:
+            return httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {
+                "deployment_id": {"any_": [scheduled[0]["id"]]},
+                "state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING"]}}}}).json()
+
+        wait_for("the schedule's started runs to end", lambda: schedule_busy() == [], proc)
 
         added = subprocess.run([sys.executable, "-m", "incseg", "-C", str(root), "data", "add",
                                 str(stream_dir / "registry" / "batch-01")], env={**env, "PREFECT_API_URL": api},
