@@ -70,8 +70,19 @@ yaml_text = st.one_of(st.binary(max_size=200), yaml_values.map(lambda v: yaml.sa
                       st.text(max_size=120).map(str.encode))
 
 
+FUZZ_ROOT: list[Path] = []  # the module's folder under pytest's basetemp (pytest removes old ones)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_root(tmp_path_factory):
+    """Hypothesis runs hundreds of examples per test and refuses function-scoped fixtures: one folder
+    per module, inside pytest's basetemp, instead of a /tmp folder per example left behind."""
+    FUZZ_ROOT[:] = [tmp_path_factory.mktemp("fuzz")]
+    yield
+
+
 def written(data: bytes, name: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="incseg-fuzz-"))
+    folder = Path(tempfile.mkdtemp(prefix="example-", dir=FUZZ_ROOT[0]))
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
