@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -41,7 +42,9 @@ def seed_store(root: Path) -> Path:
     if not _EMPTY_STORE:
         from mlflow import MlflowClient
 
-        db = Path(tempfile.mkdtemp(prefix="incseg-empty-store-")) / "mlflow.db"
+        folder = tempfile.mkdtemp(prefix="incseg-empty-store-")
+        atexit.register(shutil.rmtree, folder, True)
+        db = Path(folder) / "mlflow.db"
         MlflowClient(f"sqlite:///{db}").search_registered_models()
         _EMPTY_STORE.append(db)
     if not (root / "mlflow.db").exists():
