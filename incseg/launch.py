@@ -97,8 +97,11 @@ def backend(device: torch.device) -> str:
 
 
 def torchrun_command(job_file: Path, nproc: int, extra: list[str]) -> list[str]:
+    """torchrun on the job file; its log folder beside the job (torchrun's default is a new temp
+    folder per run, never removed), unless `torchrun_args` names one."""
     standalone = [] if any(a.startswith("--rdzv") or a.startswith("--nnodes") for a in extra) else ["--standalone"]
-    return [sys.executable, "-m", "torch.distributed.run", *standalone, f"--nproc-per-node={nproc}", *extra,
+    logs = [] if any(a.startswith(("--log-dir", "--log_dir")) for a in extra) else [f"--log-dir={job_file.parent / 'logs'}"]
+    return [sys.executable, "-m", "torch.distributed.run", *standalone, *logs, f"--nproc-per-node={nproc}", *extra,
             "-m", "incseg.launch", str(job_file)]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -74,8 +76,11 @@ def test_ddp_update_tracks_one_process_and_registers_one_version(ddp_champion, t
     batch = Batch.load(ws.registry_dir / "batch-01")
     _, alone = train_candidate(tiny_params(train=DDP), champion.model, batch, champion.memory, progress=False)
 
+    elastic = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
     result = incremental_update("batch-01", str(ws.root))
     assert [str(mv.version) for mv in reg.versions()] == ["1", "2"]  # rank 0 registered once
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) == elastic  # torchrun's logs: in the scratch
+    assert not list(ws.runs_dir.glob("update-batch-01-*"))  # which the verdict cleared
     assert result.candidate_version == "2"
     run = reg.client.get_run(result.run_id)
     assert run.data.tags["world_size"] == "2"
@@ -84,6 +89,15 @@ def test_ddp_update_tracks_one_process_and_registers_one_version(ddp_champion, t
     for (_, ddp), point in zip(ddp_loss, alone.evals):
         assert abs(ddp - point.loss) < 0.25 * point.loss, (ddp_loss, [e.loss for e in alone.evals])
     assert ddp_loss[-1][1] < ddp_loss[0][1]  # and it learns
+
+
+def test_torchrun_logs_beside_the_job_unless_its_args_name_a_folder():
+    from incseg.launch import torchrun_command
+
+    job = Path("/scratch/torchrun/job.json")
+    assert "--log-dir=/scratch/torchrun/logs" in torchrun_command(job, 2, [])
+    own = torchrun_command(job, 2, ["--log-dir=/var/log/elastic", "--nnodes=2"])
+    assert [a for a in own if a.startswith("--log")] == ["--log-dir=/var/log/elastic"] and "--standalone" not in own
 
 
 def test_a_nan_on_the_ranks_stops_them_all_and_registers_nothing(ddp_champion):
