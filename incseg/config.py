@@ -91,7 +91,9 @@ class TrainParams(Section):
     anneal_fraction: float = Field(0.25, ge=0, le=1, description="the last share of max_steps lowers the LR linearly to 0")
     average_weights: bool = Field(False, description="evaluate and keep an EMA of the weights over ~eval_every steps")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of a batch held out for early stopping")
-    augment: bool = True
+    augment: bool = Field(True, description="random flips, and random resized crops for crop_probability of the samples")
+    crop_probability: float = Field(0.5, ge=0, le=1, description="share of training samples cropped (the rest are "
+                                    "resized whole, as evaluated); recipe.md, the crop on half the samples")
     num_workers: int = Field(0, ge=0)
     distributed: DistributedParams = DistributedParams()
 

@@ -204,7 +204,7 @@ def train_base(
     device = resolve_device(p.train.device)
     model = build_model(p.model.arch, n, p.model.width)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
-    data = SegmentationFolder(fit, train_transforms(p.data.image_size, p.train.augment), n)
+    data = SegmentationFolder(fit, train_transforms(p.data.image_size, p.train.augment, p.train.crop_probability), n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, num_workers=p.train.num_workers, seed=p.train.seed)
     result = train(
         model, loader, make_objective("naive", p.train, p.continual, None), budget(p.train, from_scratch=True),
@@ -221,7 +221,7 @@ def update_sets(params: Params, batch: Batch, memory: ExemplarMemory, n_classes:
     strategy says) and the groups its early stop scores (`validation_score`): the batch's split, then,
     with `continual.memory_val_fraction`, the exemplars held back from replay, one group per label set."""
     p = params
-    transform = train_transforms(p.data.image_size, p.train.augment)
+    transform = train_transforms(p.data.image_size, p.train.augment, p.train.crop_probability)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
     replayed, checked = memory.held_back(p.continual.memory_val_fraction if held else 0.0, p.train.seed)
     data, sampler = training_set(SegmentationFolder(fit, transform, n_classes, batch.classes), replayed,

@@ -42,6 +42,22 @@ def test_random_crops_and_flips_keep_image_and_mask_aligned():
     assert np.mean(misaligned) < 0.8
 
 
+def test_crop_probability_sets_the_share_of_cropped_samples():
+    """Uncropped samples are the evaluation view, flipped or not; cropped ones are neither."""
+    image, mask = blocky_sample(np.random.default_rng(2))
+    _, whole = eval_transforms(32)(image, mask)
+
+    def cropped_share(p: float) -> float:
+        tf = train_transforms(32, augment=True, crop_probability=p)
+        torch.manual_seed(0)
+        views = [tf(image, mask)[1] for _ in range(200)]
+        return np.mean([not (torch.equal(v, whole) or torch.equal(v, whole.flip(-1))) for v in views])
+
+    assert cropped_share(0.0) == 0.0
+    assert 0.35 < cropped_share(0.5) < 0.65  # a crop of 50-100 % of the area changes the mask (binomial sd 0.035)
+    assert cropped_share(1.0) > 0.9
+
+
 def test_masks_stay_integer_label_maps_after_resize():
     image, mask = blocky_sample(np.random.default_rng(1))
     img_t, mask_t = eval_transforms(40)(image, mask)

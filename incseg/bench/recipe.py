@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "dice 0 (CE only)": {"train.dice_weight": 0.0},
     "dice 1.0": {"train.dice_weight": 1.0},
     "no augmentation": {"train.augment": False},
+    "crop every sample (before)": {"train.crop_probability": 1.0},
     "width 24": {"model.width": 24},
 }
 

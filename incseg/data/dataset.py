@@ -71,16 +71,19 @@ def crop_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, flo
 
 class PairTransform:
     """(H x W x 3 uint8 image, H x W uint8 mask) -> (3 x size x size normalised float, size x size int64
-    label ids). With `augment`: a random resized crop (scale 0.5-1, aspect 3/4-4/3) and a random
-    horizontal flip, applied to image and mask together; without: a plain resize."""
+    label ids). With `augment`: a random horizontal flip and, for a `crop_probability` share of the
+    samples, a random resized crop (scale 0.5-1, aspect 3/4-4/3) first, applied to image and mask
+    together; the other samples and, without `augment`, every sample: a plain resize of the whole
+    image, as evaluation sees it."""
 
-    def __init__(self, size: int, augment: bool, scale: tuple[float, float] = (0.5, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-        self.size, self.augment, self.scale, self.ratio = size, augment, scale, ratio
+    def __init__(self, size: int, augment: bool, crop_probability: float = 1.0,
+                 scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size, self.augment, self.crop_probability = size, augment, crop_probability
+        self.scale, self.ratio = scale, ratio
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
-        if self.augment:
+        if self.augment and torch.rand(1).item() < self.crop_probability:
             top, left, h, w = crop_box(*y.shape, self.scale, self.ratio)
             x, y = x[top:top + h, left:left + w], y[top:top + h, left:left + w]
         x, y = resize_pair(x.permute(2, 0, 1).float(), y, self.size)  # crop first: only its pixels are converted
@@ -89,9 +92,10 @@ class PairTransform:
         return _scale(x.contiguous()), y.contiguous()
 
 
-def train_transforms(size: int, augment: bool = True) -> PairTransform:
-    """Random resized crop and flip applied to image and mask together (mask: nearest)."""
-    return PairTransform(size, augment)
+def train_transforms(size: int, augment: bool = True, crop_probability: float = 1.0) -> PairTransform:
+    """Random flip, and a random resized crop for `crop_probability` of the samples, applied to image
+    and mask together (mask: nearest)."""
+    return PairTransform(size, augment, crop_probability)
 
 
 def eval_transforms(size: int) -> PairTransform:
