@@ -83,7 +83,9 @@ class PairTransform:
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
-        if self.augment and torch.rand(1).item() < self.crop_probability:
+        # at probability 1 no coin is tossed: the random stream, and so the weights, of runs from
+        # before the knob are reproduced
+        if self.augment and (self.crop_probability >= 1 or torch.rand(1).item() < self.crop_probability):
             top, left, h, w = crop_box(*y.shape, self.scale, self.ratio)
             x, y = x[top:top + h, left:left + w], y[top:top + h, left:left + w]
         x, y = resize_pair(x.permute(2, 0, 1).float(), y, self.size)  # crop first: only its pixels are converted
