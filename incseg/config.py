@@ -94,6 +94,8 @@ class TrainParams(Section):
     augment: bool = Field(True, description="random flips, and random resized crops for crop_probability of the samples")
     crop_probability: float = Field(0.5, ge=0, le=1, description="share of training samples cropped (the rest are "
                                     "resized whole, as evaluated); recipe.md, the crop on half the samples")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness, contrast and saturation vary by a random "
+                                "factor in [1 - s, 1 + s], hue by up to s / 4, on training images (0: off)")
     num_workers: int = Field(0, ge=0)
     distributed: DistributedParams = DistributedParams()
 

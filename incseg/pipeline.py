@@ -160,6 +160,11 @@ def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
                   decays=decays, anneal=train.anneal_fraction, average=train.average_weights)
 
 
+def training_transform(p: Params):
+    """The augmentation every training sample gets (`train.augment`, `crop_probability`, `color_jitter`)."""
+    return train_transforms(p.data.image_size, p.train.augment, p.train.crop_probability, p.train.color_jitter)
+
+
 def validation_score(groups: list[tuple[list[Pair], list[int]]], params: Params, n_classes: int,
                      device: torch.device) -> Callable[[nn.Module], float] | None:
     """Mean IoU over the classes that some group of validation pairs can judge, each class pooled over
@@ -204,7 +209,7 @@ def train_base(
     device = resolve_device(p.train.device)
     model = build_model(p.model.arch, n, p.model.width)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
-    data = SegmentationFolder(fit, train_transforms(p.data.image_size, p.train.augment, p.train.crop_probability), n)
+    data = SegmentationFolder(fit, training_transform(p), n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, num_workers=p.train.num_workers, seed=p.train.seed)
     result = train(
         model, loader, make_objective("naive", p.train, p.continual, None), budget(p.train, from_scratch=True),
@@ -221,7 +226,7 @@ def update_sets(params: Params, batch: Batch, memory: ExemplarMemory, n_classes:
     strategy says) and the groups its early stop scores (`validation_score`): the batch's split, then,
     with `continual.memory_val_fraction`, the exemplars held back from replay, one group per label set."""
     p = params
-    transform = train_transforms(p.data.image_size, p.train.augment, p.train.crop_probability)
+    transform = training_transform(p)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
     replayed, checked = memory.held_back(p.continual.memory_val_fraction if held else 0.0, p.train.seed)
     data, sampler = training_set(SegmentationFolder(fit, transform, n_classes, batch.classes), replayed,

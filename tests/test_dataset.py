@@ -58,6 +58,30 @@ def test_crop_probability_sets_the_share_of_cropped_samples():
     assert cropped_share(1.0) > 0.9
 
 
+
+def test_color_jitter_changes_the_image_within_its_range_and_never_the_mask():
+    image, mask = blocky_sample(np.random.default_rng(3))
+    plain, jittered = (train_transforms(32, augment=True, crop_probability=0.0, color_jitter=s) for s in (0.0, 0.4))
+    means = []
+    for i in range(50):
+        torch.manual_seed(i)
+        x0, y0 = plain(image, mask)
+        torch.manual_seed(i)
+        x1, y1 = jittered(image, mask)
+        assert torch.equal(y0, y1)  # the same flip; labels untouched
+        pixels = x1 * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+        assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4  # still valid 0-1 colours
+        means.append((x1 - x0).abs().mean().item())
+    assert np.median(means) > 0.05  # most draws move the image visibly (normalised units)
+    # off draws nothing: the random stream, and so earlier runs, are reproduced
+    torch.manual_seed(7)
+    plain(image, mask)
+    after_plain = torch.rand(1)
+    torch.manual_seed(7)
+    train_transforms(32, augment=True, crop_probability=0.0)(image, mask)
+    assert torch.equal(after_plain, torch.rand(1))
+    assert train_transforms(32, augment=False, color_jitter=0.4).jitter is None  # evaluation never jitters
+
 def test_masks_stay_integer_label_maps_after_resize():
     image, mask = blocky_sample(np.random.default_rng(1))
     img_t, mask_t = eval_transforms(40)(image, mask)

@@ -74,12 +74,21 @@ class PairTransform:
     label ids). With `augment`: a random horizontal flip and, for a `crop_probability` share of the
     samples, a random resized crop (scale 0.5-1, aspect 3/4-4/3) first, applied to image and mask
     together; the other samples and, without `augment`, every sample: a plain resize of the whole
-    image, as evaluation sees it."""
+    image, as evaluation sees it. `color_jitter` s > 0 (with `augment`) also varies the image's
+    brightness, contrast and saturation by a random factor in [1 - s, 1 + s] and its hue by up to s / 4
+    (torchvision's `ColorJitter`), the mask untouched."""
 
     def __init__(self, size: int, augment: bool, crop_probability: float = 1.0,
-                 scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+                 scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 color_jitter: float = 0.0):
         self.size, self.augment, self.crop_probability = size, augment, crop_probability
         self.scale, self.ratio = scale, ratio
+        self.jitter = None
+        if augment and color_jitter > 0:
+            from torchvision.transforms import v2
+
+            self.jitter = v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter,
+                                         hue=min(0.5, color_jitter / 4))
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
@@ -91,13 +100,16 @@ class PairTransform:
         x, y = resize_pair(x.permute(2, 0, 1).float(), y, self.size)  # crop first: only its pixels are converted
         if self.augment and torch.rand(1).item() < 0.5:
             x, y = x.flip(-1), y.flip(-1)
+        if self.jitter is not None:  # on 0-1 values; none drawn when off, so earlier runs are reproduced
+            x = self.jitter(x.div_(255).clamp_(0, 1)).mul_(255)
         return _scale(x.contiguous()), y.contiguous()
 
 
-def train_transforms(size: int, augment: bool = True, crop_probability: float = 1.0) -> PairTransform:
+def train_transforms(size: int, augment: bool = True, crop_probability: float = 1.0,
+                     color_jitter: float = 0.0) -> PairTransform:
     """Random flip, and a random resized crop for `crop_probability` of the samples, applied to image
-    and mask together (mask: nearest)."""
-    return PairTransform(size, augment, crop_probability)
+    and mask together (mask: nearest); colour jitter of strength `color_jitter` on the image."""
+    return PairTransform(size, augment, crop_probability, color_jitter=color_jitter)
 
 
 def eval_transforms(size: int) -> PairTransform:
