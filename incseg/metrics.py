@@ -10,17 +10,27 @@ from incseg import dist
 
 
 class ConfusionMatrix:
-    """Rows: ground truth, columns: prediction; label 255 (and any id >= n) is skipped."""
+    """Rows: ground truth, columns: prediction; label 255 (and any id >= n) is skipped. With
+    `per_image`, each image's own matrix is kept too (`images`, in update order), for resampling."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, per_image: bool = False):
         self.n = num_classes
         self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+        self.images: list[torch.Tensor] | None = [] if per_image else None
 
     def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        """Add a batch of (B x H x W) label maps, or one (H x W)."""
+        if self.images is not None and target.dim() == 3:
+            for t, p in zip(target, pred):
+                self.update(t, p)
+            return
         t, p = target.flatten().long(), pred.flatten().long()
         keep = (t >= 0) & (t < self.n)
         idx = self.n * t[keep].to(self.mat.device) + p[keep].to(self.mat.device)
-        self.mat += torch.bincount(idx, minlength=self.n**2).reshape(self.n, self.n)
+        counts = torch.bincount(idx, minlength=self.n**2).reshape(self.n, self.n)
+        self.mat += counts
+        if self.images is not None:
+            self.images.append(counts)
 
     def all_reduce(self) -> None:
         """Sum the matrix over all processes of a distributed run (a no-op in one process)."""
@@ -39,6 +49,26 @@ class ConfusionMatrix:
     def pixel_accuracy(self) -> float:
         total = self.mat.sum().item()
         return self.mat.diag().sum().item() / total if total else float("nan")
+
+
+def resampled_iou(images: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU of each resample of the images: `weights` (R x N) says how often each of the N
+    per-image matrices is drawn in each of R resamples. (R x C), NaN where a resample's ground truth
+    has no pixel of the class (`mean_iou` leaves those out)."""
+    stack = torch.stack(images).double()  # N x C x C
+    n = stack.shape[-1]
+    mats = (weights.double() @ stack.reshape(len(images), -1)).reshape(-1, n, n)
+    tp = mats.diagonal(dim1=1, dim2=2)
+    truth = mats.sum(2)
+    union = truth + mats.sum(1) - tp
+    return torch.where(truth > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int = 0) -> torch.Tensor:
+    """(resamples x n) counts: each row draws n of n items with replacement (the image bootstrap)."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n, (resamples, n), generator=g)
+    return torch.zeros(resamples, n).scatter_add_(1, draws, torch.ones(resamples, n))
 
 
 def mean_iou(cm: ConfusionMatrix, classes: Iterable[int] | None = None) -> float:

@@ -25,7 +25,7 @@ from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, r
 from incseg.datastore import has_dvc, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
-from incseg.metrics import ConfusionMatrix, iou_report
+from incseg.metrics import ConfusionMatrix, bootstrap_weights, iou_report, resampled_iou
 from incseg.models import build_model, expand_classes, fuse_weights, num_classes, param_groups, stem_parameters
 from incseg.training import (FAST_LAYOUT, Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device,
                              seed_everything, split_validation, train)
@@ -134,7 +134,7 @@ def holdout_set(ws: Workspace, n_classes: int) -> SegmentationFolder:
 
 
 def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None = None,
-                   known: int | None = None) -> ConfusionMatrix:
+                   known: int | None = None, per_image: bool = False) -> ConfusionMatrix:
     """Confusion matrix of `model` on the fixed holdout over every class in `classes.yaml`.
 
     Pixels of a class not taught yet (id >= `known`, by default the model's own classes) are left
@@ -144,7 +144,7 @@ def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None 
     n = len(read_classes(ws.classes_file))
     loader = make_loader(holdout_set(ws, n), ws.params.eval.batch_size, shuffle=False)
     return evaluate(model, loader, n, device or resolve_device(ws.params.train.device),
-                    known=num_classes(model) if known is None else known)
+                    known=num_classes(model) if known is None else known, per_image=per_image)
 
 
 def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
@@ -306,9 +306,14 @@ class Judgement:
 
         lines = [f"# Verdict: {status.replace('_', ' ')}", "", self.decision.reason, ""]
         if self.decision.checks:
-            lines += ["| check | passed | value | limit | detail |", "|---|---|---|---|---|"]
-            lines += [f"| {c.name} | {'yes' if c.passed else '**no**'} | {c.observed} | {c.threshold} | {c.detail} |"
-                      for c in self.decision.checks]
+            def spread(c) -> str:
+                return "-" if c.interval is None else (f"{c.interval[0]:.3f} - {c.interval[1]:.3f}"
+                                                       + (" (**close call**)" if c.close_call else ""))
+
+            lines += ["| check | passed | value | limit | interval over holdout images | detail |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {c.name} | {'yes' if c.passed else '**no**'} | {c.observed} | {c.threshold} | {spread(c)} | "
+                      f"{c.detail} |" for c in self.decision.checks]
             lines.append("")
         t = self.iou_table()
         lines += ["| class | champion | candidate | change |", "|---|---|---|---|"]
@@ -327,14 +332,19 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
     old = list(range(num_classes(champion))) if champion is not None else []
     new = [c for c in batch.classes if c not in old]
     known = num_classes(candidate)  # both judged on the same pixels: the classes the candidate knows
-    cms = {"candidate": holdout_matrix(ws, candidate, known=known)}
+    per_image = champion is not None and ws.params.gate.interval_resamples > 0
+    cms = {"candidate": holdout_matrix(ws, candidate, known=known, per_image=per_image)}
     if champion is not None:
-        cms["champion"] = holdout_matrix(ws, champion, known=known)
+        cms["champion"] = holdout_matrix(ws, champion, known=known, per_image=per_image)
     reports = {k: iou_report(cm, old, new, names) for k, cm in cms.items()}
     if champion is None:
         reason = f"bootstrap: first model, holdout mIoU {reports['candidate']['miou']:.3f}"
         return Judgement(Decision(True, reason), reports["candidate"], {}, cms)
-    decision = decide(reports["candidate"], reports["champion"], old, new, names, ws.params.gate)
+    resampled = None
+    if per_image and cms["candidate"].images:  # the same resampled images for both: a paired bootstrap
+        weights = bootstrap_weights(len(cms["candidate"].images), ws.params.gate.interval_resamples)
+        resampled = (resampled_iou(cms["candidate"].images, weights), resampled_iou(cms["champion"].images, weights))
+    decision = decide(reports["candidate"], reports["champion"], old, new, names, ws.params.gate, resampled)
     return Judgement(decision, reports["candidate"], reports["champion"], cms)
 
 

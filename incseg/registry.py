@@ -177,6 +177,8 @@ class ModelRegistry:
         metrics = {"candidate_miou": f"{j.candidate['miou']:.4f}"}
         if j.champion:
             metrics["champion_miou"] = f"{j.champion['miou']:.4f}"
+            # checks whose interval over the holdout's images holds their limit: a verdict to read twice
+            metrics["close_calls"] = ", ".join(c.name for c in j.decision.close_calls) or "none"
         status = j.decision.status
         if j.decision.promote and j.champion and self.ws.params.gate.approval == "manual":
             status = AWAITING
@@ -187,6 +189,8 @@ class ModelRegistry:
             if j.decision.promote:
                 self.set_champion(version, j.decision.reason)
         self.client.set_tag(run_id, "outcome", status)
+        if j.champion:
+            self.client.set_tag(run_id, "close_calls", metrics["close_calls"])
         self.client.set_tag(run_id, "model_version", version)
         mlflow.log_table(data=j.iou_table(), artifact_file="review/iou.json", run_id=run_id)
         self.client.log_text(run_id, j.card(status), "review/verdict.md")

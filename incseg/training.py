@@ -311,12 +311,13 @@ def split_validation(pairs: list, fraction: float, seed: int, at_most: int = 256
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-             known: int | None = None) -> ConfusionMatrix:
+             known: int | None = None, per_image: bool = False) -> ConfusionMatrix:
     """Confusion matrix of the model's argmax over every pixel of `loader` (of every rank's shard,
     all-reduced, in a distributed run). With `known`, pixels whose ground truth is a class id >=
-    `known` (a class no batch has taught yet) are left out."""
+    `known` (a class no batch has taught yet) are left out. `per_image` keeps each image's matrix
+    (`ConfusionMatrix.images`, this process's images only)."""
     model.to(device, memory_format=FAST_LAYOUT).eval()
-    cm = ConfusionMatrix(num_classes)
+    cm = ConfusionMatrix(num_classes, per_image=per_image)
     for images, masks, _ in loader:
         if known is not None:
             masks = masks.masked_fill(masks >= known, IGNORE)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from incseg.metrics import ConfusionMatrix, harmonic_mean, iou_report, mean_iou
+from incseg.metrics import ConfusionMatrix, bootstrap_weights, harmonic_mean, iou_report, mean_iou, resampled_iou
 
 
 def cm_of(target, pred, n=3):
@@ -55,3 +55,31 @@ def test_old_new_and_harmonic_iou():
 def test_harmonic_mean_of_one_empty_group_is_the_other():
     assert harmonic_mean(0.6, float("nan")) == 0.6
     assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_per_image_matrices_add_up_and_resample():
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (10, 8, 8))
+    target[:, 0, 0] = 255  # ignored pixels stay out of every matrix
+    pred = torch.where(torch.rand(10, 8, 8) < 0.8, target.clamp(max=2), torch.randint(0, 3, (10, 8, 8)))
+    cm = ConfusionMatrix(3, per_image=True)
+    cm.update(target[:4], pred[:4])
+    cm.update(target[4:], pred[4:])
+    assert len(cm.images) == 10 and torch.equal(sum(cm.images), cm.mat) and cm.mat.sum() == 10 * 63
+    assert torch.allclose(resampled_iou(cm.images, torch.ones(1, 10))[0], cm.iou())  # every image once: the matrix
+    only_first = torch.zeros(1, 10)
+    only_first[0, 0] = 3  # one image drawn three times: that image's IoU
+    single = ConfusionMatrix(3)
+    single.update(target[0], pred[0])
+    assert torch.allclose(resampled_iou(cm.images, only_first)[0], single.iou(), equal_nan=True)
+    w = bootstrap_weights(10, 500, seed=1)
+    assert w.shape == (500, 10) and (w.sum(1) == 10).all() and torch.equal(w, bootstrap_weights(10, 500, seed=1))
+    assert 0.3 < (w == 0).float().mean() < 0.4  # ~ (1 - 1/n)^n of the images are left out of a draw
+
+
+def test_a_class_missing_from_a_resample_is_nan_there():
+    cm = ConfusionMatrix(3, per_image=True)
+    cm.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))  # image 0: background and class 1
+    cm.update(torch.tensor([[0, 2]]), torch.tensor([[0, 2]]))  # image 1: background and class 2
+    iou = resampled_iou(cm.images, torch.tensor([[2.0, 0.0]]))[0]
+    assert iou[0] == 1 and iou[1] == 1 and iou[2] != iou[2]

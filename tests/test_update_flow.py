@@ -87,6 +87,14 @@ def test_run_has_reviewable_artifacts(history):
 
     decision = json.loads(open(reg.client.download_artifacts(good.run_id, "decision.json")).read())
     assert decision["status"] == "promoted" and decision["candidate"]["per_class"]["triangle"] > 0
+    for check in decision["checks"]:  # each with its interval over resamples of the holdout's images
+        lo, hi = check["interval"]
+        assert lo <= hi and (not check["close_call"] or lo <= check["threshold"] <= hi), check
+    close = [c["name"] for c in decision["checks"] if c["close_call"]]
+    assert decision["close_calls"] == close and tags["close_calls"] == (", ".join(close) or "none")
+    assert reg.version(good.candidate_version).tags["close_calls"] == tags["close_calls"]
+    card = open(reg.client.download_artifacts(good.run_id, "review/verdict.md")).read()
+    assert "interval over holdout images" in card
     assert reg.client.get_run(good.run_id).data.params["continual.strategy"] == "replay+distill"
 
 

@@ -1,0 +1,62 @@
+"""The gate's checks and their intervals over resamples of the holdout's images (paired bootstrap)."""
+
+import torch
+
+from incseg.config import GateParams
+from incseg.gate import decide
+from incseg.metrics import ConfusionMatrix, bootstrap_weights, iou_report, resampled_iou
+
+NAMES = {0: "background", 1: "square", 2: "triangle"}
+
+
+def holdout(new_class_tp: list[int]) -> ConfusionMatrix:
+    """Per-image matrices: 100 background and 100 square pixels, all right; 100 triangle pixels of
+    which the image's entry in `new_class_tp` are found, the rest called background."""
+    cm = ConfusionMatrix(3, per_image=True)
+    for tp in new_class_tp:
+        target = torch.tensor([0] * 100 + [1] * 100 + [2] * 100)
+        pred = target.clone()
+        pred[200 + tp:] = 0
+        cm.update(target[None], pred[None])
+    return cm
+
+
+def judged(champion: ConfusionMatrix, candidate: ConfusionMatrix, resamples: int = 1000):
+    reports = [iou_report(cm, [0, 1], [2], NAMES) for cm in (candidate, champion)]
+    w = bootstrap_weights(len(candidate.images), resamples)
+    resampled = (resampled_iou(candidate.images, w), resampled_iou(champion.images, w))
+    gate = GateParams()
+    return decide(*reports, [0, 1], [2], NAMES, gate, resampled), decide(*reports, [0, 1], [2], NAMES, gate)
+
+
+def test_a_new_class_just_under_its_limit_on_a_few_uneven_images_is_a_close_call():
+    champion = holdout([0] * 12)  # the champion does not know triangle
+    candidate = holdout([95, 90, 5, 0, 0, 0, 2, 0, 85, 0, 0, 3])  # found on 3 images of 12: IoU 0.233
+    with_intervals, without = judged(champion, candidate)
+    new = next(c for c in with_intervals.checks if c.name == "new_class:triangle")
+    assert not new.passed and new.close_call
+    lo, hi = new.interval
+    assert lo < 0.2 and hi > 0.35 and lo < new.observed < hi  # three lucky images make or break it
+    assert with_intervals.promote is without.promote is False  # intervals never change the verdict
+    assert "close call" in with_intervals.reason and "new_class:triangle 0.233 in [" in with_intervals.reason
+    assert with_intervals.to_dict()["close_calls"] == ["new_class:triangle"]
+    assert all(c.interval is None and not c.close_call for c in without.checks) and "close call" not in without.reason
+
+
+def test_a_clear_verdict_has_no_close_call():
+    champion = holdout([0] * 40)
+    candidate = holdout([80 + i % 10 for i in range(40)])  # triangle 0.845, steady over images
+    decision, _ = judged(champion, candidate)
+    assert decision.promote and not decision.close_calls and "close call" not in decision.reason
+    new = next(c for c in decision.checks if c.name == "new_class:triangle")
+    assert 0.8 < new.interval[0] <= new.observed <= new.interval[1] < 0.9
+    drop = next(c for c in decision.checks if c.name == "class_drop:square")
+    assert drop.interval == (0.0, 0.0)  # paired: the same images for both models, and square is unchanged
+
+
+def test_a_tie_is_not_a_close_call():
+    """The same predictions: gain and drops are 0 on every resample, which passes (gain >= 0, drop <= 0.05)."""
+    same = holdout([50 + i for i in range(20)])
+    decision, _ = judged(same, same)
+    assert decision.promote and not decision.close_calls
+    assert all(c.interval == (0.0, 0.0) for c in decision.checks if not c.name.startswith("new_class"))
