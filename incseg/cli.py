@@ -370,9 +370,11 @@ def models_table(ws: Workspace) -> Table:
     rows = []
     for mv in reg.versions():
         t = mv.tags
+        close = t.get("close_calls", "none")
         rows.append([str(mv.version), ",".join(by_version.get(str(mv.version), [])), t.get("status", ""),
-                     t.get("batch_id", ""), t.get("candidate_miou", ""), t.get("parent_version", ""), t.get("reason", "")])
-    heads = ("version", "alias", "status", "batch", "mIoU", "parent")
+                     t.get("batch_id", ""), t.get("candidate_miou", ""), t.get("parent_version", ""),
+                     "" if close == "none" else close, t.get("reason", "")])
+    heads = ("version", "alias", "status", "batch", "mIoU", "parent", "close calls")
     # the short columns keep their full width (a status is read whole); the reason gets what is left
     columns = [Column(h, no_wrap=True, min_width=max([len(h)] + [len(r[i]) for r in rows])) for i, h in enumerate(heads)]
     table = Table(*columns, Column("reason", overflow="ellipsis", no_wrap=True), title=f"model '{reg.name}'",
@@ -388,7 +390,8 @@ def _short(text: str, width: int) -> str:
 
 @app.command()
 def models(ctx: typer.Context) -> None:
-    """List model versions with alias, status, reason, batch and mIoU."""
+    """List model versions with alias, status, batch, mIoU, close calls (gate checks that other holdout
+    images could have decided otherwise) and reason."""
     console.print(models_table(workspace(ctx)))
 
 

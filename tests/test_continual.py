@@ -223,6 +223,8 @@ def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
     assert [v["batch"] for v in naive["gate"]] == [v["batch"] for v in ours["gate"]] == ["batch-01"]
     assert naive["gate"][0]["status"] == "rejected" and "class_drop:" in naive["gate"][0]["reason"]
     assert ours["gate"][0]["status"] in ("promoted", "rejected") and "## What the gate would do" in text
+    assert all(set(v["close_calls"]) <= {"miou_gain", "class_drop:background", "class_drop:square", "class_drop:circle",
+                                         "new_class:triangle"} for v in naive["gate"] + ours["gate"])
     assert path.with_suffix(".png").stat().st_size > 1000
     assert "Accuracy matrix: replay+distill" in text and path.with_suffix(".md").read_text().startswith(text)
 

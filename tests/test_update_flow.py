@@ -113,6 +113,15 @@ def test_logged_state_dict_round_trips(history, tmp_path):
     assert np.array_equal(np.array(served[0]), segment(loaded.model, rgb, ws.params.data.image_size))
 
 
+def test_models_lists_close_calls(history):
+    ws, _, _, good, _ = history
+    out = CliRunner().invoke(app, ["-C", str(ws.root), "models"], terminal_width=300).output
+    assert "close calls" in out
+    close = ModelRegistry(ws).version(good.candidate_version).tags["close_calls"]
+    row = next(line for line in out.splitlines() if "batch-01" in line)
+    assert (close in row) if close != "none" else ("none" not in row)
+
+
 def test_rollback_and_promote_from_the_cli(history):
     ws, *_ = history
     runner = CliRunner()

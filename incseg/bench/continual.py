@@ -251,8 +251,8 @@ def summary(s: Scenario) -> dict[str, dict]:
                               if at > 0 and not math.isnan(steps[at].iou[c])},
         }
         if any(st.gate for st in steps[1:]):  # the gate's verdict on each update, in order
-            out[name]["gate"] = [{"batch": st.batch_id, "status": st.gate["status"], "reason": st.gate["reason"]}
-                                 for st in steps[1:]]
+            out[name]["gate"] = [{"batch": st.batch_id, "status": st.gate["status"], "reason": st.gate["reason"],
+                                  "close_calls": st.gate.get("close_calls", [])} for st in steps[1:]]
     if s.ceiling_check and "joint" in out:
         out["joint"]["ceiling_check"] = s.ceiling_check
         out["joint"]["curve_last"] = s.runs["joint"][-1].curve
@@ -333,11 +333,16 @@ def markdown(s: Scenario, summ: dict, default: str, command: str, style: str = "
     if gated:
         lines += ["", "## What the gate would do (the stream goes on with every candidate)", "",
                   "Each update's candidate judged against the model before it by `params.gate`, as the product judges "
-                  "it; a rejection's reason names the failed check.", "",
+                  "it; a rejection's reason names the failed check, and a close call is a check that passes at one "
+                  "end of its interval over the holdout's images and fails at the other.", "",
                   "| strategy | " + " | ".join(v["batch"] for v in next(iter(gated.values()))) + " | promoted |",
                   "|---|" + "---|" * (len(next(iter(gated.values()))) + 1)]
-        lines += [f"| {name} | " + " | ".join(v["status"] if v["status"] == "promoted" else f"**rejected**: {v['reason']}"
-                                              for v in verdicts) +
+        def cell(v: dict) -> str:
+            if v["status"] != "promoted":
+                return f"**rejected**: {v['reason']}"
+            return "promoted" + (f" (close call: {', '.join(v['close_calls'])})" if v.get("close_calls") else "")
+
+        lines += [f"| {name} | " + " | ".join(cell(v) for v in verdicts) +
                   f" | {sum(v['status'] == 'promoted' for v in verdicts)} of {len(verdicts)} |"
                   for name, verdicts in gated.items()]
     if "joint" in s.runs:
