@@ -147,7 +147,8 @@ class GateParams(Section):
     max_class_drop: float = Field(0.05, ge=0, description="largest allowed IoU drop of any old class")
     min_new_class_iou: float = Field(0.3, ge=0, le=1)
     interval_resamples: int = Field(1000, ge=0, description="bootstrap resamples of the holdout's images behind each "
-                                    "check's interval; a check whose interval holds its limit is a close call (0: off)")
+                                    "check's interval; a check that passes at one end of it and fails at the other is a "
+                                    "close call, named in the verdict, which it never changes (0: off)")
     interval_level: float = Field(0.9, gt=0, lt=1, description="coverage of each check's interval")
     approval: Literal["auto", "manual"] = Field(
         "auto", description="manual: an update that passes every check waits for `incseg approve` / `incseg reject` "
