@@ -1,4 +1,4 @@
-"""A person's last word on a candidate (`gate.approval: manual`).
+"""A person's last word on a candidate (`gate.approval: manual`, or `close_calls` and a close call).
 
 An update whose candidate passed every check leaves it `awaiting_approval`. With a Prefect server
 the update flow then pauses for a typed run input (approve / reject + comment), so a reviewer can

@@ -139,7 +139,7 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
             judgement = judge(ws, run_id, candidate, champion.model, batch)
             status, after = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
             reason = judgement.decision.reason
-            if status == AWAITING:  # gate.approval: manual; a person decides
+            if status == AWAITING:  # gate.approval: manual (or close_calls and a close call); a person decides
                 finish_run(ws, run_id, status, reason)
                 status, reason = await_review(ws, attempt.version)
                 after = champion_version(ws)

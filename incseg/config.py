@@ -150,9 +150,10 @@ class GateParams(Section):
                                     "check's interval; a check that passes at one end of it and fails at the other is a "
                                     "close call, named in the verdict, which it never changes (0: off)")
     interval_level: float = Field(0.9, gt=0, lt=1, description="coverage of each check's interval")
-    approval: Literal["auto", "manual"] = Field(
+    approval: Literal["auto", "manual", "close_calls"] = Field(
         "auto", description="manual: an update that passes every check waits for `incseg approve` / `incseg reject` "
-                            "(or a decision in the Prefect UI) before `champion` moves")
+                            "(or a decision in the Prefect UI) before `champion` moves; close_calls: only one that "
+                            "passes with a close call waits, a clear pass is promoted")
     approval_timeout_s: int = Field(3600, ge=1, description="with a Prefect server, how long an update waits for the "
                                                             "decision (later updates queue behind it) before it "
                                                             "rejects the candidate")

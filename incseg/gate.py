@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from incseg.config import GateParams
+
+if TYPE_CHECKING:  # torch only where intervals are computed: the registry imports this module and stays light
+    import torch
 
 
 @dataclass
@@ -40,7 +42,13 @@ class Decision:
                 "checks": [asdict(c) for c in self.checks]}
 
 
-Figure = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (candidate, champion) R x C IoU -> R values
+def needs_approval(decision: Decision, approval: str) -> bool:
+    """Whether a person decides (`gate.approval`): never on a failed check; on every pass (`manual`),
+    or on a pass with a close call (`close_calls`)."""
+    return decision.promote and (approval == "manual" or (approval == "close_calls" and bool(decision.close_calls)))
+
+
+Figure = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (candidate, champion) R x C IoU -> R values
 
 
 def _iou(report: dict, name: str) -> float:
@@ -64,6 +72,8 @@ def decide(candidate: dict, champion: dict, old: list[int], new: list[int], name
     def check(name: str, value: float, limit: float, ok: Callable[[float], bool], detail: str, figure: Figure) -> None:
         interval, close = None, False
         if resampled is not None:
+            import torch
+
             tail = (1 - gate.interval_level) / 2
             lo, hi = (torch.nanquantile(figure(*resampled), q).item() for q in (tail, 1 - tail))
             if lo == lo:  # not NaN: the class is in some resample's ground truth

@@ -23,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from incseg.config import Workspace
+from incseg.gate import needs_approval
 from incseg.processes import owner_alive
 
 if TYPE_CHECKING:  # torch and the learner load only where a model is written or read: `promote` stays light
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # torch and the learner load only where a model is written or
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT = "checkpoint/model.pt"
-AWAITING = "awaiting_approval"  # passed every check; `champion` waits for a person (gate.approval: manual)
+AWAITING = "awaiting_approval"  # passed every check; `champion` waits for a person (gate.approval: manual, close_calls)
 FINAL_OUTCOMES = ("promoted", "rejected", "invalid", "diverged", AWAITING)
 MEMORY = "memory"
 
@@ -170,7 +171,8 @@ class ModelRegistry:
                 ) -> tuple[str, str | None]:
         """Record the verdict on the version and the run (with the reviewer's card and the IoU table);
         move `champion` only on promotion. With `gate.approval: manual`, an update that passed every
-        check is left `awaiting_approval` with `challenger` on it (a bootstrap has nothing to hold).
+        check (with `close_calls`: one that passed with a close call) is left `awaiting_approval` with
+        `challenger` on it (a bootstrap has nothing to hold).
         Returns the status and the champion after."""
         import mlflow
 
@@ -180,7 +182,7 @@ class ModelRegistry:
             # checks whose interval over the holdout's images holds their limit: a verdict to read twice
             metrics["close_calls"] = ", ".join(c.name for c in j.decision.close_calls) or "none"
         status = j.decision.status
-        if j.decision.promote and j.champion and self.ws.params.gate.approval == "manual":
+        if j.champion and needs_approval(j.decision, self.ws.params.gate.approval):
             status = AWAITING
             for k, v in {**metrics, **(tags or {}), "status": status, "reason": j.decision.reason[:4900]}.items():
                 self.client.set_model_version_tag(self.name, version, k, str(v))

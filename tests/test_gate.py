@@ -60,3 +60,15 @@ def test_a_tie_is_not_a_close_call():
     decision, _ = judged(same, same)
     assert decision.promote and not decision.close_calls
     assert all(c.interval == (0.0, 0.0) for c in decision.checks if not c.name.startswith("new_class"))
+
+
+def test_who_decides_under_each_approval_mode():
+    from incseg.gate import Check, Decision, needs_approval
+
+    def decision(passed: bool, close: bool) -> Decision:
+        return Decision(passed, "", [Check("new_class:triangle", passed, 0.31, 0.3, "", (0.25, 0.37), close)])
+
+    table = {(mode, passed, close): needs_approval(decision(passed, close), mode)
+             for mode in ("auto", "manual", "close_calls") for passed in (True, False) for close in (True, False)}
+    assert [k for k, held in table.items() if held] == [
+        ("manual", True, True), ("manual", True, False), ("close_calls", True, True)]  # a failed check never waits

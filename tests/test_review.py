@@ -144,3 +144,58 @@ def test_the_run_shows_the_verdict_side_by_side(reviewed):
     with open(card) as f:
         text = f.read()
     assert text.startswith("# Verdict: awaiting approval") and "| miou_gain |" in text and "| triangle |" in text
+
+
+def test_close_calls_mode_holds_only_a_pass_with_a_close_call(reviewed):
+    """`gate.approval: close_calls`: the registry holds a passing candidate with a close call for a
+    person and promotes a clear pass (verdicts made by hand here: which checks are close calls is a
+    learned detail)."""
+    import torch
+
+    from incseg.config import Workspace
+    from incseg.gate import Check, Decision
+    from incseg.metrics import ConfusionMatrix, iou_report
+    from incseg.pipeline import Judgement
+
+    ws = Workspace(reviewed.root, reviewed.params.model_copy(update={
+        "gate": reviewed.params.gate.model_copy(update={"approval": "close_calls"})}))
+    reg = ModelRegistry(ws)
+    champion = reg.aliases()["champion"]
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 1, 2, 3]]))
+    names = {0: "background", 1: "square", 2: "circle", 3: "triangle"}
+    report = iou_report(cm, [0, 1, 2], [3], names)
+
+    def publish(close: bool) -> tuple[str, str, str | None]:
+        check = Check("new_class:triangle", True, 0.31, 0.3, "new class 'triangle' IoU 0.310", (0.25, 0.37), close)
+        run_id = reg.start_run("hand-made verdict", {"batch_id": "batch-03"}, {})
+        version = str(reg.register(run_id, reg.version(champion).source, {"batch_id": "batch-03"}).version)
+        status, after = reg.publish(run_id, version, Judgement(Decision(True, "passed", [check]), report, report,
+                                                               {"candidate": cm}))
+        reg.end_run(run_id)
+        return version, status, after
+
+    try:
+        held, status, after = publish(close=True)
+        assert (status, after) == (AWAITING, champion)
+        assert reg.version(held).tags["close_calls"] == "new_class:triangle"
+        reg.reject(held, "superseded")  # nothing left waiting for the tests after this one
+        clear, status, after = publish(close=False)
+        assert (status, after) == ("promoted", clear) and reg.version(clear).tags["close_calls"] == "none"
+    finally:  # the hand-made versions point at the champion's files under another run: serve the real one again
+        reg.set_champion(champion, "after the hand-made verdicts")
+
+
+def test_close_calls_mode_promotes_a_clear_pass_without_waiting(reviewed):
+    """The lenient gate of this module has no close call to find (every resample passes every check),
+    so under `close_calls` an update is promoted at once, on the run's Prefect server as served."""
+    ws = set_params(reviewed, reviewed.params.model_copy(update={
+        "gate": reviewed.params.gate.model_copy(update={"approval": "close_calls"})}))
+    try:
+        update = Update(ws, "batch-03")
+        update.start()
+        result = update.finished()
+        assert result.status == "promoted" and "close call" not in result.reason, result
+        assert ModelRegistry(ws).aliases()["champion"] == result.candidate_version
+    finally:
+        set_params(ws, reviewed.params)
