@@ -38,9 +38,7 @@ class ConfusionMatrix:
 
     def iou(self) -> torch.Tensor:
         """Per-class IoU; NaN for a class neither in ground truth nor predicted."""
-        tp = self.mat.diag().double()
-        union = self.mat.sum(0).double() + self.mat.sum(1).double() - tp
-        return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+        return _iou(self.mat)
 
     def present(self) -> list[int]:
         """Classes that occur in the ground truth."""
@@ -58,10 +56,16 @@ def resampled_iou(images: list[torch.Tensor], weights: torch.Tensor) -> torch.Te
     stack = torch.stack(images).double()  # N x C x C
     n = stack.shape[-1]
     mats = (weights.double() @ stack.reshape(len(images), -1)).reshape(-1, n, n)
-    tp = mats.diagonal(dim1=1, dim2=2)
-    truth = mats.sum(2)
-    union = truth + mats.sum(1) - tp
-    return torch.where(truth > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    iou = _iou(mats)
+    return torch.where(mats.sum(-1) > 0, iou, torch.full_like(iou, float("nan")))
+
+
+def _iou(mats: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU of one (C x C) confusion matrix or a stack (... x C x C); NaN where a class is
+    neither in ground truth nor predicted."""
+    tp = mats.diagonal(dim1=-2, dim2=-1).double()
+    union = mats.sum(-2).double() + mats.sum(-1).double() - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
 def bootstrap_weights(n: int, resamples: int, seed: int = 0) -> torch.Tensor:
