@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -66,6 +66,15 @@ class DistributedParams(Section):
 # short-budget configurations use (the demo, the quick bench, the tests' tiny params)
 UPDATE_RULE_SHARED: dict[str, None] = {"update_eval_every": None, "update_lr_decays": None, "update_patience": None}
 
+# What a run's evaluations judge and what it keeps: the latest weights (off), an exponential moving
+# average over about eval_every steps (ema), or the uniform average of every step's weights from half
+# the first evaluation on (swa). A params file's `true` / `false` (the older boolean) read as ema / off.
+def _weight_average(value: object) -> object:
+    return ("ema" if value else "off") if isinstance(value, bool) else value
+
+
+WeightAverage = Annotated[Literal["off", "ema", "swa"], BeforeValidator(_weight_average)]
+
 
 class TrainParams(Section):
     device: str = "auto"
@@ -89,7 +98,10 @@ class TrainParams(Section):
     update_lr_decays: int | None = Field(1, ge=0, description="lr_decays of an update; null: lr_decays")
     update_patience: int | None = Field(3, ge=1, description="patience of an update; null: patience")
     anneal_fraction: float = Field(0.25, ge=0, le=1, description="the last share of max_steps lowers the LR linearly to 0")
-    average_weights: bool = Field(False, description="evaluate and keep an EMA of the weights over ~eval_every steps")
+    average_weights: WeightAverage = Field("off", description="what a run judges and keeps: the latest weights (off), "
+                                           "their EMA over ~eval_every steps (ema), their uniform average (swa)")
+    update_average_weights: WeightAverage | None = Field(
+        "swa", description="average_weights of an update; null: average_weights (update-recipe.md section 12)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of a batch held out for early stopping")
     augment: bool = Field(True, description="random flips, and random resized crops for crop_probability of the samples")
     crop_probability: float = Field(0.5, ge=0, le=1, description="share of training samples cropped (the rest are "

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -104,8 +105,10 @@ class Budget:
     a small validation split would otherwise be what every later LR drop restarts from). A run that
     reaches the last `anneal` share of `max_steps` lowers its
     learning rate linearly to zero at `max_steps`, so that a capped run ends on settled weights,
-    not mid-stride at the peak rate. With `average`, what is evaluated and kept is an exponential
-    moving average of the weights over about the last `eval_every` steps, not the latest step's."""
+    not mid-stride at the peak rate. `average` says what is evaluated and kept instead of the latest
+    step's weights: "ema", an exponential moving average over about the last `eval_every` steps;
+    "swa", the uniform average of every step's weights from half the first evaluation on (stochastic
+    weight averaging; a plateau's return to the best weights returns the average to them too)."""
 
     max_steps: int
     min_steps: int = 0
@@ -115,7 +118,7 @@ class Budget:
     decays: int = 2
     decay_factor: float = 0.2
     anneal: float = 0.25
-    average: bool = False
+    average: Literal["off", "ema", "swa"] = "off"
     judge_from: int = 0
 
 
@@ -181,9 +184,12 @@ def train(
     result = TrainResult(world_size=dist.world_size())
     state = _resume(checkpoint_path, model, opt, sched, result, budget)
     best, best_state, waited, decays = state["best"], state["best_state"], state["waited"], state["decays"]
-    averaged = None
-    if budget.average:  # torch's EMA of parameters and BatchNorm statistics
-        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1 - 1 / budget.eval_every), use_buffers=True)
+    averaged, average_from = None, 0
+    if budget.average != "off":  # torch's averages of parameters and BatchNorm statistics
+        ema = get_ema_multi_avg_fn(1 - 1 / budget.eval_every) if budget.average == "ema" else None
+        averaged = AveragedModel(model, multi_avg_fn=ema, use_buffers=True)  # no fn: the uniform (SWA) mean
+        if budget.average == "swa":  # the first evaluation judges an average of steps already
+            average_from = min(budget.eval_every, budget.max_steps) // 2
         if state["averaged"] is not None:
             averaged.load_state_dict(state["averaged"])
     judged = averaged.module if averaged is not None else model  # the weights evaluated and kept
@@ -208,7 +214,7 @@ def train(
                 loss.backward()
                 opt.step()
                 sched.step()
-                if averaged is not None:
+                if averaged is not None and step >= average_from:
                     averaged.update_parameters(model)
                 step += 1
                 total += loss.item() * len(images)

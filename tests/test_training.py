@@ -157,6 +157,11 @@ def test_an_update_evaluates_and_drops_its_lr_on_its_own_cadence_when_set():
     shared = budget(own.model_copy(update={"update_eval_every": None, "update_lr_decays": None, "update_patience": None}),
                     from_scratch=False)
     assert (shared.eval_every, shared.decays, shared.patience) == (200, 2, 6)
+    assert (update.average, boot.average) == ("swa", "off")  # updates average their weights, bootstraps do not
+    assert budget(own.model_copy(update={"update_average_weights": None}), from_scratch=False).average == "off"
+    # the older boolean knob still reads: true was the EMA
+    assert (TrainParams(average_weights=True).average_weights, TrainParams(average_weights=False).average_weights) == (
+        "ema", "off")
     # at the defaults an update can stop before its cap: it waits at most patience evaluations at each
     # of decays + 1 rates past its best weights (at the bootstrap's rule: 1800 steps > 1600, never)
     default = budget(TrainParams(), from_scratch=False)
@@ -176,7 +181,7 @@ def test_a_run_that_reaches_the_last_quarter_of_its_budget_anneals_to_zero():
 def test_weight_averaging_evaluates_and_keeps_the_moving_average():
     seen = {}
 
-    def run(average: bool):
+    def run(average: str):
         torch.manual_seed(0)
         model = build_model("unet", 2, 4)
         on_eval = (lambda point, judged: seen.update({point.step: {k: v.clone() for k, v in judged.state_dict().items()},
@@ -185,13 +190,40 @@ def test_weight_averaging_evaluates_and_keeps_the_moving_average():
               validate=lambda m: 0.5, on_eval=on_eval, progress=False)
         return model
 
-    plain, averaged = run(False), run(True)
+    plain, averaged = run("off"), run("ema")
     assert seen["judged"] is not seen["raw"]  # the evaluations judge the average, not the latest step
     kept = averaged.state_dict()
     assert all(torch.isfinite(v.float()).all() for v in kept.values())
     assert not all(torch.equal(kept[k], v) for k, v in plain.state_dict().items())  # same run, other weights kept
     assert all(torch.equal(kept[k], v) for k, v in seen[10].items())  # the best: step 10's average
     assert not all(torch.equal(kept[k], v) for k, v in seen[20].items())
+
+
+def test_swa_keeps_the_uniform_average_of_every_steps_weights_from_half_the_first_evaluation():
+    """Averaging never changes the steps taken; "swa" keeps the mean of the weights after steps
+    6..20 of a 20-step run evaluated every 10 (from half the first evaluation on)."""
+    images = torch.randn(32, 3, 8, 8)
+    data = TensorDataset(images, (images[:, 0] > 0).long(), torch.ones(32, 2, dtype=torch.bool))
+
+    def run(average: str):
+        torch.manual_seed(0)
+        model, trajectory = build_model("unet", 2, 4), []
+
+        def objective(logits, *rest):  # called once per step, before it: the weights after the steps so far
+            trajectory.append({k: v.detach().clone() for k, v in model.named_parameters()})
+            return toy_objective(logits, *rest)
+
+        train(model, make_loader(data, 8, shuffle=False), objective, Budget(max_steps=20, eval_every=10, average=average),
+              lr=1e-2, progress=False)
+        return dict(model.named_parameters()), trajectory
+
+    (last, steps), (kept, same_steps) = run("off"), run("swa")
+    assert len(steps) == 20 and all(torch.equal(a[k], b[k]) for a, b in zip(steps, same_steps) for k in a)
+    after = steps[6:] + [last]  # the weights after steps 6, 7, ..., 20
+    for name, value in kept.items():
+        expected = torch.stack([w[name] for w in after]).mean(0)
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert not torch.allclose(kept["head.weight"], last["head.weight"])  # not the latest weights
 
 
 def test_a_nan_loss_stops_training():
