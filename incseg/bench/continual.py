@@ -38,7 +38,7 @@ ABLATION: dict[str, dict[str, object]] = {
     "+ weight fusion 0.3 (EWF)": {"continual.fuse_old_weight": 0.3},
     "+ frozen stem": {"continual.freeze_stem": True},
     "random new-head init": {"continual.head_init": "random"},
-    "EMA instead of SWA": {"train.average_weights": "ema", "train.update_average_weights": "ema"},
+    "EMA instead of SWA": {"train.update_average_weights": "ema"},
     "no weight averaging": {"train.update_average_weights": "off"},
 }
 
