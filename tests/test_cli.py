@@ -53,6 +53,24 @@ def test_init_scaffolds_git_and_dvc_with_a_local_remote(tmp_path):
     assert (ws / "dvc.yaml").read_text() == (repo_root / "dvc.yaml").read_text()  # one pipeline, kept in sync
 
 
+def test_the_pipeline_stages_list_every_train_knob_they_read():
+    """`dvc repro` re-runs a stage only when a param it lists changed: a knob that shapes what is
+    learned and is missing from its stage would leave a stale model looking up to date."""
+    import yaml
+
+    from incseg.config import TrainParams
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+
+    def listed(stage: str) -> set[str]:
+        return {p.split(".", 1)[1] for p in stages[stage]["params"] if isinstance(p, str) and p.startswith("train.")}
+
+    knobs = set(TrainParams.model_fields) - {"device", "num_workers", "distributed"}  # where it runs, not what it learns
+    assert {k for k in knobs if not k.startswith("update_")} - listed("bootstrap") == set()
+    assert {k for k in knobs if not k.startswith("bootstrap_")} - {"lr"} - listed("update") == set()
+    assert "data.image_size" in stages["bootstrap"]["params"] and "data.image_size" in stages["update"]["params"]
+
+
 def test_a_push_to_an_unusable_dvc_remote_fails_in_one_line_naming_the_command(tmp_path, stream_dir):
     """DVC runs in process: its failure is still one `error:` line naming the dvc command, and the
     batch is versioned locally (committed) though not pushed."""
