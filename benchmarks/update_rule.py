@@ -33,8 +33,6 @@ RULES: dict[str, dict[str, object]] = {
     "update_lr 3e-3": {"train.update_lr": 3e-3},  # an update's peak rate (the classifier still x10)
     "update_lr 3e-3 + head x3": {"train.update_lr": 3e-3, "continual.head_lr_scale": 3.0},
     "update_lr 1e-3": {"train.update_lr": 1e-3},
-    "power 2": {"train.average_power": 2.0},  # the update's average leans toward its latest steps
-    "power 6": {"train.average_power": 6.0},
 }
 
 

@@ -102,8 +102,6 @@ class TrainParams(Section):
                                            "their EMA over ~eval_every steps (ema), their uniform average (swa)")
     update_average_weights: WeightAverage | None = Field(
         "swa", description="average_weights of an update; null: average_weights (update-recipe.md section 12)")
-    average_power: float = Field(0.0, ge=0, description="swa weights the k-th averaged step about k ** this: 0 "
-                                 "the uniform mean; higher leans it toward the latest steps")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of a batch held out for early stopping")
     augment: bool = Field(True, description="random flips, and random resized crops for crop_probability of the samples")
     crop_probability: float = Field(0.5, ge=0, le=1, description="share of training samples cropped (the rest are "

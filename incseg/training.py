@@ -107,11 +107,8 @@ class Budget:
     learning rate linearly to zero at `max_steps`, so that a capped run ends on settled weights,
     not mid-stride at the peak rate. `average` says what is evaluated and kept instead of the latest
     step's weights: "ema", an exponential moving average over about the last `eval_every` steps;
-    "swa", the average of every step's weights from half the first evaluation on (stochastic weight
-    averaging; a plateau's return to the best weights returns the average to them too), uniform at
-    `average_power` 0, else with the k-th averaged step weighted about k ** `average_power` (the
-    power-function average of Karras et al. 2024, `power_average`), which leans it toward the latest steps by a
-    share of the run's length (its centre of mass at (p + 1) / (p + 2) of the steps averaged)."""
+    "swa", the uniform average of every step's weights from half the first evaluation on (stochastic
+    weight averaging; a plateau's return to the best weights returns the average to them too)."""
 
     max_steps: int
     min_steps: int = 0
@@ -122,7 +119,6 @@ class Budget:
     decay_factor: float = 0.2
     anneal: float = 0.25
     average: Literal["off", "ema", "swa"] = "off"
-    average_power: float = 0.0
     judge_from: int = 0
 
 
@@ -143,24 +139,6 @@ class LearningRate:
             return self.scale * (min(1.0, (self.total - step) / self.anneal_steps) if self.anneal_steps else 1.0)
         t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def power_average(power: float) -> Callable[[list, list, torch.Tensor], None]:
-    """An `AveragedModel` update for the power-function average (Karras et al. 2024, "Analyzing and
-    improving the training dynamics of diffusion models", eq. 3): the k-th averaged weights move the
-    average by 1 - (1 - 1/k) ** (power + 1) toward them, so that after n of them the k-th carries
-    (k ** (power + 1) - (k - 1) ** (power + 1)) / n ** (power + 1), about (power + 1) k ** power / n ** (power + 1):
-    at power 0 the uniform mean. Integer buffers (BatchNorm's batch count) take the latest value."""
-
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        if not (torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0])):
-            torch._foreach_copy_(averaged, current)
-            return
-        k = float(num_averaged) + 1
-        torch._foreach_lerp_(averaged, current, 1 - (1 - 1 / k) ** (power + 1))
-
-    return update
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -208,11 +186,8 @@ def train(
     best, best_state, waited, decays = state["best"], state["best_state"], state["waited"], state["decays"]
     averaged, average_from = None, 0
     if budget.average != "off":  # torch's averages of parameters and BatchNorm statistics
-        if budget.average == "ema":
-            how = get_ema_multi_avg_fn(1 - 1 / budget.eval_every)
-        else:  # no fn: torch's uniform (SWA) mean
-            how = power_average(budget.average_power) if budget.average_power else None
-        averaged = AveragedModel(model, multi_avg_fn=how, use_buffers=True)
+        ema = get_ema_multi_avg_fn(1 - 1 / budget.eval_every) if budget.average == "ema" else None
+        averaged = AveragedModel(model, multi_avg_fn=ema, use_buffers=True)  # no fn: the uniform (SWA) mean
         if budget.average == "swa":  # the first evaluation judges an average of steps already
             average_from = min(budget.eval_every, budget.max_steps) // 2
         if state["averaged"] is not None:
