@@ -199,6 +199,8 @@ def train(
     clock, total, seen = time.perf_counter(), 0.0, 0
     with progress_bar(progress and not dist.active()) as bar:
         task = bar.add_task(description, total=budget.max_steps, completed=step, info="")
+        # a log (a pipe, a file, torchrun's ranks) gets a line per evaluation: a bar there shows nothing until the end
+        lines = progress and dist.is_main() and (dist.active() or not bar.console.is_terminal)
         while step < budget.max_steps and not result.stopped:
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
@@ -256,7 +258,7 @@ def train(
                 parallel.train()
                 info = f"loss {point.loss:.4f}" + (f" val mIoU {score:.3f}" if score == score else "")
                 bar.update(task, info=info)
-                if progress and dist.active() and dist.is_main():  # lines: a pipe shows no bar
+                if lines:
                     print(f"{description}: step {step}/{budget.max_steps} {info} "
                           f"({seen / max(seconds, 1e-9):.0f} images/s on {dist.world_size()} ranks)", flush=True)
                 clock, total, seen = time.perf_counter(), 0.0, 0

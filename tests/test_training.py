@@ -226,6 +226,16 @@ def test_swa_keeps_the_uniform_average_of_every_steps_weights_from_half_the_firs
     assert not torch.allclose(kept["head.weight"], last["head.weight"])  # not the latest weights
 
 
+def test_a_log_gets_a_line_per_evaluation(capsys):
+    """Output that is not a terminal (a pipe, a file, a CI log) cannot show a live bar: each
+    evaluation prints one line with the step, loss and validation score instead."""
+    train(build_model("unet", 2, 4), toy_loader(), toy_objective, Budget(max_steps=20, eval_every=10), lr=1e-2,
+          validate=lambda m: 0.5, progress=True, description="bootstrap")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bootstrap: step")]
+    assert [line.split()[2] for line in lines] == ["10/20", "20/20"]
+    assert all("val mIoU 0.500" in line and "images/s" in line for line in lines)
+
+
 def test_a_nan_loss_stops_training():
     with pytest.raises(DivergenceError, match="loss became"):
         train(build_model("unet", 2, 4), toy_loader(), lambda *a: torch.tensor(float("nan"), requires_grad=True),
