@@ -1,0 +1,176 @@
+"""A look the product's generator never makes: the bootstrap at default params on it, as a user would.
+
+Writes a seeded set of its own (numpy + PIL only, nothing from `incseg.data.synthetic`): RGB images
+of SIZE px on a smooth colour field crossed by stripes and noise, holding 1-4 objects of CLASSES
+shape classes (ellipse, bar, hexagon, crescent, chevron, in that order) whose colour and texture are
+(one colour under a checker and noise) are drawn independently of the class, so only the shape tells
+them apart; objects overlap, the later
+on top. Then, in a fresh workspace under OUT, the commands a new user runs: `incseg init`,
+`incseg data add --holdout`, `incseg data add`, `incseg bootstrap` (default params but
+`train.device: cpu`), and writes OUT/result.json: the champion's metrics and the seconds it took.
+With `--stream N` the last N classes are held back from the bootstrap's batch and come one per later
+batch, in which only the new class is labelled (old classes' objects appear, as background); each
+is brought in with `incseg data add` + `incseg update`, and its verdict, reason and per-class
+holdout IoU (candidate and champion) go into result.json too.
+
+    python benchmarks/foreign_look.py OUT [--images 720] [--holdout 150] [--size 96] [--classes 5] [--seed 0]
+                                          [--stream N] [--step-images 120]
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ["ellipse", "bar", "hexagon", "crescent", "chevron"]
+
+
+def polygon(kind: str, cx: float, cy: float, r: float, angle: float, rng: np.random.Generator) -> list:
+    if kind == "ellipse":
+        a, b = r, r / rng.uniform(1.6, 2.5)
+        pts = [(a * math.cos(t), b * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)]
+    elif kind == "bar":
+        a, b = r, r / rng.uniform(3, 5)
+        pts = [(-a, -b), (a, -b), (a, b), (-a, b)]
+    elif kind == "hexagon":
+        pts = [(r * math.cos(t), r * math.sin(t)) for t in np.arange(6) * math.pi / 3]
+    elif kind == "chevron":
+        w = r * rng.uniform(0.3, 0.45)
+        pts = [(-r, -r), (-r + w, -r), (0, r - w * 1.4), (r - w, -r), (r, -r), (0, r)]
+    else:
+        raise ValueError(kind)
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    r = rng.uniform(0.12, 0.3) * size
+    cx, cy = rng.uniform(r * 0.5, size - r * 0.5, 2)
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    if kind == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+        angle, off = rng.uniform(0, 2 * math.pi), r * rng.uniform(0.45, 0.65)
+        ox, oy = cx + off * math.cos(angle), cy + off * math.sin(angle)
+        draw.ellipse([ox - r * 0.9, oy - r * 0.9, ox + r * 0.9, oy + r * 0.9], fill=0)
+    else:
+        draw.polygon(polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi), rng), fill=1)
+    return np.asarray(img, dtype=bool)
+
+
+def texture(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A colour field: a random 4x4 colour grid blown up smoothly, stripes at a random angle, noise."""
+    grid = Image.fromarray((rng.uniform(0, 1, (4, 4, 3)) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    field = np.asarray(grid, dtype=np.float32) / 255
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    t = rng.uniform(0, math.pi)
+    stripes = np.sin(2 * math.pi * rng.uniform(2, 10) * (xx * math.cos(t) + yy * math.sin(t)))
+    field = field + rng.uniform(0, 0.25) * stripes[..., None] * rng.uniform(-1, 1, 3)
+    return field + rng.normal(0, rng.uniform(0.02, 0.12), field.shape)
+
+
+def fill(size: int, rng: np.random.Generator) -> np.ndarray:
+    """An object's surface: one random colour, a checker of random period and contrast, noise."""
+    yy, xx = np.mgrid[0:size, 0:size] // rng.integers(2, 9)
+    checker = ((yy + xx) % 2)[..., None] * rng.uniform(-0.3, 0.3)
+    return rng.uniform(0, 1, 3) * (1 + checker) + rng.normal(0, rng.uniform(0.02, 0.1), (size, size, 3))
+
+
+def sample(size: int, shown: list[int], labelled: set[int], rng: np.random.Generator,
+           must: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """1-4 objects of the `shown` classes (one of them `must`, when given); pixels of a class not
+    in `labelled` stay background in the mask, as an annotator asked for one new class leaves them."""
+    image, mask = texture(size, rng), np.zeros((size, size), np.uint8)
+    count = int(rng.integers(1, 5))
+    for i in range(count):
+        k = must if must is not None and i == count - 1 else int(rng.choice(shown))
+        m = shape_mask(SHAPES[k - 1], size, rng)
+        image[m] = fill(size, rng)[m]
+        mask[m] = k if k in labelled else 0
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
+
+
+def write_set(folder: Path, n: int, size: int, shown: list[int], rng: np.random.Generator,
+              labelled: set[int] | None = None, must: int | None = None) -> None:
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i in range(n):
+        image, mask = sample(size, shown, set(shown) if labelled is None else labelled, rng, must)
+        Image.fromarray(image).save(folder / "images" / f"{i:04d}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{i:04d}.png")
+
+
+def last_update(ws: Path) -> dict:
+    """The newest update run's outcome, reason and candidate / champion holdout IoU per class."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"],
+                             max_results=1)[0]
+    return {"outcome": run.data.tags.get("outcome"), "reason": run.data.tags.get("reason"),
+            "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())
+                        if k.startswith(("candidate.", "champion."))}}
+
+
+def incseg(*args: str, cwd: Path) -> None:
+    subprocess.run([sys.executable, "-m", "incseg", *args], cwd=cwd, check=True)
+
+
+def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: int, stream: int = 0,
+         step_images: int = 120) -> dict:
+    rng = np.random.default_rng(seed)
+    data, every = out / "source", list(range(1, classes + 1))
+    base = every[:classes - stream]
+    write_set(data / "holdout", holdout, size, every, rng)
+    write_set(data / "train", images, size, base, rng)  # later classes never appear in the base batch
+    for i, new in enumerate(every[len(base):], 1):  # old classes appear, left unlabelled
+        write_set(data / f"batch-{i:02d}", step_images, size, every[:len(base) + i], rng, labelled={new}, must=new)
+    (data / "classes.yaml").write_text("".join(f"{i}: {n}\n" for i, n in enumerate(["background", *SHAPES[:classes]])))
+    ws = out / "ws"
+    incseg("init", str(ws), cwd=out)
+    params = ws / "params.yaml"
+    params.write_text(params.read_text().replace("device: auto", "device: cpu", 1))
+    incseg("data", "add", str(data / "holdout"), "--holdout", "--classes", str(data / "classes.yaml"), cwd=ws)
+    incseg("data", "add", str(data / "train"), "--batch-id", "batch-00", cwd=ws)
+    clock = time.perf_counter()
+    incseg("bootstrap", "--metrics", str(out / "metrics.json"), cwd=ws)
+    result = {"look": f"foreign_look.py --images {images} --holdout {holdout} --size {size} --classes {classes} "
+                      f"--seed {seed} --stream {stream} --step-images {step_images}",
+              "seconds": round(time.perf_counter() - clock), "metrics": json.loads((out / "metrics.json").read_text()),
+              "updates": []}
+    for i in range(1, stream + 1):
+        batch = f"batch-{i:02d}"
+        incseg("data", "add", str(data / batch), cwd=ws)
+        clock = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "incseg", "update", batch], cwd=ws)  # exit 1: rejected
+        result["updates"].append({"batch": batch, "seconds": round(time.perf_counter() - clock), **last_update(ws)})
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--images", type=int, default=720)
+    ap.add_argument("--holdout", type=int, default=150)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--classes", type=int, default=5, choices=range(1, len(SHAPES) + 1))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stream", type=int, default=0, help="the last N classes come later, one batch each, "
+                    "labelled for that class only; each is brought in with `incseg update`")
+    ap.add_argument("--step-images", type=int, default=120, help="images per later batch")
+    a = ap.parse_args()
+    if a.out.exists():
+        ap.error(f"{a.out} exists; give a new folder")
+    a.out.mkdir(parents=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if a.stream >= a.classes:
+        ap.error("--stream must leave the base batch at least one class")
+    print(json.dumps(main(a.out, a.images, a.holdout, a.size, a.classes, a.seed, a.stream, a.step_images), indent=1))
