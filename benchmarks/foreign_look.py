@@ -2,12 +2,11 @@
 
 Writes a seeded set of its own (numpy + PIL only, nothing from `incseg.data.synthetic`): RGB images
 of SIZE px on a smooth colour field crossed by stripes and noise, holding 1-4 objects of CLASSES
-shape classes (ellipse, bar, hexagon, crescent, chevron, in that order) whose colour and texture are
-(one colour under a checker and noise) are drawn independently of the class, so only the shape tells
-them apart; objects overlap, the later
-on top. Then, in a fresh workspace under OUT, the commands a new user runs: `incseg init`,
-`incseg data add --holdout`, `incseg data add`, `incseg bootstrap` (default params but
-`train.device: cpu`), and writes OUT/result.json: the champion's metrics and the seconds it took.
+shape classes (ellipse, bar, hexagon, crescent, chevron, in that order), each filled with one colour
+under a checker and noise drawn independently of the class, so only the shape tells them apart;
+objects overlap, the later on top. Then, in a fresh workspace under OUT, the commands a new user
+runs at default params: `incseg init`, `incseg data add --holdout`, `incseg data add`,
+`incseg bootstrap`, and writes OUT/result.json: the champion's metrics and the seconds it took.
 With `--stream N` the last N classes are held back from the bootstrap's batch and come one per later
 batch, in which only the new class is labelled (old classes' objects appear, as background); each
 is brought in with `incseg data add` + `incseg update`, and its verdict, reason and per-class
@@ -20,7 +19,6 @@ holdout IoU (candidate and champion) go into result.json too.
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -111,7 +109,9 @@ def last_update(ws: Path) -> dict:
     """The newest update run's outcome, reason and candidate / champion holdout IoU per class."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    from incseg.config import Workspace
+
+    client = mlflow.MlflowClient(tracking_uri=Workspace(ws).tracking_uri)
     run = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"],
                              max_results=1)[0]
     return {"outcome": run.data.tags.get("outcome"), "reason": run.data.tags.get("reason"),
@@ -135,8 +135,6 @@ def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: in
     (data / "classes.yaml").write_text("".join(f"{i}: {n}\n" for i, n in enumerate(["background", *SHAPES[:classes]])))
     ws = out / "ws"
     incseg("init", str(ws), cwd=out)
-    params = ws / "params.yaml"
-    params.write_text(params.read_text().replace("device: auto", "device: cpu", 1))
     incseg("data", "add", str(data / "holdout"), "--holdout", "--classes", str(data / "classes.yaml"), cwd=ws)
     incseg("data", "add", str(data / "train"), "--batch-id", "batch-00", cwd=ws)
     clock = time.perf_counter()
@@ -170,7 +168,6 @@ if __name__ == "__main__":
     if a.out.exists():
         ap.error(f"{a.out} exists; give a new folder")
     a.out.mkdir(parents=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if a.stream >= a.classes:
         ap.error("--stream must leave the base batch at least one class")
     print(json.dumps(main(a.out, a.images, a.holdout, a.size, a.classes, a.seed, a.stream, a.step_images), indent=1))
