@@ -480,9 +480,11 @@ def predict(
     ws = workspace(ctx)
     reg = ModelRegistry(ws)
     loaded = reg.load(reg.resolve(version, alias), ws.runs_dir / "models")
-    size = ws.params.data.image_size
-    console.print(f"model '{reg.name}' version {loaded.version}, {len(loaded.classes)} classes, tiles of {size} px")
-    report = predict_folder(loaded.model, images, out, size, with_overlay=with_overlay,
+    seen = f" from {loaded.native_size[0]} x {loaded.native_size[1]} px images" if loaded.native_size else ""
+    console.print(f"model '{reg.name}' version {loaded.version}, {len(loaded.classes)} classes, "
+                  f"trained at {loaded.image_size} px{seen}")
+    report = predict_folder(loaded.model, images, out, loaded.image_size, native=loaded.native_size,
+                            with_overlay=with_overlay,
                             device=resolve_device(ws.params.train.device),
                             progress=lambda files: track(files, description="segmenting", console=console))
     for name, why in report.skipped.items():

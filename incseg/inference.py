@@ -1,9 +1,11 @@
 """Segmenting images with a trained model: at their own size, as palette PNGs and overlays.
 
-An image no larger than the training size is resized to it and the logits resized back; a
-larger one is covered by overlapping training-size tiles whose logits are averaged (sliding
-window), so objects keep the scale the model learned. `predict_folder` never stops on a bad
-file: it reports it and goes on.
+An image is first scaled as training scaled its images (training size / the size of the data it
+was trained on, both in the checkpoint), so objects keep the scale the model learned: an image of
+the training data's own size is then resized to the training size and the logits resized back,
+exactly as evaluation judged the holdout; a larger one is covered by overlapping training-size
+tiles whose logits are averaged (sliding window). `predict_folder` never stops on a bad file: it
+reports it and goes on.
 """
 
 from __future__ import annotations
@@ -31,16 +33,22 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def logits_at_own_size(model: nn.Module, rgb: np.ndarray, size: int, device: torch.device,
-                       overlap: float = 0.25) -> torch.Tensor:
-    """Class logits (C x H x W) for the whole image at its own resolution."""
+                       native: tuple[int, int] | None = None, overlap: float = 0.25) -> torch.Tensor:
+    """Class logits (C x H x W) for the whole image at its own resolution. `native` is the (height,
+    width) of the images the model was trained on (None: the training size); the image is scaled by
+    size / native first, as training scaled those."""
     model.eval()
     x = normalize(rgb)[None].to(device)
     h, w = x.shape[-2:]
-    if h <= size and w <= size:
+    nh, nw = native or (size, size)
+    sh, sw = max(1, round(h * size / nh)), max(1, round(w * size / nw))
+    if sh <= size and sw <= size:
         out = model(nn.functional.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False))
         return nn.functional.interpolate(out, (h, w), mode="bilinear", align_corners=False)[0].cpu()
-    ph, pw = max(0, size - h), max(0, size - w)  # a thin, long image: pad the short side up to a tile
-    x = nn.functional.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+    if (sh, sw) != (h, w):
+        x = nn.functional.interpolate(x, (sh, sw), mode="bilinear", antialias=True, align_corners=False)
+    ph, pw = max(0, size - sh), max(0, size - sw)  # a thin, long image: pad the short side up to a tile
+    x = nn.functional.pad(x, (0, pw, 0, ph), mode="reflect" if ph < sh and pw < sw else "replicate")
     stride = max(1, int(size * (1 - overlap)))
     total, count = None, torch.zeros(1, 1, *x.shape[-2:], device=device)
     for top in _starts(x.shape[-2], size, stride):
@@ -50,12 +58,16 @@ def logits_at_own_size(model: nn.Module, rgb: np.ndarray, size: int, device: tor
                 total = torch.zeros(1, out.shape[1], *x.shape[-2:], device=device)
             total[..., top:top + size, left:left + size] += out
             count[..., top:top + size, left:left + size] += 1
-    return (total / count)[0, :, :h, :w].cpu()
+    out = (total / count)[..., :sh, :sw]
+    if (sh, sw) != (h, w):
+        out = nn.functional.interpolate(out, (h, w), mode="bilinear", align_corners=False)
+    return out[0].cpu()
 
 
-def segment(model: nn.Module, rgb: np.ndarray, size: int, device: torch.device | None = None) -> np.ndarray:
-    """The label-id mask (H x W, uint8) of one RGB image."""
-    return logits_at_own_size(model, rgb, size, device or torch.device("cpu")).argmax(0).numpy().astype(np.uint8)
+def segment(model: nn.Module, rgb: np.ndarray, size: int, device: torch.device | None = None,
+            native: tuple[int, int] | None = None) -> np.ndarray:
+    """The label-id mask (H x W, uint8) of one RGB image (`native`: as in `logits_at_own_size`)."""
+    return logits_at_own_size(model, rgb, size, device or torch.device("cpu"), native).argmax(0).numpy().astype(np.uint8)
 
 
 def palette() -> list[int]:
@@ -102,10 +114,11 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, with_overlay: bool = False,
-                   device: torch.device | None = None, progress: Iterator | None = None) -> PredictReport:
+def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, native: tuple[int, int] | None = None,
+                   with_overlay: bool = False, device: torch.device | None = None,
+                   progress: Iterator | None = None) -> PredictReport:
     """Write `out/<stem>.png` (palette mask) and, with `with_overlay`, `out/<stem>_overlay.png` for
-    every image of `src`; unreadable images are listed in the report and in `out/report.json`."""
+    every image of `src` (`size`, `native`: as in `logits_at_own_size`); unreadable images are listed in the report and in `out/report.json`."""
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
     files = image_files(src)
@@ -115,7 +128,7 @@ def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, with_ov
         except DataError as err:
             report.skipped[path.name] = str(err)
             continue
-        mask = segment(model, rgb, size, device)
+        mask = segment(model, rgb, size, device, native)
         mask_image(mask).save(out / f"{path.stem}.png")
         if with_overlay:
             overlay(rgb, mask).save(out / f"{path.stem}_overlay.png")

@@ -191,3 +191,10 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[int, str], dict[str, An
     model.load_state_dict(ckpt["state_dict"])
     return model, classes, ckpt
 
+
+def trained_scale(ckpt: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
+    """(training size, (height, width) of the images it was set against or None) of a registered
+    model's checkpoint; 64 and None for checkpoints from before they were recorded."""
+    native = ckpt.get("native_size")
+    return int(ckpt.get("image_size", 64)), (int(native[0]), int(native[1])) if native else None
+

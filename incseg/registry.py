@@ -73,6 +73,8 @@ class LoadedModel:
     classes: dict[int, str]
     memory: ExemplarMemory
     run_id: str
+    image_size: int  # what it was trained and judged at, and the (height, width) of the holdout images
+    native_size: tuple[int, int] | None  # that size was set against (None: checkpoints from before)
 
 
 def who() -> str:
@@ -298,8 +300,10 @@ class ModelRegistry:
                                        run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
 
     def log_model(self, run_id: str, model: nn.Module, classes: dict[int, str], memory: ExemplarMemory,
-                  image_size: int) -> str:
-        """Log the plain checkpoint, the memory, and the pyfunc (images in, label masks out)."""
+                  image_size: int, native_size: tuple[int, int] | None) -> str:
+        """Log the plain checkpoint (with the training size and the holdout images' (height, width), so
+        that prediction scales images as training did), the memory, and the pyfunc (images in, label
+        masks out)."""
         import torch
 
         import incseg
@@ -307,7 +311,8 @@ class ModelRegistry:
         from incseg.serving import CHECKPOINT_ARTIFACT
 
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = save_checkpoint(Path(tmp) / "model.pt", model.cpu().eval(), classes, image_size=image_size)
+            ckpt = save_checkpoint(Path(tmp) / "model.pt", model.cpu().eval(), classes, image_size=image_size,
+                                   native_size=list(native_size) if native_size else None)
             self.client.log_artifact(run_id, str(ckpt), "checkpoint")
             if memory.root is not None and memory.items:
                 self.client.log_artifacts(run_id, str(memory.root), MEMORY)
@@ -419,21 +424,21 @@ class ModelRegistry:
     def load(self, mv: ModelVersion, scratch: Path) -> LoadedModel:
         """The version's model (from the plain checkpoint) and its exemplar memory."""
         from incseg.continual.memory import ExemplarMemory
-        from incseg.models import load_checkpoint
+        from incseg.models import load_checkpoint, trained_scale
 
         run_id = mv.tags.get("run_id") or mv.run_id
         dst = scratch / f"v{mv.version}"
         dst.mkdir(parents=True, exist_ok=True)
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT, dst_path=str(dst),
                                                    tracking_uri=self.uri)
-        model, classes, _ = load_checkpoint(Path(path))
+        model, classes, ckpt = load_checkpoint(Path(path))
         try:
             mem = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MEMORY, dst_path=str(dst),
                                                       tracking_uri=self.uri)
             memory = ExemplarMemory.load(Path(mem))
         except (MlflowException, OSError):
             memory = ExemplarMemory.empty()
-        return LoadedModel(str(mv.version), model, classes, memory, run_id)
+        return LoadedModel(str(mv.version), model, classes, memory, run_id, *trained_scale(ckpt))
 
     def log_onnx(self, loaded: LoadedModel, path: Path, check) -> None:
         """An ONNX export that agreed with PyTorch (`export.OnnxCheck`): logged to the version's run

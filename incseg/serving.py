@@ -61,10 +61,10 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     """Loads the plain checkpoint (pickle-free) and returns one label mask per image."""
 
     def load_context(self, context) -> None:
-        from incseg.models import load_checkpoint
+        from incseg.models import load_checkpoint, trained_scale
 
         self.model, self.classes, ckpt = load_checkpoint(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
-        self.size = int(ckpt.get("image_size", 64))
+        self.size, self.native = trained_scale(ckpt)
         self.model.eval()
 
     # The inputs above (a DataFrame of base64 files, or arrays) fit no one MLflow type hint, and
@@ -75,4 +75,4 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         from incseg.inference import segment
 
-        return [segment(self.model, rgb, self.size).tolist() for rgb in decode_images(model_input)]
+        return [segment(self.model, rgb, self.size, native=self.native).tolist() for rgb in decode_images(model_input)]

@@ -104,7 +104,8 @@ def close_orphaned_runs(ws: Workspace) -> list[str]:
 def register_candidate(ws: Workspace, run_id: str, model, memory, batch: Batch, parent: str | None) -> str:
     """Log the model, its checkpoint and memory, and register it as a pending `challenger`."""
     reg = ModelRegistry(ws)
-    uri = reg.log_model(run_id, model, pipeline.class_names(ws, model), memory, ws.params.data.image_size)
+    uri = reg.log_model(run_id, model, pipeline.class_names(ws, model), memory, ws.params.data.image_size,
+                        ws.holdout_shape())
     return str(reg.register(run_id, uri, lineage_tags(batch.batch_id, batch.root, batch.classes, parent)).version)
 
 

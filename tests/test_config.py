@@ -31,3 +31,28 @@ def test_relative_paths_resolve_in_the_workspace(tmp_path, monkeypatch):
     assert ws.registry_dir == tmp_path.resolve() / "data" / "registry"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert ws.tracking_uri == "http://127.0.0.1:5000" and ws.artifact_location is None
+
+
+def test_auto_image_size_follows_the_holdout_images(tmp_path):
+    """`data.image_size: auto` (the default) is the holdout images' shorter side in steps of 16 within
+    64-96; 64 while there is no holdout, not kept; a number is kept as it is."""
+    from PIL import Image
+
+    ws = Workspace(tmp_path)
+    assert ws.params.data.image_size == 64 and ws.holdout_shape() is None
+    images = ws.holdout_dir / "images"
+    images.mkdir(parents=True)
+    for i, (w, h) in enumerate([(128, 96), (130, 100), (120, 90)]):
+        Image.new("RGB", (w, h)).save(images / f"{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    assert ws.holdout_shape() == (96, 128) and ws.params.data.image_size == 96
+    for (w, h), size in [((500, 375), 96), ((80, 80), 80), ((48, 48), 64)]:
+        other = Workspace(tmp_path / f"{w}")
+        (other.holdout_dir / "images").mkdir(parents=True)
+        Image.new("RGB", (w, h)).save(other.holdout_dir / "images" / "a.png")
+        assert other.params.data.image_size == size, (w, h)
+    fixed = Workspace(tmp_path, Params.model_validate({"data": {"image_size": 48}}))
+    assert fixed.params.data.image_size == 48
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"image_size": 8}}))
+    with pytest.raises(ConfigError, match=r"data\.image_size"):
+        load_params(tmp_path / "params.yaml")

@@ -9,12 +9,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import fault_params, free_port, make_workspace, wait_http
 from incseg import processes
 from incseg.cli import app
+from incseg.data.dataset import eval_transforms
 from incseg.data.layout import find_pairs, read_image, read_mask
 from incseg.inference import segment
 from incseg.registry import ModelRegistry
@@ -69,6 +71,33 @@ def test_predict_writes_palette_masks_at_each_images_size_and_skips_bad_files(ch
     assert (np.asarray(Image.open(out / "mosaic.png")) == alone).mean() > 0.9
     truth = read_mask(pairs[0].mask)
     assert (np.asarray(Image.open(out / f"{pairs[0].stem}.png")) == truth).mean() > 0.7
+
+
+def test_prediction_scales_an_image_as_training_scaled_the_data(champion):
+    """The version records its training size and the holdout images' size; an image is scaled by
+    their ratio first. Here the 32 px model is told its data were 48 px: an image of 48 px is then
+    resized whole (as evaluation resizes the holdout) and a 96 px mosaic of four is tiled at that
+    scale, each quarter segmented as its image alone."""
+    ws, loaded = champion
+    assert (loaded.image_size, loaded.native_size) == (ws.params.data.image_size, ws.holdout_shape()) == (32, (32, 32))
+    size, native = loaded.image_size, (48, 48)
+    pairs = holdout_with_objects(ws, 4)
+
+    def up(a, resample=Image.BILINEAR):
+        return np.asarray(Image.fromarray(a).resize(native[::-1], resample))
+
+    images = [up(read_image(p.image)) for p in pairs]
+    judge = eval_transforms(size)
+    for image in images:
+        mask = segment(loaded.model, image, size, native=native)
+        x, _ = judge(image, np.zeros(native, np.uint8))  # what the gate's evaluation feeds the model
+        with torch.no_grad():
+            logits = torch.nn.functional.interpolate(loaded.model.eval()(x[None]), native, mode="bilinear")
+        assert mask.shape == native and (mask == logits[0].argmax(0).numpy()).mean() > 0.99
+    mosaic = np.concatenate([np.concatenate(images[:2], axis=1), np.concatenate(images[2:], axis=1)], axis=0)
+    alone = [segment(loaded.model, image, size, native=native) for image in images]
+    alone = np.concatenate([np.concatenate(alone[:2], axis=1), np.concatenate(alone[2:], axis=1)], axis=0)
+    assert (segment(loaded.model, mosaic, size, native=native) == alone).mean() > 0.9
 
 
 def test_mlflow_models_serve_answers_an_image_with_its_mask(champion, tmp_path):
