@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -115,6 +116,47 @@ def record_latency(ws: Workspace, run_id: str, event_time: str, started: float) 
     return ModelRegistry(ws).record_latency(run_id, event_time, started)
 
 
+def api_database() -> Path | None:
+    """The SQLite file a Prefect server started here (the ephemeral API's, `prefect server start`'s)
+    keeps its state in; None when PREFECT_API_URL names a server or the database is not SQLite."""
+    from prefect.settings import get_current_settings
+
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    url = get_current_settings().server.database.connection_url.get_secret_value()
+    prefix = url.split(":///", 1)
+    return Path(prefix[1]) if url.startswith("sqlite") and len(prefix) == 2 and prefix[1] != ":memory:" else None
+
+
+@contextmanager
+def api_database_lock(timeout: float = 600):
+    """Yields True when the API database does not exist yet, holding a file lock beside it until the
+    block ends; False when it exists (or is not a local SQLite file), at once. A Prefect server
+    migrates its database as it starts, with no lock between processes: two commands started together
+    on a machine without one raced on creating it (`index ... already exists`) and one failed. Whoever
+    starts a server under this lock lets the others find the database made."""
+    from filelock import FileLock
+
+    db = api_database()
+    if db is None:
+        yield False
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.incseg-lock", timeout=timeout):
+        yield not db.exists()
+
+
+def start_ephemeral_api() -> None:
+    """Where this process will use Prefect's ephemeral API and its database is new, start the API now
+    under `api_database_lock` (it is kept for the process's flows, as Prefect would have started it);
+    otherwise nothing: Prefect starts it on first use as before."""
+    with api_database_lock() as creating:
+        if creating:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+
+
 @contextmanager
 def prefect_api(port: int = 4200):
     """The configured Prefect API (PREFECT_API_URL), or a local `prefect server` started for the
@@ -125,9 +167,11 @@ def prefect_api(port: int = 4200):
     url = f"http://127.0.0.1:{port}/api"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     # in our process group: whatever ends `incseg serve` (Ctrl-C, a group kill) ends its server too
-    with processes.running(command, grace=20, own_group=False, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.STDOUT) as server:
-        _wait_healthy(url, server)
+    with ExitStack() as stack:
+        with api_database_lock():  # held until the server is up: it migrates its database as it starts
+            server = stack.enter_context(processes.running(command, grace=20, own_group=False,
+                                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+            _wait_healthy(url, server)
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: url}):

@@ -194,7 +194,7 @@ def watch(
     metrics: Annotated[Optional[Path], typer.Option(help="Write the champion's metrics here (for DVC).")] = None,
 ) -> None:
     """Update on every new data version in the registry now (what the schedule runs)."""
-    quiet_prefect()
+    flows_ready()
     from flows.watch import watch_registry
     from incseg.registry import ModelRegistry
 
@@ -287,6 +287,16 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
+def flows_ready() -> None:
+    """Before a command runs flows: Prefect's output quieted, and on a machine without a Prefect
+    database yet the ephemeral API started under a file lock (`flows.watch.start_ephemeral_api`), so
+    that commands started together do not race on creating it."""
+    quiet_prefect()
+    from flows.watch import start_ephemeral_api
+
+    start_ephemeral_api()
+
+
 def quiet_prefect() -> None:
     """Prefect's INFO lines and MLflow's download bars would drown the CLI's output; warnings still
     show, as one line each: the failure itself is reported by the CLI (INCSEG_DEBUG=1 keeps tracebacks)."""
@@ -327,7 +337,7 @@ def bootstrap(
     metrics: Annotated[Optional[Path], typer.Option(help="Write the champion's metrics here (for DVC).")] = None,
 ) -> None:
     """Train the first model on one batch; register it as a version with alias `champion`."""
-    quiet_prefect()
+    flows_ready()
     from flows.update import bootstrap as bootstrap_flow
     from incseg.registry import ModelRegistry
 
@@ -350,7 +360,7 @@ def bootstrap(
 @app.command("update")
 def update_cmd(ctx: typer.Context, batch_id: Annotated[str, typer.Argument(help="Batch id in data/registry/.")]) -> None:
     """Run the incremental update flow on one batch: validate, train, judge, promote or keep."""
-    quiet_prefect()
+    flows_ready()
     from flows.update import incremental_update
 
     ws = workspace(ctx)
@@ -511,7 +521,8 @@ def export(
     ws = workspace(ctx)
     reg = ModelRegistry(ws)
     loaded = reg.load(reg.resolve(version), ws.runs_dir / "models")
-    path, check = export_checked(ws, loaded.model, loaded.classes, ws.path(out) / f"{reg.name}-v{loaded.version}.onnx")
+    path, check = export_checked(ws, loaded.model, loaded.classes, ws.path(out) / f"{reg.name}-v{loaded.version}.onnx",
+                                 loaded.image_size)
     if check.ok:
         reg.log_onnx(loaded, path, check)
     console.print(f"{path}: argmax agreement {check.agreement:.4%} on {check.pixels} holdout pixels, "
@@ -680,7 +691,7 @@ def demo(
 ) -> None:
     """The whole loop on synthetic data: batches arrive through DVC, the watcher updates on each,
     a poisoned batch is rejected. The demo workspace trains on 48 px images with short budgets."""
-    quiet_prefect()
+    flows_ready()
     from flows.watch import watch_registry
     from incseg.data.synthetic import poison_batch, synthesize
     from incseg.datastore import add_data, init_workspace

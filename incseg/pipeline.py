@@ -126,11 +126,12 @@ def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:
     return {c: names.get(c, str(c)) for c in range(num_classes(model))}
 
 
-def holdout_set(ws: Workspace, n_classes: int) -> SegmentationFolder:
+def holdout_set(ws: Workspace, n_classes: int, size: int | None = None) -> SegmentationFolder:
+    """The holdout at `size` (default: `data.image_size`)."""
     pairs = find_pairs(ws.holdout_dir)
     if not pairs:
         raise DataError(f"{ws.holdout_dir}: the holdout is empty (run `incseg data synth` or `incseg data add --holdout`)")
-    return SegmentationFolder(pairs, eval_transforms(ws.params.data.image_size), n_classes)
+    return SegmentationFolder(pairs, eval_transforms(size or ws.params.data.image_size), n_classes)
 
 
 def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None = None,
@@ -349,11 +350,12 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
     return Judgement(decision, reports["candidate"], reports["champion"], cms)
 
 
-def export_checked(ws: Workspace, model: nn.Module, classes: dict[int, str], out: Path):
-    """The model as an ONNX file, checked against PyTorch on the holdout: (path, `export.OnnxCheck`)."""
+def export_checked(ws: Workspace, model: nn.Module, classes: dict[int, str], out: Path, size: int):
+    """The model (trained at `size`) as an ONNX file, checked against PyTorch on the holdout at that
+    size: (path, `export.OnnxCheck`)."""
     from incseg.export import check_onnx, export_onnx
 
-    path = export_onnx(model, out, ws.params.data.image_size, classes)
-    holdout = holdout_set(ws, len(read_classes(ws.classes_file)))
+    path = export_onnx(model, out, size, classes)
+    holdout = holdout_set(ws, len(read_classes(ws.classes_file)), size)
     loader = make_loader(holdout, ws.params.eval.batch_size, shuffle=False)
     return path, check_onnx(path, model, (x for x, _, _ in loader))

@@ -1,7 +1,9 @@
-"""A shared tracking server for real: the update flows against an `mlflow server` over HTTP."""
+"""Servers for real: the update flows against an `mlflow server` over HTTP; Prefect's own API
+database created once when commands start together on a machine without one."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -53,3 +55,26 @@ def test_update_runs_against_an_mlflow_tracking_server(tmp_path, mlflow_server, 
     served = {p.name for p in (store / "artifacts").rglob("*") if p.is_file()}
     assert {"model.pt", "decision.json", "report.json"} <= served
     assert ModelRegistry(ws).uri == url
+
+
+def test_commands_started_together_on_a_new_machine_share_one_prefect_database(tmp_path):
+    """A Prefect server migrates its database as it starts, with no lock between processes: two
+    commands started together on a machine without one raced on creating it and one failed. Both
+    processes here start with the same empty PREFECT_HOME; `start_ephemeral_api` lets one create it
+    under a file lock and the other find it made; both get a healthy API of their own."""
+    home = tmp_path / "prefect"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "INCSEG_TEST_PREFECT_API")}
+    env["PREFECT_HOME"] = str(home)
+    code = ("from flows.watch import start_ephemeral_api; start_ephemeral_api()\n"
+            "from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as client:\n"
+            "    assert client.api_healthcheck() is None, 'unhealthy'\n"
+            "    print('flows', len(client.read_flows()))\n")
+    logs = [tmp_path / f"{i}.log" for i in range(2)]
+    with logs[0].open("w") as a, logs[1].open("w") as b, \
+            processes.running([sys.executable, "-c", code], env=env, stdout=a, stderr=subprocess.STDOUT) as first, \
+            processes.running([sys.executable, "-c", code], env=env, stdout=b, stderr=subprocess.STDOUT) as second:
+        codes = [first.wait(timeout=300), second.wait(timeout=300)]
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs
+    assert all("flows 0" in out for out in outputs) and (home / "prefect.db").stat().st_size > 0
