@@ -23,8 +23,9 @@ class Section(BaseModel):
 class DataParams(Section):
     root: str = "data"
     image_size: Annotated[int, Field(ge=16)] | Literal["auto"] = Field(
-        "auto", description="side of the square images are resized to for training and evaluation; auto: the "
-                            "holdout images' own shorter side in steps of 16, at least 64 and at most 96 (`auto_image_size`)")
+        "auto", description="side of the square images are resized to for training and evaluation; auto: "
+                            "the holdout images' own shorter side in steps of 16, at least 64 and at most 96 "
+                            "(`auto_image_size`)")
     pull: bool = Field(True, description="before each watch, bring the registry up to date from the workspace's "
                                          "git upstream and DVC remote (`git pull --ff-only`, `dvc pull`)")
 

@@ -118,7 +118,8 @@ def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, native:
                    with_overlay: bool = False, device: torch.device | None = None,
                    progress: Iterator | None = None) -> PredictReport:
     """Write `out/<stem>.png` (palette mask) and, with `with_overlay`, `out/<stem>_overlay.png` for
-    every image of `src` (`size`, `native`: as in `logits_at_own_size`); unreadable images are listed in the report and in `out/report.json`."""
+    every image of `src` (`size`, `native`: as in `logits_at_own_size`); unreadable images are listed
+    in the report and in `out/report.json`."""
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
     files = image_files(src)

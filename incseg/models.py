@@ -197,4 +197,3 @@ def trained_scale(ckpt: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
     model's checkpoint; 64 and None for checkpoints from before they were recorded."""
     native = ckpt.get("native_size")
     return int(ckpt.get("image_size", 64)), (int(native[0]), int(native[1])) if native else None
-
