@@ -217,7 +217,8 @@ def train_base(
         model, loader, make_objective("naive", p.train, p.continual, None), budget(p.train, from_scratch=True),
         lr=p.train.lr, weight_decay=p.train.weight_decay, device=device,
         validate=validation_score([(held, list(range(n)))], p, n, device),
-        checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress, description=f"bootstrap {batch.batch_id}",
+        checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress,
+        description=f"bootstrap {batch.batch_id} at {p.data.image_size} px",
     )
     return model.cpu(), result
 
@@ -267,7 +268,7 @@ def train_candidate(
             device=device, param_groups=param_groups(student, p.train.update_lr, p.continual.head_lr_scale),
             validate=validation_score(checks, p, n, device),
             checkpoint_path=checkpoint_path, on_eval=on_eval, progress=progress,
-            description=f"update {batch.batch_id} ({strategy})",
+            description=f"update {batch.batch_id} ({strategy}) at {p.data.image_size} px",
         )
     student = fuse_weights(student.cpu(), champion, p.continual.fuse_old_weight)
     for param in student.parameters():
