@@ -150,7 +150,12 @@ def data_add(
     dst, info, h = add_data(ws, src, batch_id, holdout=holdout, force=force, layout=layout, split=split,
                             classes=classes)
     console.print(f"{dst.name}: {len(list((dst / 'masks').iterdir()))} pairs, classes {info.classes}, DVC {h}")
-    if not holdout:
+    if holdout:  # a fresh look: the size `auto` stands for follows the new holdout
+        fresh = Workspace(ws.root)
+        shape = fresh.holdout_shape()
+        console.print(f"holdout images {shape[0]} x {shape[1]} px (median): models train at "
+                      f"{fresh.params.data.image_size} px (data.image_size)" if shape else "the holdout has no readable images")
+    else:
         announce(ws, [dst.name], required=False)
 
 

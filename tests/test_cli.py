@@ -86,6 +86,24 @@ def test_a_push_to_an_unusable_dvc_remote_fails_in_one_line_naming_the_command(t
     assert "data: add batch batch-00" in log
 
 
+def test_adding_a_holdout_says_the_training_size_auto_chose(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "holdout"
+    for sub in ("images", "masks"):
+        (src / sub).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(src / "images" / f"{i}.png")
+        Image.fromarray(np.zeros((90, 120), np.uint8)).save(src / "masks" / f"{i}.png")
+    (tmp_path / "classes.yaml").write_text("0: background\n1: thing\n")
+    assert runner.invoke(app, ["init", str(tmp_path / "ws")]).exit_code == 0
+    result = runner.invoke(app, ["-C", str(tmp_path / "ws"), "data", "add", str(src), "--holdout",
+                                 "--classes", str(tmp_path / "classes.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "holdout images 90 x 120 px (median): models train at 96 px" in result.output, result.output
+
+
 def test_data_synth_writes_the_layout(tmp_path):
     (tmp_path / "params.yaml").write_text("synth: {size: 24, base_images: 2, step_images: 2, holdout_per_class: 1}\n")
     result = runner.invoke(app, ["-C", str(tmp_path), "data", "synth"])
