@@ -154,7 +154,8 @@ def data_add(
         fresh = Workspace(ws.root)
         shape = fresh.holdout_shape()
         console.print(f"holdout images {shape[0]} x {shape[1]} px (median): models train at "
-                      f"{fresh.params.data.image_size} px (data.image_size)" if shape else "the holdout has no readable images")
+                      f"{fresh.params.data.image_size} px (data.image_size)"
+                      if shape else "the holdout has no readable images")
     else:
         announce(ws, [dst.name], required=False)
 

@@ -73,8 +73,8 @@ class LoadedModel:
     classes: dict[int, str]
     memory: ExemplarMemory
     run_id: str
-    image_size: int  # what it was trained and judged at, and the (height, width) of the holdout images
-    native_size: tuple[int, int] | None  # that size was set against (None: checkpoints from before)
+    image_size: int  # the size it was trained and judged at
+    native_size: tuple[int, int] | None  # the holdout images' (height, width) then (None: older checkpoints)
 
 
 def who() -> str:
