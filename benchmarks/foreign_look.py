@@ -13,7 +13,10 @@ is brought in with `incseg data add` + `incseg update`, and its verdict, reason 
 holdout IoU (candidate and champion) go into result.json too.
 
     python benchmarks/foreign_look.py OUT [--images 720] [--holdout 150] [--size 96] [--classes 5] [--seed 0]
-                                          [--stream N] [--step-images 120]
+                                          [--stream N] [--step-images 120] [--set SECTION.KEY=VALUE ...]
+
+`--set` changes the workspace's params.yaml after `init` (YAML values: `--set train.update_max_steps=3200`),
+for a probe of one knob on this look; the result records what was set.
 """
 
 import argparse
@@ -123,8 +126,24 @@ def incseg(*args: str, cwd: Path) -> None:
     subprocess.run([sys.executable, "-m", "incseg", *args], cwd=cwd, check=True)
 
 
+def set_params(params_file: Path, changes: dict[str, object]) -> None:
+    """Write `changes` ({"section.key": value}) into the workspace's params file (its comments go)."""
+    import yaml
+
+    params = yaml.safe_load(params_file.read_text())
+    for dotted, value in changes.items():
+        *sections, key = dotted.split(".")
+        node = params
+        for section in sections:
+            node = node[section]
+        if key not in node:
+            raise SystemExit(f"--set {dotted}: {params_file} has no key {key!r} there")
+        node[key] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: int, stream: int = 0,
-         step_images: int = 120) -> dict:
+         step_images: int = 120, changes: dict[str, object] | None = None) -> dict:
     rng = np.random.default_rng(seed)
     data, every = out / "source", list(range(1, classes + 1))
     base = every[:classes - stream]
@@ -135,6 +154,8 @@ def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: in
     (data / "classes.yaml").write_text("".join(f"{i}: {n}\n" for i, n in enumerate(["background", *SHAPES[:classes]])))
     ws = out / "ws"
     incseg("init", str(ws), cwd=out)
+    if changes:
+        set_params(ws / "params.yaml", changes)
     incseg("data", "add", str(data / "holdout"), "--holdout", "--classes", str(data / "classes.yaml"), cwd=ws)
     incseg("data", "add", str(data / "train"), "--batch-id", "batch-00", cwd=ws)
     clock = time.perf_counter()
@@ -142,7 +163,7 @@ def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: in
     result = {"look": f"foreign_look.py --images {images} --holdout {holdout} --size {size} --classes {classes} "
                       f"--seed {seed} --stream {stream} --step-images {step_images}",
               "seconds": round(time.perf_counter() - clock), "metrics": json.loads((out / "metrics.json").read_text()),
-              "updates": []}
+              "set": changes or {}, "updates": []}
     for i in range(1, stream + 1):
         batch = f"batch-{i:02d}"
         incseg("data", "add", str(data / batch), cwd=ws)
@@ -164,10 +185,19 @@ if __name__ == "__main__":
     ap.add_argument("--stream", type=int, default=0, help="the last N classes come later, one batch each, "
                     "labelled for that class only; each is brought in with `incseg update`")
     ap.add_argument("--step-images", type=int, default=120, help="images per later batch")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change the workspace's params.yaml after init (repeatable; the value is YAML)")
     a = ap.parse_args()
+    import yaml
+
+    bad = [c for c in a.set if "=" not in c]
+    if bad:
+        ap.error(f"--set wants SECTION.KEY=VALUE, got {bad[0]!r}")
+    changes = {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in a.set)}
     if a.out.exists():
         ap.error(f"{a.out} exists; give a new folder")
     a.out.mkdir(parents=True)
     if a.stream >= a.classes:
         ap.error("--stream must leave the base batch at least one class")
-    print(json.dumps(main(a.out, a.images, a.holdout, a.size, a.classes, a.seed, a.stream, a.step_images), indent=1))
+    print(json.dumps(main(a.out, a.images, a.holdout, a.size, a.classes, a.seed, a.stream, a.step_images, changes),
+                     indent=1))

@@ -26,6 +26,7 @@ RULES: dict[str, dict[str, object]] = {
     "shared rule (before)": {"train.update_eval_every": None, "train.update_lr_decays": None},
     "update rule (default)": {},
     "update rule + cap 800": {"train.update_max_steps": 800},
+    "update rule + cap 3200": {"train.update_max_steps": 3200},  # does a new class still rising at 1600 gain?
     "constant LR": {"train.patience": 10**6, "train.anneal_fraction": 0.0},  # never stops: the trajectory
     "memory scored": {"continual.memory_val_fraction": 0.25},  # early stop also sees held-back exemplars
     "head x1": {"continual.head_lr_scale": 1.0},  # the classifier at the backbone's learning rate
