@@ -528,7 +528,7 @@ def export(
     reg = ModelRegistry(ws)
     loaded = reg.load(reg.resolve(version), ws.runs_dir / "models")
     path, check = export_checked(ws, loaded.model, loaded.classes, ws.path(out) / f"{reg.name}-v{loaded.version}.onnx",
-                                 loaded.image_size)
+                                 loaded.image_size, loaded.native_size)
     if check.ok:
         reg.log_onnx(loaded, path, check)
     console.print(f"{path}: argmax agreement {check.agreement:.4%} on {check.pixels} holdout pixels, "

@@ -2,7 +2,12 @@
 
 The graph takes `image` (N x 3 x H x W, normalised as in training; batch and spatial size
 dynamic) and returns `logits` (N x C x H x W). The class list travels in the ONNX metadata
-(`classes`, JSON) and beside the file as `classes.json`.
+(`classes`, JSON) and beside the file as `classes.json`; so do `image_size` (the square side the
+model was trained and judged at), `native_size` (JSON [height, width] of the holdout images it was
+set against, when known) and `taught` (JSON: the class ids some batch taught it; other rows were
+never trained). `incseg predict` scales an image's height by image_size / native height and its
+width by image_size / native width, as training did; what then fits in image_size is resized whole
+to image_size x image_size, anything larger is tiled (`inference.logits_at_own_size`).
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ class OnnxCheck:
         return self.agreement >= MIN_AGREEMENT
 
 
-def export_onnx(model: nn.Module, path: Path, size: int, classes: dict[int, str]) -> Path:
+def export_onnx(model: nn.Module, path: Path, size: int, classes: dict[int, str],
+                native_size: tuple[int, int] | None = None) -> Path:
     """Write the model as ONNX with dynamic batch, height and width."""
     import onnx
     from torch.export import Dim
+
+    from incseg.models import taught_classes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
@@ -41,8 +49,11 @@ def export_onnx(model: nn.Module, path: Path, size: int, classes: dict[int, str]
     torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                       dynamic_shapes=dynamic, dynamo=True, optimize=True, verbose=False)
     graph = onnx.load(str(path))
-    onnx.helper.set_model_props(graph, {"classes": json.dumps({str(k): v for k, v in classes.items()}),
-                                        "image_size": str(size), "producer": "incseg"})
+    props = {"classes": json.dumps({str(k): v for k, v in classes.items()}), "image_size": str(size),
+             "taught": json.dumps(taught_classes(model)), "producer": "incseg"}
+    if native_size is not None:
+        props["native_size"] = json.dumps(list(native_size))
+    onnx.helper.set_model_props(graph, props)
     onnx.save(graph, str(path))  # one self-contained file: the weights inline
     path.with_name(path.name + ".data").unlink(missing_ok=True)  # the exporter's external-data copy
     path.with_name("classes.json").write_text(json.dumps({str(k): v for k, v in classes.items()}, indent=2))

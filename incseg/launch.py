@@ -29,7 +29,7 @@ from incseg.config import Params, Workspace
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.layout import BatchInfo, Pair
 from incseg.metrics import mean_iou
-from incseg.models import load_checkpoint, num_classes, save_checkpoint
+from incseg.models import load_checkpoint, save_checkpoint, taught_classes
 from incseg.pipeline import Batch, class_names, holdout_matrix
 from incseg.training import DivergenceError, EvalPoint, TrainResult, resolve_device
 
@@ -59,7 +59,7 @@ def run_training(ws: Workspace, reg: ModelRegistry | None, run_id: str, batch: B
     if champion is None:
         return pipeline.train_base(ws, batch, on_eval=eval_logger(ws, reg, run_id, batch.classes),
                                    checkpoint_path=checkpoint_path, progress=dist.is_main())
-    scope = sorted(set(range(num_classes(champion))) | set(batch.classes))
+    scope = sorted(set(taught_classes(champion)) | set(batch.classes))
     return pipeline.train_candidate(ws.params, champion, batch, memory or ExemplarMemory.empty(),
                                     on_eval=eval_logger(ws, reg, run_id, scope), checkpoint_path=checkpoint_path,
                                     progress=dist.is_main())

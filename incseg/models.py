@@ -1,4 +1,9 @@
-"""Segmentation models, the plain checkpoint format, and head expansion for new classes."""
+"""Segmentation models, the plain checkpoint format, and head expansion for new classes.
+
+Every model carries `taught`: the class ids some batch has labelled for it (background included).
+Its head has a row for every id up to the largest, so a batch that brings class 5 before class 4
+leaves row 4 untaught: evaluation leaves class 4's pixels out, and the batch that brings it later
+gets it as a new class (`add_classes`)."""
 
 from __future__ import annotations
 
@@ -72,7 +77,13 @@ def build_model(arch: str, num_classes: int, width: int = 16) -> nn.Module:
     else:
         raise ValueError(f"unknown model.arch {arch!r}; choose one of {', '.join(ARCHS)}")
     model.arch, model.width = arch, width
+    model.taught = tuple(range(num_classes))
     return model
+
+
+def taught_classes(model: nn.Module) -> list[int]:
+    """The class ids some batch has labelled for the model, background included."""
+    return sorted(getattr(model, "taught", range(num_classes(model))))
 
 
 def _head_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -130,6 +141,32 @@ def expand_classes(model: nn.Module, n_new: int, init: str = "background") -> nn
     return model
 
 
+@torch.no_grad()
+def add_classes(model: nn.Module, ids: list[int], init: str = "background") -> nn.Module:
+    """Make the model ready to learn classes `ids`: grow the head to the largest id, give every
+    class among `ids` it was never taught a fresh row (`expand_classes`' initialisation, over the
+    classes fresh in this batch), and count them as taught. A row that was there untaught (an id a
+    batch skipped) is reset, since training on other classes has shaped it."""
+    fresh, before = sorted(set(ids) - set(taught_classes(model))), num_classes(model)
+    expand_classes(model, max([*ids, before - 1]) + 1 - before, init)
+    if init != "background":  # grown rows are already drawn
+        fresh = [c for c in fresh if c < before]
+    if fresh:
+        for parent, name in _head_slots(model):
+            conv: nn.Conv2d = getattr(parent, name)
+            if init == "background":
+                conv.weight[fresh] = conv.weight[:1].clone()
+                if conv.bias is not None:
+                    conv.bias[fresh] = conv.bias[0] - math.log(len(fresh) + 1)
+            else:  # PyTorch's default initialisation, as a grown row gets
+                ref = nn.Conv2d(conv.in_channels, len(fresh), conv.kernel_size, bias=conv.bias is not None)
+                conv.weight[fresh] = ref.weight.to(conv.weight)
+                if conv.bias is not None:
+                    conv.bias[fresh] = ref.bias.to(conv.bias)
+    model.taught = tuple(sorted(set(taught_classes(model)) | set(ids) | {0}))
+    return model
+
+
 def feature_modules(model: nn.Module) -> list[nn.Module]:
     """Where feature distillation taps a model: the U-Net's encoder stages and bottleneck, a
     torchvision segmenter's backbone (its feature maps)."""
@@ -150,9 +187,12 @@ def stem_parameters(model: nn.Module) -> list[nn.Parameter]:
 def fuse_weights(new: nn.Module, old: nn.Module, old_weight: float) -> nn.Module:
     """Endpoints weight fusion (EWF, Xiao et al. 2023): every parameter and BatchNorm statistic
     the old model has becomes `old_weight * old + (1 - old_weight) * new`; the classifier rows
-    of classes the old model did not know keep their new values."""
+    of classes the old model was not taught keep their new values."""
     if old_weight <= 0:
         return new
+    fresh = sorted(set(taught_classes(new)) - set(taught_classes(old)))
+    kept = [(conv, conv.weight[fresh].clone(), None if conv.bias is None else conv.bias[fresh].clone())
+            for conv in (getattr(parent, name) for parent, name in _head_slots(new))]
     old_state = old.state_dict()
     for key, value in new.state_dict().items():
         before = old_state.get(key)
@@ -160,6 +200,10 @@ def fuse_weights(new: nn.Module, old: nn.Module, old_weight: float) -> nn.Module
             continue
         target = value[: before.shape[0]] if value.dim() else value  # a grown head: only the old rows
         target.lerp_(before.to(value), old_weight)
+    for conv, weight, bias in kept:
+        conv.weight[fresh] = weight
+        if bias is not None:
+            conv.bias[fresh] = bias
     return new
 
 
@@ -169,6 +213,7 @@ def checkpoint(model: nn.Module, classes: dict[int, str], **extra: Any) -> dict[
         "arch": model.arch,
         "width": model.width,
         "num_outputs": num_classes(model),
+        "taught": taught_classes(model),
         "classes": {int(k): v for k, v in classes.items()},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
@@ -189,6 +234,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[int, str], dict[str, An
     classes = {int(k): v for k, v in ckpt["classes"].items()}
     model = build_model(ckpt["arch"], ckpt["num_outputs"], ckpt["width"])
     model.load_state_dict(ckpt["state_dict"])
+    model.taught = tuple(ckpt.get("taught", range(ckpt["num_outputs"])))  # older checkpoints: every row
     return model, classes, ckpt
 
 

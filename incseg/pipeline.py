@@ -26,7 +26,8 @@ from incseg.datastore import has_dvc, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
 from incseg.metrics import ConfusionMatrix, bootstrap_weights, iou_report, resampled_iou
-from incseg.models import build_model, expand_classes, fuse_weights, num_classes, param_groups, stem_parameters
+from incseg.models import (add_classes, build_model, fuse_weights, num_classes, param_groups, stem_parameters,
+                           taught_classes)
 from incseg.training import (FAST_LAYOUT, Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device,
                              seed_everything, split_validation, train)
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
@@ -135,17 +136,17 @@ def holdout_set(ws: Workspace, n_classes: int, size: int | None = None) -> Segme
 
 
 def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None = None,
-                   known: int | None = None, per_image: bool = False) -> ConfusionMatrix:
+                   known: list[int] | None = None, per_image: bool = False) -> ConfusionMatrix:
     """Confusion matrix of `model` on the fixed holdout over every class in `classes.yaml`.
 
-    Pixels of a class not taught yet (id >= `known`, by default the model's own classes) are left
+    Pixels of a class not taught yet (not in `known`, by default the classes the model was taught) are left
     out, as in the test protocol of MiB and the methods after it: a holdout labelled with every
     class up front would otherwise charge a model for what it calls objects it has never been
     shown (a ring or a cross called triangle right after the triangle batch)."""
     n = len(read_classes(ws.classes_file))
     loader = make_loader(holdout_set(ws, n), ws.params.eval.batch_size, shuffle=False)
     return evaluate(model, loader, n, device or resolve_device(ws.params.train.device),
-                    known=num_classes(model) if known is None else known, per_image=per_image)
+                    known=taught_classes(model) if known is None else known, per_image=per_image)
 
 
 def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
@@ -210,6 +211,7 @@ def train_base(
     n = max(batch.classes) + 1
     device = resolve_device(p.train.device)
     model = build_model(p.model.arch, n, p.model.width)
+    model.taught = tuple(batch.classes)  # an id the batch skips gets a row, untaught
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
     data = SegmentationFolder(fit, training_transform(p), n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, num_workers=p.train.num_workers, seed=p.train.seed)
@@ -244,13 +246,12 @@ def train_candidate(
 ) -> tuple[nn.Module, TrainResult]:
     """Continue training a copy of the champion on the batch with the configured strategy.
 
-    The head grows first if the batch brings class ids the champion does not know.
+    Classes the champion was not taught get fresh classifier rows first (`models.add_classes`).
     """
     p, strategy = params, params.continual.strategy
     seed_everything(p.train.seed)
-    student = copy.deepcopy(champion)
-    n = max(num_classes(champion), max(batch.classes) + 1)
-    expand_classes(student, n - num_classes(champion), p.continual.head_init)
+    student = add_classes(copy.deepcopy(champion), batch.classes, p.continual.head_init)
+    n = num_classes(student)
     if p.continual.freeze_stem:
         for param in stem_parameters(student):
             param.requires_grad_(False)
@@ -332,9 +333,9 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
     Without a champion (bootstrap) the candidate is promoted and its numbers recorded.
     """
     names = read_classes(ws.classes_file)
-    old = list(range(num_classes(champion))) if champion is not None else []
+    old = taught_classes(champion) if champion is not None else []
     new = [c for c in batch.classes if c not in old]
-    known = num_classes(candidate)  # both judged on the same pixels: the classes the candidate knows
+    known = taught_classes(candidate)  # both judged on the same pixels: the classes the candidate was taught
     per_image = champion is not None and ws.params.gate.interval_resamples > 0
     cms = {"candidate": holdout_matrix(ws, candidate, known=known, per_image=per_image)}
     if champion is not None:
@@ -351,12 +352,13 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
     return Judgement(decision, reports["candidate"], reports["champion"], cms)
 
 
-def export_checked(ws: Workspace, model: nn.Module, classes: dict[int, str], out: Path, size: int):
-    """The model (trained at `size`) as an ONNX file, checked against PyTorch on the holdout at that
-    size: (path, `export.OnnxCheck`)."""
+def export_checked(ws: Workspace, model: nn.Module, classes: dict[int, str], out: Path, size: int,
+                   native_size: tuple[int, int] | None = None):
+    """The model (trained at `size`, on images of `native_size`) as an ONNX file, checked against
+    PyTorch on the holdout at that size: (path, `export.OnnxCheck`)."""
     from incseg.export import check_onnx, export_onnx
 
-    path = export_onnx(model, out, size, classes)
+    path = export_onnx(model, out, size, classes, native_size)
     holdout = holdout_set(ws, len(read_classes(ws.classes_file)), size)
     loader = make_loader(holdout, ws.params.eval.batch_size, shuffle=False)
     return path, check_onnx(path, model, (x for x, _, _ in loader))

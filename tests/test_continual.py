@@ -32,6 +32,22 @@ def test_distillation_lets_new_classes_take_background():
     assert unbiased_distillation(moved, teacher) < 0.05 < unbiased_distillation(kept_old, teacher)
 
 
+def test_distillation_treats_a_row_never_taught_as_new():
+    """Class 3 arrives after class 4: the old model has a row for it but was never taught it, so a
+    student giving it background's pixels is not punished (it would be, were row 3 an old class)."""
+    teacher = torch.tensor([5.0, 0.0, 0.0, 0.0, 0.0]).view(1, 5, 1, 1)  # surely background
+    moved = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0]).view(1, 5, 1, 1)  # student: class 3
+    taught = [0, 1, 2, 4]
+    assert unbiased_distillation(moved, teacher, taught) < 0.05 < unbiased_distillation(moved, teacher)
+    assert unbiased_distillation(teacher.clone(), teacher, taught).abs().item() < 1e-6
+    kept_old = torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0]).view(1, 5, 1, 1)  # student: old class 4
+    assert unbiased_distillation(kept_old, teacher, taught) > 1
+    labels, annotated = pseudo_label(torch.zeros(1, 1, 1, dtype=torch.long), torch.tensor([[True, False, False, True,
+                                     False]]), torch.tensor([0.0, 0.0, 0.0, 9.0, 0.0]).view(1, 5, 1, 1), 0.9, taught)
+    assert labels.item() == IGNORE  # the old model's untaught row is never a pseudo-label
+    assert annotated.tolist() == [[True, True, True, True, True]]
+
+
 def test_unbiased_ce_lets_background_hide_unannotated_classes():
     logits = torch.tensor([0.0, 8.0, 0.0]).view(1, 3, 1, 1)  # predicts class 1 on a "background" pixel
     target = torch.zeros(1, 1, 1, dtype=torch.long)

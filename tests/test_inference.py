@@ -143,6 +143,9 @@ def test_onnx_export_agrees_with_pytorch_and_is_logged_to_the_version(champion, 
     assert sorted(f.name for f in tmp_path.iterdir()) == ["classes.json", path.name]  # self-contained
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["classes"]) == {str(k): v for k, v in loaded.classes.items()}
+    assert int(meta["image_size"]) == loaded.image_size  # what an ONNX user needs to scale images as predict does
+    assert json.loads(meta["native_size"]) == list(loaded.native_size) and json.loads(meta["taught"]) == sorted(
+        loaded.classes)
 
     reg = ModelRegistry(ws)
     tags = reg.version(loaded.version).tags

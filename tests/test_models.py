@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
 
-from incseg.models import build_model, expand_classes, load_checkpoint, num_classes, save_checkpoint
+from incseg.models import (add_classes, build_model, expand_classes, load_checkpoint, num_classes, save_checkpoint,
+                           taught_classes)
 
 
 @pytest.mark.parametrize("arch", ["unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
@@ -69,3 +72,29 @@ def test_weight_fusion_mixes_what_both_models_have_and_keeps_new_rows():
     assert torch.allclose(fused["head.weight"][:3], 0.25 * old.head.weight + 0.75 * expected["head.weight"][:3])
     assert torch.equal(fused["head.weight"][3], expected["head.weight"][3])  # the new class is the new model's
     assert torch.equal(fused["enc.0.1.num_batches_tracked"], expected["enc.0.1.num_batches_tracked"])
+
+
+def test_a_class_that_arrives_after_a_later_id_gets_a_fresh_row_then():
+    torch.manual_seed(0)
+    model = build_model("unet", 3, width=4).eval()
+    x = torch.randn(1, 3, 16, 16)
+    before = model(x)
+    add_classes(model, [0, 4])  # class 4 before class 3
+    assert num_classes(model) == 5 and taught_classes(model) == [0, 1, 2, 4]
+    assert torch.allclose(model(x)[:, :3], before, atol=1e-6)
+    with torch.no_grad():
+        model.head.weight[3].add_(1.0)  # what training on other classes does to the untaught row
+    add_classes(model, [0, 3], init="background")
+    assert taught_classes(model) == [0, 1, 2, 3, 4]
+    assert torch.equal(model.head.weight[3], model.head.weight[0])  # reset as a new class's row
+    assert model.head.bias[3].item() == pytest.approx(model.head.bias[0].item() - math.log(2))
+    assert add_classes(model, [0, 1]).head.out_channels == 5  # taught classes: nothing changes
+
+
+def test_checkpoints_keep_what_was_taught_and_older_ones_read_as_every_row(tmp_path):
+    model = add_classes(build_model("unet", 3, width=4), [0, 4])
+    loaded, _, ckpt = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model, {}))
+    assert taught_classes(loaded) == [0, 1, 2, 4] and ckpt["taught"] == [0, 1, 2, 4]
+    del ckpt["taught"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert taught_classes(load_checkpoint(tmp_path / "old.pt")[0]) == [0, 1, 2, 3, 4]

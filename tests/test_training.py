@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from incseg.metrics import mean_iou
-from incseg.models import build_model, expand_classes
+from incseg.models import add_classes, build_model
 from incseg.pipeline import Batch, holdout_matrix, judge
 from incseg.training import Budget, DivergenceError, LearningRate, evaluate, make_loader, split_validation, train
 
@@ -42,7 +42,7 @@ def test_pixels_of_classes_not_taught_yet_are_left_out_of_the_holdout_scores():
                          1, shuffle=False)
     model = Constant(2, label=1)  # knows background and class 1, calls everything class 1
     everything = evaluate(model, loader, 3, torch.device("cpu"))
-    taught = evaluate(model, loader, 3, torch.device("cpu"), known=2)
+    taught = evaluate(model, loader, 3, torch.device("cpu"), known=[0, 1])
     assert everything.iou()[1].item() == pytest.approx(4 / 16)  # charged for the 4 class-2 pixels too
     assert taught.iou()[1].item() == pytest.approx(4 / 12)
     assert taught.mat[2].sum().item() == 0 and taught.mat.sum().item() == 12
@@ -51,7 +51,7 @@ def test_pixels_of_classes_not_taught_yet_are_left_out_of_the_holdout_scores():
 def test_the_holdout_is_scored_over_the_classes_the_model_knows(base_model):
     ws, model, _ = base_model  # knows background and the two base classes; the holdout has later ones
     default = holdout_matrix(ws, model)
-    full = holdout_matrix(ws, model, known=default.n)
+    full = holdout_matrix(ws, model, known=list(range(default.n)))
     assert full.mat[3:].sum() > 0  # later classes are in the holdout
     assert default.mat[3:].sum() == 0 and default.mat[:3].sum() > 0
     assert torch.equal(default.mat[:3, :3], full.mat[:3, :3])
@@ -59,12 +59,46 @@ def test_the_holdout_is_scored_over_the_classes_the_model_knows(base_model):
 
 def test_the_gate_judges_champion_and_candidate_on_the_pixels_of_the_candidates_classes(base_model):
     ws, champion, _ = base_model  # 3 classes; the holdout also has class 3 (the batch's) and class 4 (later)
-    candidate = expand_classes(copy.deepcopy(champion), 1)
+    candidate = add_classes(copy.deepcopy(champion), [0, 3])
     verdict = judge(ws, candidate, champion, Batch.load(ws.registry_dir / "batch-01"))
     for cm in verdict.matrices.values():
         assert cm.mat[3].sum() > 0  # the batch's class is scored, for the champion too (it calls it something else)
         assert cm.mat[4:].sum() == 0  # a class no batch has taught yet is not
     assert torch.equal(verdict.matrices["champion"].mat.sum(1), verdict.matrices["candidate"].mat.sum(1))
+
+
+def test_classes_that_arrive_out_of_order_are_each_judged_as_new_when_they_arrive(base_model):
+    """A batch bringing class 4 before class 3: the head grows by two, but class 3 stays untaught:
+    left out of the holdout scores, not distilled as an old class. When class 3 arrives it is new:
+    a fresh row, and the gate checks it as it checks every new class."""
+    from incseg.continual.memory import ExemplarMemory
+    from incseg.data.layout import read_classes
+    from incseg.models import taught_classes
+    from incseg.pipeline import train_candidate
+
+    ws, champion, _ = base_model  # taught 0, 1, 2
+    names = read_classes(ws.classes_file)
+    params = ws.params.model_copy(deep=True)
+    params.train.update_max_steps, params.train.update_min_steps, params.train.eval_every = 6, 6, 3
+    fourth, third = Batch.load(ws.registry_dir / "batch-02"), Batch.load(ws.registry_dir / "batch-01")
+    assert (third.info.new_classes, fourth.info.new_classes) == ([3], [4])
+    assert taught_classes(champion) == [0, 1, 2]
+
+    early, _ = train_candidate(params, champion, fourth, ExemplarMemory.empty(), progress=False)
+    assert early.head.out_channels == 5 and taught_classes(early) == [0, 1, 2, 4]
+    verdict = judge(ws, early, champion, fourth)
+    for cm in verdict.matrices.values():
+        assert cm.mat[3].sum() == 0 and cm.mat[4].sum() > 0  # class 3's pixels are not scored yet
+    assert verdict.candidate["in_scope"] == [0, 1, 2, 4] and verdict.candidate["per_class"][names[3]] is None
+    assert [c.name for c in verdict.decision.checks if c.name.startswith("new_class")] == [f"new_class:{names[4]}"]
+
+    later, _ = train_candidate(params, early, third, ExemplarMemory.empty(), progress=False)
+    assert later.head.out_channels == 5 and taught_classes(later) == [0, 1, 2, 3, 4]
+    verdict = judge(ws, later, early, third)
+    assert sorted(verdict.champion["in_scope"]) == [0, 1, 2, 3, 4]
+    assert verdict.candidate["miou_new"] == pytest.approx(verdict.candidate["per_class"][names[3]], abs=1e-4)
+    assert [c.name for c in verdict.decision.checks if c.name.startswith("new_class")] == [f"new_class:{names[3]}"]
+    assert f"class_drop:{names[4]}" in [c.name for c in verdict.decision.checks]  # now an old class
 
 
 def toy_loader(n: int = 32):

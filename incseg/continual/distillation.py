@@ -27,32 +27,41 @@ def unbiased_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated
     return -(lp[valid]).mean() if valid.any() else logits.sum() * 0
 
 
-def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student), where the student's background absorbs its new classes.
+def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor, taught: list[int] | None = None) -> torch.Tensor:
+    """KL(teacher || student) over the teacher's `taught` classes (default: all its outputs), where
+    background absorbs every other class: the student's new ones, and on both sides a row no batch
+    has taught (an id a batch skipped).
 
     Zero when the student equals the teacher; new classes are never punished for
     taking pixels that the teacher called background.
     """
     n_old = teacher.shape[1]
-    log_p = student.log_softmax(dim=1)
-    bg = torch.cat([log_p[:, :1], log_p[:, n_old:]], dim=1).logsumexp(dim=1, keepdim=True)
-    student_old = torch.cat([bg, log_p[:, 1:n_old]], dim=1)
-    return F.kl_div(student_old, teacher.log_softmax(dim=1), log_target=True, reduction="none").sum(1).mean()
+    fg = [c for c in (range(n_old) if taught is None else sorted(taught)) if c != 0]
+
+    def merged(log_p: torch.Tensor) -> torch.Tensor:
+        rest = [c for c in range(log_p.shape[1]) if c not in fg]  # background first
+        return torch.cat([log_p[:, rest].logsumexp(dim=1, keepdim=True), log_p[:, fg]], dim=1)
+
+    return F.kl_div(merged(student.log_softmax(dim=1)), merged(teacher.log_softmax(dim=1)), log_target=True,
+                    reduction="none").sum(1).mean()
 
 
 @torch.no_grad()
 def pseudo_label(target: torch.Tensor, annotated: torch.Tensor, teacher: torch.Tensor,
-                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 threshold: float, taught: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PLOP (Douillard et al., CVPR 2021): a background pixel takes the old model's class,
-    background included, where the old model is confident (max probability >= `threshold`),
-    and is ignored where it is not; labelled pixels keep their label. Returns the new target
-    and what each sample now annotates: its own classes and every class the old model knows
-    (so the loss trusts the background that is left)."""
+    background included, where the old model is confident (max probability >= `threshold`)
+    in a class it was `taught` (default: all its outputs), and is ignored where it is not;
+    labelled pixels keep their label. Returns the new target and what each sample now
+    annotates: its own classes and every class the old model was taught (so the loss trusts
+    the background that is left)."""
+    taught = list(range(teacher.shape[1])) if taught is None else sorted(taught)
     prob, cls = teacher.softmax(dim=1).max(dim=1)
+    sure = (prob >= threshold) & torch.isin(cls, torch.tensor(taught, device=cls.device))
     background = target == 0
-    target = torch.where(background, torch.where(prob >= threshold, cls, torch.full_like(cls, IGNORE)), target)
+    target = torch.where(background, torch.where(sure, cls, torch.full_like(cls, IGNORE)), target)
     annotated = annotated.clone()
-    annotated[:, : teacher.shape[1]] = True
+    annotated[:, taught] = True
     return target, annotated
 
 

@@ -15,7 +15,7 @@ from incseg.continual.distillation import (pod_distillation, pseudo_label, unbia
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import SegmentationFolder
 from incseg.losses import dice_loss, segmentation_loss
-from incseg.models import feature_modules
+from incseg.models import feature_modules, taught_classes
 
 STRATEGIES = ("naive", "replay", "distill", "replay+distill")
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -91,14 +91,15 @@ def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, tea
             logits, target, train.ce_weight, train.dice_weight
         )
     teacher.eval()
+    taught = taught_classes(teacher) if hasattr(teacher, "taught") else None  # None: all its outputs
 
     def objective(logits, images, target, annotated):
         with torch.no_grad():
             old = teacher(images)
         if cont.pseudo_label_threshold > 0:
-            target, annotated = pseudo_label(target, annotated, old, cont.pseudo_label_threshold)
+            target, annotated = pseudo_label(target, annotated, old, cont.pseudo_label_threshold, taught)
         loss = partial_label_loss(logits, target, annotated, train) + cont.distill_weight * unbiased_distillation(
-            logits, old)
+            logits, old, taught)
         if features is not None and cont.feature_distill_weight > 0:
             loss = loss + cont.feature_distill_weight * pod_distillation(_flat(features[0]), _flat(features[1]))
         return loss
