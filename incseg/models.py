@@ -2,8 +2,9 @@
 
 Every model carries `taught`: the class ids some batch has labelled for it (background included).
 Its head has a row for every id up to the largest, so a batch that brings class 5 before class 4
-leaves row 4 untaught: evaluation leaves class 4's pixels out, and the batch that brings it later
-gets it as a new class (`add_classes`)."""
+leaves row 4 untaught: that row is silenced (its logit a constant `UNTAUGHT_LOGIT`, so it is never
+predicted and, its probability being exactly 0, never trained), evaluation leaves class 4's pixels
+out, and the batch that brings it later gets it as a new class (`add_classes`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 ARCHS = ("unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
+UNTAUGHT_LOGIT = -1e4  # an untaught row's constant logit: exp() of it is 0 in float32, and fits float16
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -142,11 +144,26 @@ def expand_classes(model: nn.Module, n_new: int, init: str = "background") -> nn
 
 
 @torch.no_grad()
+def set_taught(model: nn.Module, ids: list[int]) -> nn.Module:
+    """Record that the model was taught classes `ids` (background always); every other row of its
+    head is silenced: zero weights, `UNTAUGHT_LOGIT` as its bias."""
+    taught = sorted(set(ids) | {0})
+    silent = [c for c in range(num_classes(model)) if c not in taught]
+    for parent, name in _head_slots(model):
+        conv: nn.Conv2d = getattr(parent, name)
+        conv.weight[silent] = 0.0
+        if conv.bias is not None:
+            conv.bias[silent] = UNTAUGHT_LOGIT
+    model.taught = tuple(taught)
+    return model
+
+
+@torch.no_grad()
 def add_classes(model: nn.Module, ids: list[int], init: str = "background") -> nn.Module:
     """Make the model ready to learn classes `ids`: grow the head to the largest id, give every
     class among `ids` it was never taught a fresh row (`expand_classes`' initialisation, over the
-    classes fresh in this batch), and count them as taught. A row that was there untaught (an id a
-    batch skipped) is reset, since training on other classes has shaped it."""
+    classes fresh in this batch), count them as taught, and silence the rows of ids skipped
+    (`set_taught`)."""
     fresh, before = sorted(set(ids) - set(taught_classes(model))), num_classes(model)
     expand_classes(model, max([*ids, before - 1]) + 1 - before, init)
     if init != "background":  # grown rows are already drawn
@@ -163,8 +180,7 @@ def add_classes(model: nn.Module, ids: list[int], init: str = "background") -> n
                 conv.weight[fresh] = ref.weight.to(conv.weight)
                 if conv.bias is not None:
                     conv.bias[fresh] = ref.bias.to(conv.bias)
-    model.taught = tuple(sorted(set(taught_classes(model)) | set(ids) | {0}))
-    return model
+    return set_taught(model, [*taught_classes(model), *ids])
 
 
 def feature_modules(model: nn.Module) -> list[nn.Module]:

@@ -26,8 +26,8 @@ from incseg.datastore import has_dvc, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
 from incseg.metrics import ConfusionMatrix, bootstrap_weights, iou_report, resampled_iou
-from incseg.models import (add_classes, build_model, fuse_weights, num_classes, param_groups, stem_parameters,
-                           taught_classes)
+from incseg.models import (add_classes, build_model, fuse_weights, num_classes, param_groups, set_taught,
+                           stem_parameters, taught_classes)
 from incseg.training import (FAST_LAYOUT, Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device,
                              seed_everything, split_validation, train)
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
@@ -210,8 +210,7 @@ def train_base(
     seed_everything(p.train.seed)
     n = max(batch.classes) + 1
     device = resolve_device(p.train.device)
-    model = build_model(p.model.arch, n, p.model.width)
-    model.taught = tuple(batch.classes)  # an id the batch skips gets a row, untaught
+    model = set_taught(build_model(p.model.arch, n, p.model.width), batch.classes)  # an id it skips: a silent row
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
     data = SegmentationFolder(fit, training_transform(p), n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, num_workers=p.train.num_workers, seed=p.train.seed)

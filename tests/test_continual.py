@@ -346,3 +346,19 @@ def test_a_scenario_runs_named_variants_for_the_first_updates_and_traces_the_hol
     assert (short[1].steps, as_is[1].steps) == (6, 12) and short[1].stopped == as_is[1].stopped == "max_steps"
     assert [t["step"] for t in short[1].trace] == [6] and as_is[1].trace == []
     assert len(short[1].trace[0]["holdout_iou"]) == len(s.classes) and short[1].best_step == 6
+
+
+def test_the_benchmark_trains_at_the_size_auto_picks_for_its_own_stream():
+    """`data.image_size: auto` (the default) read raw from params.yaml, as `benchmarks/update_rule.py`
+    passes it: the base model and the update both train at the size the stream's holdout resolves to
+    (before, the update got the string 'auto' and crashed after the base model's hours)."""
+    from helpers import tiny_params
+    from incseg.bench import continual as b
+
+    params = tiny_params(data={"image_size": "auto"}, synth={"new_classes": 1, "domain_shift": False,
+                                                               "base_images": 24, "step_images": 16},
+                         train={"bootstrap_max_steps": 4, "bootstrap_min_steps": 4, "update_max_steps": 4,
+                                "update_min_steps": 4, "eval_every": 2, "update_eval_every": 2, "batch_size": 4})
+    scenario = b.run_scenario(params, ("replay+distill",), ceiling_check=False)
+    base, update = scenario.runs["replay+distill"]
+    assert (base.steps, update.steps) == (4, 4) and update.batch_id == "batch-01"

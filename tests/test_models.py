@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from incseg.models import (add_classes, build_model, expand_classes, load_checkpoint, num_classes, save_checkpoint,
-                           taught_classes)
+from incseg.models import (UNTAUGHT_LOGIT, add_classes, build_model, expand_classes, load_checkpoint, num_classes,
+                           save_checkpoint, taught_classes)
 
 
 @pytest.mark.parametrize("arch", ["unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
@@ -82,8 +82,10 @@ def test_a_class_that_arrives_after_a_later_id_gets_a_fresh_row_then():
     add_classes(model, [0, 4])  # class 4 before class 3
     assert num_classes(model) == 5 and taught_classes(model) == [0, 1, 2, 4]
     assert torch.allclose(model(x)[:, :3], before, atol=1e-6)
+    silent = model(x)[:, 3]  # the untaught row: never predicted, and with probability 0 never trained
+    assert torch.all(silent == UNTAUGHT_LOGIT) and model(x).softmax(1)[:, 3].max().item() == 0.0
     with torch.no_grad():
-        model.head.weight[3].add_(1.0)  # what training on other classes does to the untaught row
+        model.head.weight[3].add_(1.0)  # were it moved anyway
     add_classes(model, [0, 3], init="background")
     assert taught_classes(model) == [0, 1, 2, 3, 4]
     assert torch.equal(model.head.weight[3], model.head.weight[0])  # reset as a new class's row

@@ -86,6 +86,7 @@ def test_classes_that_arrive_out_of_order_are_each_judged_as_new_when_they_arriv
 
     early, _ = train_candidate(params, champion, fourth, ExemplarMemory.empty(), progress=False)
     assert early.head.out_channels == 5 and taught_classes(early) == [0, 1, 2, 4]
+    assert early.head.weight[3].abs().max().item() == 0 and early.head.bias[3].item() < -9000  # silent, untrained
     verdict = judge(ws, early, champion, fourth)
     for cm in verdict.matrices.values():
         assert cm.mat[3].sum() == 0 and cm.mat[4].sum() > 0  # class 3's pixels are not scored yet

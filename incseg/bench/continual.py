@@ -147,6 +147,7 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
     ceiling = "joint" in chosen and ceiling_check
     with tempfile.TemporaryDirectory(prefix="incseg-bench-") as tmp:
         ws, infos, batches, full = stream(params, Path(tmp))
+        params = ws.params  # `data.image_size: auto` resolved from the stream's own holdout
         classes = read_classes(ws.classes_file)
         learned = {c: 0 for c in batches[0].classes}
         for i, info in enumerate(infos[1:], start=1):
