@@ -28,7 +28,7 @@ def decoded_agreement(image, mask, margin=2):
 
 def test_random_crops_and_flips_keep_image_and_mask_aligned():
     rng = np.random.default_rng(0)
-    tf = train_transforms(32, augment=True)
+    tf = train_transforms(32, augment=True, crop_probability=1.0)
     aligned, misaligned = [], []
     for i in range(20):
         image, mask = blocky_sample(rng)
@@ -80,7 +80,8 @@ def test_color_jitter_changes_the_image_within_its_range_and_never_the_mask():
     torch.manual_seed(7)
     train_transforms(32, augment=True, crop_probability=0.0)(image, mask)
     assert torch.equal(after_plain, torch.rand(1))
-    assert train_transforms(32, augment=False, color_jitter=0.4).jitter is None  # evaluation never jitters
+    evaluation = train_transforms(32, augment=False, crop_probability=0.0, color_jitter=0.4)
+    assert evaluation.jitter is None  # evaluation never jitters
 
 def test_masks_stay_integer_label_maps_after_resize():
     image, mask = blocky_sample(np.random.default_rng(1))
@@ -124,7 +125,7 @@ def test_decoded_pairs_are_read_once_and_again_when_a_file_changes(tmp_path):
     [pair] = find_pairs(tmp_path)
     first = read_pair(pair)
     assert read_pair(pair) is first  # the cached arrays, not a second decode
-    ds = SegmentationFolder([pair], train_transforms(32), num_classes=5)
+    ds = SegmentationFolder([pair], train_transforms(32, True, 1.0), num_classes=5)
     for _ in range(3):
         img_t, _, _ = ds[0]
         img_t.add_(1.0)  # a consumer that modifies its sample in place

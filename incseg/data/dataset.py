@@ -105,10 +105,10 @@ class PairTransform:
         return _scale(x.contiguous()), y.contiguous()
 
 
-def train_transforms(size: int, augment: bool = True, crop_probability: float = 1.0,
-                     color_jitter: float = 0.0) -> PairTransform:
+def train_transforms(size: int, augment: bool, crop_probability: float, color_jitter: float = 0.0) -> PairTransform:
     """Random flip, and a random resized crop for `crop_probability` of the samples, applied to image
-    and mask together (mask: nearest); colour jitter of strength `color_jitter` on the image."""
+    and mask together (mask: nearest); colour jitter of strength `color_jitter` on the image. No
+    default for the crop: the product passes `train.crop_probability` (`pipeline.training_transform`)."""
     return PairTransform(size, augment, crop_probability, color_jitter=color_jitter)
 
 
