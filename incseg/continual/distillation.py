@@ -27,7 +27,8 @@ def unbiased_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated
     return -(lp[valid]).mean() if valid.any() else logits.sum() * 0
 
 
-def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor, taught: list[int] | None = None) -> torch.Tensor:
+def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor,
+                          taught: list[int] | None = None) -> torch.Tensor:
     """KL(teacher || student) over the teacher's `taught` classes (default: all its outputs), where
     background absorbs every other class: the student's new ones, and on both sides a row no batch
     has taught (an id a batch skipped).
