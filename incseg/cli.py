@@ -366,10 +366,13 @@ def bootstrap(
 @app.command("update")
 def update_cmd(ctx: typer.Context, batch_id: Annotated[str, typer.Argument(help="Batch id in data/registry/.")]) -> None:
     """Run the incremental update flow on one batch: validate, train, judge, promote or keep."""
+    from incseg.registry import ModelRegistry
+
+    ws = workspace(ctx)
+    ModelRegistry(ws).require_champion()  # said in one line, before Prefect starts (the flow checks too)
     flows_ready()
     from flows.update import incremental_update
 
-    ws = workspace(ctx)
     result = incremental_update(batch_id, str(ws.root))
     print_result(result)
     if result.status == "invalid":

@@ -164,6 +164,7 @@ def test_update_without_champion_says_bootstrap_first(tmp_path, prefect_api):
     result = CliRunner().invoke(app, ["-C", str(ws.root), "update", "batch-01"])
     assert result.exit_code == 1
     assert "incseg bootstrap" in result.output
+    assert "Flow run" not in result.output and "Traceback" not in result.output  # one line, no Prefect run
     with pytest.raises(RegistryError):
         ModelRegistry(Workspace(ws.root)).require_champion()
     shutil.rmtree(ws.root)
