@@ -136,17 +136,17 @@ def holdout_set(ws: Workspace, n_classes: int, size: int | None = None) -> Segme
 
 
 def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None = None,
-                   known: list[int] | None = None, per_image: bool = False) -> ConfusionMatrix:
+                   taught: list[int] | None = None, per_image: bool = False) -> ConfusionMatrix:
     """Confusion matrix of `model` on the fixed holdout over every class in `classes.yaml`.
 
-    Pixels of a class not taught yet (not in `known`, by default the classes the model was taught) are left
+    Pixels of a class not taught yet (not in `taught`, by default the model's own) are left
     out, as in the test protocol of MiB and the methods after it: a holdout labelled with every
     class up front would otherwise charge a model for what it calls objects it has never been
     shown (a ring or a cross called triangle right after the triangle batch)."""
     n = len(read_classes(ws.classes_file))
     loader = make_loader(holdout_set(ws, n), ws.params.eval.batch_size, shuffle=False)
     return evaluate(model, loader, n, device or resolve_device(ws.params.train.device),
-                    known=taught_classes(model) if known is None else known, per_image=per_image)
+                    taught=taught_classes(model) if taught is None else taught, per_image=per_image)
 
 
 def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
@@ -334,11 +334,11 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
     names = read_classes(ws.classes_file)
     old = taught_classes(champion) if champion is not None else []
     new = [c for c in batch.classes if c not in old]
-    known = taught_classes(candidate)  # both judged on the same pixels: the classes the candidate was taught
+    taught = taught_classes(candidate)  # both judged on the same pixels: the classes the candidate was taught
     per_image = champion is not None and ws.params.gate.interval_resamples > 0
-    cms = {"candidate": holdout_matrix(ws, candidate, known=known, per_image=per_image)}
+    cms = {"candidate": holdout_matrix(ws, candidate, taught=taught, per_image=per_image)}
     if champion is not None:
-        cms["champion"] = holdout_matrix(ws, champion, known=known, per_image=per_image)
+        cms["champion"] = holdout_matrix(ws, champion, taught=taught, per_image=per_image)
     reports = {k: iou_report(cm, old, new, names) for k, cm in cms.items()}
     if champion is None:
         reason = f"bootstrap: first model, holdout mIoU {reports['candidate']['miou']:.3f}"

@@ -319,20 +319,20 @@ def split_validation(pairs: list, fraction: float, seed: int, at_most: int = 256
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-             known: list[int] | None = None, per_image: bool = False) -> ConfusionMatrix:
+             taught: list[int] | None = None, per_image: bool = False) -> ConfusionMatrix:
     """Confusion matrix of the model's argmax over every pixel of `loader` (of every rank's shard,
-    all-reduced, in a distributed run). With `known`, pixels whose ground truth is a class id not
+    all-reduced, in a distributed run). With `taught`, pixels whose ground truth is a class id not
     in it (a class no batch has taught yet) are left out. `per_image` keeps each image's matrix
     (`ConfusionMatrix.images`, this process's images only)."""
     model.to(device, memory_format=FAST_LAYOUT).eval()
     cm = ConfusionMatrix(num_classes, per_image=per_image)
-    unknown = None
-    if known is not None:
-        unknown = torch.ones(IGNORE + 1, dtype=torch.bool)
-        unknown[[c for c in known if 0 <= c <= IGNORE]] = False
+    untaught = None
+    if taught is not None:
+        untaught = torch.ones(IGNORE + 1, dtype=torch.bool)
+        untaught[[c for c in taught if 0 <= c <= IGNORE]] = False
     for images, masks, _ in loader:
-        if unknown is not None:
-            masks = masks.masked_fill(unknown[masks.clamp(0, IGNORE)], IGNORE)
+        if untaught is not None:
+            masks = masks.masked_fill(untaught[masks.clamp(0, IGNORE)], IGNORE)
         cm.update(masks, model(images.to(device, memory_format=FAST_LAYOUT)).argmax(dim=1).cpu())
     cm.all_reduce()
     return cm

@@ -42,7 +42,7 @@ def test_pixels_of_classes_not_taught_yet_are_left_out_of_the_holdout_scores():
                          1, shuffle=False)
     model = Constant(2, label=1)  # knows background and class 1, calls everything class 1
     everything = evaluate(model, loader, 3, torch.device("cpu"))
-    taught = evaluate(model, loader, 3, torch.device("cpu"), known=[0, 1])
+    taught = evaluate(model, loader, 3, torch.device("cpu"), taught=[0, 1])
     assert everything.iou()[1].item() == pytest.approx(4 / 16)  # charged for the 4 class-2 pixels too
     assert taught.iou()[1].item() == pytest.approx(4 / 12)
     assert taught.mat[2].sum().item() == 0 and taught.mat.sum().item() == 12
@@ -51,7 +51,7 @@ def test_pixels_of_classes_not_taught_yet_are_left_out_of_the_holdout_scores():
 def test_the_holdout_is_scored_over_the_classes_the_model_knows(base_model):
     ws, model, _ = base_model  # knows background and the two base classes; the holdout has later ones
     default = holdout_matrix(ws, model)
-    full = holdout_matrix(ws, model, known=list(range(default.n)))
+    full = holdout_matrix(ws, model, taught=list(range(default.n)))
     assert full.mat[3:].sum() > 0  # later classes are in the holdout
     assert default.mat[3:].sum() == 0 and default.mat[:3].sum() > 0
     assert torch.equal(default.mat[:3, :3], full.mat[:3, :3])
