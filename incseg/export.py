@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from incseg.models import taught_classes
+
 MIN_AGREEMENT = 0.999
 
 
@@ -39,8 +41,6 @@ def export_onnx(model: nn.Module, path: Path, size: int, classes: dict[int, str]
     """Write the model as ONNX with dynamic batch, height and width."""
     import onnx
     from torch.export import Dim
-
-    from incseg.models import taught_classes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()

@@ -115,6 +115,20 @@ def num_classes(model: nn.Module) -> int:
     return getattr(parent, name).out_channels
 
 
+def _start_rows(conv: nn.Conv2d, rows: list[int], init: str, n_fresh: int) -> None:
+    """Give `rows` of a classifier conv a new class's start: background's weights with its bias lowered
+    by log(n_fresh + 1) (MiB), or PyTorch's default draw (`random`)."""
+    if init == "background":
+        conv.weight[rows] = conv.weight[:1].clone()
+        if conv.bias is not None:
+            conv.bias[rows] = conv.bias[0] - math.log(n_fresh + 1)
+    else:
+        ref = nn.Conv2d(conv.in_channels, len(rows), conv.kernel_size, bias=conv.bias is not None)
+        conv.weight[rows] = ref.weight.to(conv.weight)
+        if conv.bias is not None:
+            conv.bias[rows] = ref.bias.to(conv.bias)
+
+
 @torch.no_grad()
 def expand_classes(model: nn.Module, n_new: int, init: str = "background") -> nn.Module:
     """Grow every classifier conv by `n_new` outputs; old-class logits stay identical.
@@ -133,12 +147,10 @@ def expand_classes(model: nn.Module, n_new: int, init: str = "background") -> nn
         new = nn.Conv2d(old.in_channels, old.out_channels + n_new, old.kernel_size, old.stride,
                         old.padding, bias=old.bias is not None).to(old.weight.device)
         new.weight[: old.out_channels] = old.weight
-        if init == "background":
-            new.weight[old.out_channels:] = old.weight[:1]
         if old.bias is not None:
             new.bias[: old.out_channels] = old.bias
-            if init == "background":
-                new.bias[old.out_channels:] = old.bias[0] - math.log(n_new + 1)
+        if init == "background":  # random: the new conv's own draw
+            _start_rows(new, list(range(old.out_channels, new.out_channels)), init, n_new)
         setattr(parent, name, new)
     return model
 
@@ -170,16 +182,7 @@ def add_classes(model: nn.Module, ids: list[int], init: str = "background") -> n
         fresh = [c for c in fresh if c < before]
     if fresh:
         for parent, name in _head_slots(model):
-            conv: nn.Conv2d = getattr(parent, name)
-            if init == "background":
-                conv.weight[fresh] = conv.weight[:1].clone()
-                if conv.bias is not None:
-                    conv.bias[fresh] = conv.bias[0] - math.log(len(fresh) + 1)
-            else:  # PyTorch's default initialisation, as a grown row gets
-                ref = nn.Conv2d(conv.in_channels, len(fresh), conv.kernel_size, bias=conv.bias is not None)
-                conv.weight[fresh] = ref.weight.to(conv.weight)
-                if conv.bias is not None:
-                    conv.bias[fresh] = ref.bias.to(conv.bias)
+            _start_rows(getattr(parent, name), fresh, init, len(fresh))
     return set_taught(model, [*taught_classes(model), *ids])
 
 

@@ -15,7 +15,7 @@ from incseg.continual.distillation import (pod_distillation, pseudo_label, unbia
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import SegmentationFolder
 from incseg.losses import dice_loss, segmentation_loss
-from incseg.models import feature_modules, taught_classes
+from incseg.models import feature_modules
 
 STRATEGIES = ("naive", "replay", "distill", "replay+distill")
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -91,7 +91,7 @@ def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, tea
             logits, target, train.ce_weight, train.dice_weight
         )
     teacher.eval()
-    taught = taught_classes(teacher) if hasattr(teacher, "taught") else None  # None: all its outputs
+    taught = getattr(teacher, "taught", None)  # None: all its outputs
 
     def objective(logits, images, target, annotated):
         with torch.no_grad():
