@@ -8,6 +8,14 @@ from pathlib import Path
 
 # Before any Prefect / GX import: never touch the user's ~/.prefect, no analytics.
 _STATE = Path(tempfile.mkdtemp(prefix="incseg-tests-"))
+# Every temporary file of this process and the processes it starts goes below the state folder,
+# removed at the end (pytest_unconfigure): what a library leaves in the temp folder (a stopped Prefect
+# runner's `runner_storage/`, Dask's scratch, torch's caches) does not pile up in /tmp run after run.
+# pytest's own tmp_path folders stay where pytest keeps them (its last three runs, for a look after a failure).
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+os.environ["TMPDIR"] = str(_STATE / "tmp")
+(_STATE / "tmp").mkdir()
+tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["DVC_NO_ANALYTICS"] = "1"

@@ -131,11 +131,11 @@ def test_a_review_that_times_out_rejects(reviewed):
     assert ModelRegistry(ws).aliases() == {"champion": champion}
 
 
-def test_the_run_shows_the_verdict_side_by_side(reviewed):
+def test_the_run_shows_the_verdict_side_by_side(reviewed, tmp_path):
     reg = ModelRegistry(reviewed)
     run_id = reg.version("2").tags["run_id"]
-    table = reg.client.download_artifacts(run_id, "review/iou.json")
-    card = reg.client.download_artifacts(run_id, "review/verdict.md")
+    table = reg.client.download_artifacts(run_id, "review/iou.json", str(tmp_path))
+    card = reg.client.download_artifacts(run_id, "review/verdict.md", str(tmp_path))
     with open(table) as f:
         rows = json.load(f)
     assert rows["columns"] == ["class", "champion", "candidate", "change"]

@@ -66,7 +66,7 @@ def test_lineage_tags_on_every_version(history):
     assert versions[1].tags["data_hash"].startswith(("sha256:", "md5:"))
 
 
-def test_run_has_reviewable_artifacts(history):
+def test_run_has_reviewable_artifacts(history, tmp_path):
     ws, _, _, good, *_ = history
     reg = ModelRegistry(ws)
     paths = {a.path for a in reg.client.list_artifacts(good.run_id)}
@@ -85,7 +85,7 @@ def test_run_has_reviewable_artifacts(history):
     assert tags["stopped"] in ("converged", "max_steps")
     import json
 
-    decision = json.loads(open(reg.client.download_artifacts(good.run_id, "decision.json")).read())
+    decision = json.loads(open(reg.client.download_artifacts(good.run_id, "decision.json", str(tmp_path))).read())
     assert decision["status"] == "promoted" and decision["candidate"]["per_class"]["triangle"] > 0
     for check in decision["checks"]:  # each with its interval over resamples of the holdout's images
         lo, hi = check["interval"]
@@ -93,7 +93,7 @@ def test_run_has_reviewable_artifacts(history):
     close = [c["name"] for c in decision["checks"] if c["close_call"]]
     assert decision["close_calls"] == close and tags["close_calls"] == (", ".join(close) or "none")
     assert reg.version(good.candidate_version).tags["close_calls"] == tags["close_calls"]
-    card = open(reg.client.download_artifacts(good.run_id, "review/verdict.md")).read()
+    card = open(reg.client.download_artifacts(good.run_id, "review/verdict.md", str(tmp_path))).read()
     assert "interval over holdout images" in card
     assert reg.client.get_run(good.run_id).data.params["continual.strategy"] == "replay+distill"
 
