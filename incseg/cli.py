@@ -602,7 +602,9 @@ def bench(
         return bench_inference(ws, quick, out)
     if recipe:
         return bench_recipe(ws, quick, out, variants)
-    params = b.quick_params(ws.params) if quick else b.full_params(ws.params)
+    # the params as written: the benchmark's stream is not the project's data, so `auto` is made the size
+    # it stands for from the stream's own holdout (in `run_scenario`), not from the project's
+    params = b.quick_params(ws.declared) if quick else b.full_params(ws.declared)
     if style is not None:
         from incseg.data.synthetic import STYLES
 

@@ -123,6 +123,8 @@ class ContinualParams(Section):
                                        "but scored with the batch's validation split, so an update's early stop "
                                        "sees old classes too (0: the batch's split alone; update-recipe.md section 7)")
     distill_weight: float = Field(1.0, ge=0)
+    distill_new_class_pixels: bool = Field(True, description="distil the old model on pixels labelled with a new "
+                                           "class too (MiB); false: only elsewhere (the label wins there)")
     pseudo_label_threshold: float = Field(0.0, ge=0, le=1, description="0 disables PLOP pseudo-labels")
     head_lr_scale: float = Field(10.0, gt=0, description="learning-rate factor of the classifier during an update")
     head_init: Literal["background", "random"] = Field(
@@ -242,7 +244,8 @@ class Workspace:
 
     def __init__(self, root: Path | str = ".", params: Params | None = None):
         self.root = Path(root).resolve()
-        self._params = params if params is not None else load_params(self.root / PARAMS_FILE)
+        self.declared = params if params is not None else load_params(self.root / PARAMS_FILE)  # `auto` kept
+        self._params = self.declared
 
     @property
     def params(self) -> Params:

@@ -46,6 +46,7 @@ def test_auto_image_size_follows_the_holdout_images(tmp_path):
         Image.new("RGB", (w, h)).save(images / f"{i}.png")
     (images / "notes.txt").write_text("not an image")
     assert ws.holdout_shape() == (96, 128) and ws.params.data.image_size == 96
+    assert ws.declared.data.image_size == "auto"  # as written (`incseg bench` resolves it from its own stream)
     for (w, h), size in [((500, 375), 96), ((80, 80), 80), ((48, 48), 64)]:
         other = Workspace(tmp_path / f"{w}")
         (other.holdout_dir / "images").mkdir(parents=True)
