@@ -34,6 +34,7 @@ RULES: dict[str, dict[str, object]] = {
     "update_lr 3e-3": {"train.update_lr": 3e-3},  # an update's peak rate (the classifier still x10)
     "update_lr 3e-3 + head x3": {"train.update_lr": 3e-3, "continual.head_lr_scale": 3.0},
     "update_lr 1e-3": {"train.update_lr": 1e-3},
+    "no distillation on new-class pixels": {"continual.distill_new_class_pixels": False},  # the label wins there
 }
 
 

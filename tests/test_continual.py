@@ -86,6 +86,33 @@ def test_with_pseudo_labels_an_old_class_on_confident_background_is_penalised():
     assert plop(old_class_everywhere, images, target, annotated) > 5
 
 
+def test_without_distillation_on_new_class_pixels_the_label_wins_where_the_old_model_is_wrong():
+    """The old model calls a labelled new-class pixel old class 1 (the new class resembles it): MiB
+    distils that answer (a student that follows the label pays), `distill_new_class_pixels: false`
+    does not there, and still distils every other pixel exactly as before."""
+    from incseg.config import ContinualParams, TrainParams
+    from incseg.continual.distillation import new_class_pixels
+    from incseg.continual.strategies import make_objective
+
+    teacher = nn.Conv2d(3, 2, 1)  # classes {0, 1}; calls everything class 1
+    nn.init.zeros_(teacher.weight)
+    teacher.bias.data = torch.tensor([0.0, 9.0])
+    images = torch.zeros(1, 3, 1, 2)
+    target = torch.tensor([[[2, 0]]])  # pixel 0: labelled new class 2; pixel 1: background
+    annotated = torch.tensor([[True, False, True]])
+    assert new_class_pixels(target, 2).tolist() == [[[True, False]]]
+    assert new_class_pixels(torch.tensor([[[1, 3, IGNORE]]]), 4, [0, 1, 2]).tolist() == [[[False, True, False]]]
+    follows = torch.tensor([[0.0, 0.0], [0.0, 9.0], [9.0, 0.0]]).view(1, 3, 1, 2)  # pixel 0: class 2, 1: class 1
+    train = TrainParams(ce_weight=0.0, dice_weight=0.0)  # the distillation term alone
+    mib = make_objective("distill", train, ContinualParams(), teacher)
+    label_wins = make_objective("distill", train, ContinualParams(distill_new_class_pixels=False), teacher)
+    assert mib(follows, images, target, annotated) > 4 > 0.01 > label_wins(follows, images, target, annotated)
+    elsewhere = follows.clone()
+    elsewhere[0, :, 0, 1] = torch.tensor([9.0, 0.0, 0.0])  # pixel 1 (not new) leaves class 1: both pay alike
+    pixel_1 = mib(elsewhere, images, target, annotated) - mib(follows, images, target, annotated)
+    assert pixel_1 > 4 and torch.isclose(label_wins(elsewhere, images, target, annotated), pixel_1, atol=1e-3)
+
+
 def test_feature_distillation_is_zero_for_equal_features_and_grows_as_they_move():
     from incseg.continual.distillation import pod_distillation
 

@@ -28,10 +28,11 @@ def unbiased_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated
 
 
 def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor,
-                          taught: list[int] | None = None) -> torch.Tensor:
+                          taught: list[int] | None = None, skip: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) over the teacher's `taught` classes (default: all its outputs), where
     background absorbs every other class: the student's new ones, and on both sides a row no batch
-    has taught (an id a batch skipped).
+    has taught (an id a batch skipped). Averaged over all pixels, with the (B, H, W) bool `skip`
+    pixels counted as zero (`new_class_pixels`: where a label says the teacher's answer is wrong).
 
     Zero when the student equals the teacher; new classes are never punished for
     taking pixels that the teacher called background.
@@ -43,8 +44,17 @@ def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor,
         rest = [c for c in range(log_p.shape[1]) if c not in fg]  # background first
         return torch.cat([log_p[:, rest].logsumexp(dim=1, keepdim=True), log_p[:, fg]], dim=1)
 
-    return F.kl_div(merged(student.log_softmax(dim=1)), merged(teacher.log_softmax(dim=1)), log_target=True,
-                    reduction="none").sum(1).mean()
+    kl = F.kl_div(merged(student.log_softmax(dim=1)), merged(teacher.log_softmax(dim=1)), log_target=True,
+                  reduction="none").sum(1)
+    return (kl if skip is None else kl.masked_fill(skip, 0.0)).mean()
+
+
+def new_class_pixels(target: torch.Tensor, n_old: int, taught: list[int] | None = None) -> torch.Tensor:
+    """(B, H, W) bool: pixels labelled with a class the old model (`n_old` outputs) was not `taught`
+    (default: all its outputs). The old model's answer there is wrong by the label, often an old
+    class the new one resembles, and distilling it pulls the new class toward that old class."""
+    taught_ids = torch.tensor(list(range(n_old)) if taught is None else sorted(taught), device=target.device)
+    return (target != 0) & (target != IGNORE) & ~torch.isin(target, taught_ids)
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
 
 from incseg.config import ContinualParams, TrainParams
-from incseg.continual.distillation import (pod_distillation, pseudo_label, unbiased_cross_entropy,
-                                          unbiased_distillation)
+from incseg.continual.distillation import (new_class_pixels, pod_distillation, pseudo_label,
+                                          unbiased_cross_entropy, unbiased_distillation)
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import SegmentationFolder
 from incseg.losses import dice_loss, segmentation_loss
@@ -96,10 +96,11 @@ def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, tea
     def objective(logits, images, target, annotated):
         with torch.no_grad():
             old = teacher(images)
+        skip = None if cont.distill_new_class_pixels else new_class_pixels(target, old.shape[1], taught)
         if cont.pseudo_label_threshold > 0:
             target, annotated = pseudo_label(target, annotated, old, cont.pseudo_label_threshold, taught)
         loss = partial_label_loss(logits, target, annotated, train) + cont.distill_weight * unbiased_distillation(
-            logits, old, taught)
+            logits, old, taught, skip)
         if features is not None and cont.feature_distill_weight > 0:
             loss = loss + cont.feature_distill_weight * pod_distillation(_flat(features[0]), _flat(features[1]))
         return loss
