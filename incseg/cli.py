@@ -84,6 +84,11 @@ def main(
 ) -> None:
     """Every command works on a workspace: params.yaml, data/, the MLflow store, git + DVC."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("INCSEG_DEBUG"):  # MLflow's INFO lines (its tables created, a version created) repeat
+        import logging                      # what the command prints; a level the user set is kept
+
+        level = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+        logging.getLogger("mlflow").setLevel(level.upper())  # and if it already is
     if device:
         os.environ["INCSEG_DEVICE"] = device
     ctx.obj = {"workspace": directory}

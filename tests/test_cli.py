@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,21 @@ def test_notify_without_a_prefect_server_fails_in_one_line(tmp_path, monkeypatch
         result = runner.invoke(app, ["-C", str(tmp_path), "notify", "batch-00"])
     assert result.exit_code == 1 and "PREFECT_API_URL is not set" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_new_workspaces_first_command_prints_no_mlflow_info_lines(tmp_path):
+    """MLflow logs at INFO when it creates its tables (a workspace's first command) and when it creates
+    a version; the command's own output says what matters. A level the user set is kept."""
+    from incseg.datastore import init_workspace
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "INCSEG_DEBUG")}
+    for name, extra, shown in [("quiet", {}, False), ("asked", {"MLFLOW_LOGGING_LEVEL": "INFO"}, True)]:
+        ws = init_workspace(tmp_path / name)
+        proc = subprocess.run([sys.executable, "-m", "incseg", "-C", str(ws), "models"], capture_output=True,
+                              text=True, env={**env, **extra})
+        assert proc.returncode == 0, proc.stderr
+        assert (ws / "mlflow.db").exists()  # the store was created by this command
+        assert ("Creating initial MLflow database tables" in proc.stderr) is shown, proc.stderr
 
 
 def test_bad_params_fail_with_one_line_naming_the_key(tmp_path):

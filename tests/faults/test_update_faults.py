@@ -77,6 +77,9 @@ def test_partly_bad_batch_trains_on_the_rest_and_quarantines(champion_ws, tmp_pa
     assert set(reasons) == {p.stem for p in broken}
     assert all((registered / p.name).exists() for p in broken)  # the registry keeps what it was given
     reg = ModelRegistry(ws)
-    report = json.loads(open(reg.client.download_artifacts(result.run_id, "validation/report.json", str(tmp_path))).read())
+    def artifact(path: str) -> str:
+        return open(reg.client.download_artifacts(result.run_id, path, str(tmp_path))).read()
+
+    report = json.loads(artifact("validation/report.json"))
     assert report["bad_stems"] == sorted(p.stem for p in broken) and len(report["valid_stems"]) == 62
-    assert "image_readable" in open(reg.client.download_artifacts(result.run_id, "validation/report.md", str(tmp_path))).read()
+    assert "image_readable" in artifact("validation/report.md")
