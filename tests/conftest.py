@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Before any Prefect / GX import: never touch the user's ~/.prefect, no analytics.
 _STATE = Path(tempfile.mkdtemp(prefix="incseg-tests-"))
 # Every temporary file of this process and the processes it starts goes below the state folder,
-# removed at the end (pytest_unconfigure): what a library leaves in the temp folder (a stopped Prefect
+# removed at the end (at exit, below): what a library leaves in the temp folder (a stopped Prefect
 # runner's `runner_storage/`, Dask's scratch, torch's caches) does not pile up in /tmp run after run.
 # pytest's own tmp_path folders stay where pytest keeps them (its last three runs, for a look after a failure).
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
 os.environ["TMPDIR"] = str(_STATE / "tmp")
 (_STATE / "tmp").mkdir()
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+# removed at exit, after every exit handler registered later (they run first): prefect_test_harness
+# removes its own temporary folder in one
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["DVC_NO_ANALYTICS"] = "1"
@@ -183,20 +188,15 @@ def pytest_collection_finish(session):
 
 
 def pytest_unconfigure(config):
-    """Stop the run's Prefect server, then remove this process's state folder (Prefect home, the
-    template database): ~20 MB per process per run otherwise left in the temp folder."""
-    import shutil
-
+    """Stop the run's Prefect server. This process's state folder (Prefect home, the template database,
+    the temporary files: ~20 MB per process per run) goes at exit (above)."""
     started = config.stash.get(_SERVER, None)
-    try:
-        if started is not None:
-            server, starter, errors = started
-            starter.join(timeout=180)
-            server.stop()  # SIGTERM, SIGKILL after 5 s
-            if errors:
-                raise errors[0]
-    finally:
-        shutil.rmtree(_STATE, ignore_errors=True)
+    if started is not None:
+        server, starter, errors = started
+        starter.join(timeout=180)
+        server.stop()  # SIGTERM, SIGKILL after 5 s
+        if errors:
+            raise errors[0]
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def test_prediction_scales_an_image_as_training_scaled_the_data(champion):
     pairs = holdout_with_objects(ws, 4)
 
     def up(a, resample=Image.BILINEAR):
-        return np.asarray(Image.fromarray(a).resize(native[::-1], resample))
+        return np.array(Image.fromarray(a).resize(native[::-1], resample))  # writable, as read_image gives
 
     images = [up(read_image(p.image)) for p in pairs]
     judge = eval_transforms(size)
