@@ -84,11 +84,7 @@ def main(
 ) -> None:
     """Every command works on a workspace: params.yaml, data/, the MLflow store, git + DVC."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    if not os.environ.get("INCSEG_DEBUG"):  # MLflow's INFO lines (its tables created, a version created) repeat
-        import logging                      # what the command prints; a level the user set is kept
-
-        level = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
-        logging.getLogger("mlflow").setLevel(level.upper())  # and if it already is
+    quiet_mlflow()
     if device:
         os.environ["INCSEG_DEVICE"] = device
     ctx.obj = {"workspace": directory}
@@ -309,13 +305,24 @@ def flows_ready() -> None:
     start_ephemeral_api()
 
 
+def quiet_mlflow() -> None:
+    """Every command: MLflow's download bars and INFO lines (its tables created, a version created)
+    repeat what the command prints. A level the user set is kept; INCSEG_DEBUG=1 keeps them all."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if os.environ.get("INCSEG_DEBUG"):
+        return
+    import logging
+
+    level = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    logging.getLogger("mlflow").setLevel(level.upper())  # and if it already is
+
+
 def quiet_prefect() -> None:
-    """Prefect's INFO lines and MLflow's download bars would drown the CLI's output; warnings still
-    show, as one line each: the failure itself is reported by the CLI (INCSEG_DEBUG=1 keeps tracebacks)."""
+    """Prefect's INFO lines would drown the CLI's output; warnings still show, as one line each: the
+    failure itself is reported by the CLI (INCSEG_DEBUG=1 keeps tracebacks)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # the ephemeral API starts a server process; 20 s (Prefect's default) is short on a busy laptop
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if os.environ.get("INCSEG_DEBUG"):
         return
@@ -502,7 +509,6 @@ def predict(
 
     if not images.is_dir():
         raise Failure(f"{images}: not a folder of images")
-    quiet_prefect()
     ws = workspace(ctx)
     reg = ModelRegistry(ws)
     loaded = reg.load(reg.resolve(version, alias), ws.runs_dir / "models")
@@ -533,7 +539,6 @@ def export(
 
     if fmt != "onnx":
         raise Failure(f"unknown --format {fmt!r}; supported: onnx")
-    quiet_prefect()
     ws = workspace(ctx)
     reg = ModelRegistry(ws)
     loaded = reg.load(reg.resolve(version), ws.runs_dir / "models")
