@@ -35,6 +35,7 @@ RULES: dict[str, dict[str, object]] = {
     "update_lr 3e-3 + head x3": {"train.update_lr": 3e-3, "continual.head_lr_scale": 3.0},
     "update_lr 1e-3": {"train.update_lr": 1e-3},
     "no distillation on new-class pixels": {"continual.distill_new_class_pixels": False},  # the label wins there
+    "replay toward confused 0.5": {"continual.replay_toward_confused": 0.5},  # half of it: what new is taken for
 }
 
 

@@ -122,6 +122,9 @@ class ContinualParams(Section):
     memory_val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's exemplars not replayed "
                                        "but scored with the batch's validation split, so an update's early stop "
                                        "sees old classes too (0: the batch's split alone; update-recipe.md section 7)")
+    replay_toward_confused: float = Field(0.0, ge=0, le=1, description="share of the replay drawn toward the old "
+                                          "classes the champion takes the batch's new-class pixels for, in proportion "
+                                          "(0: every exemplar equally; update-recipe.md section 16)")
     distill_weight: float = Field(1.0, ge=0)
     distill_new_class_pixels: bool = Field(True, description="distil the old model on pixels labelled with a new "
                                            "class too (MiB); false: only elsewhere (the label wins there)")

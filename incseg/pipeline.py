@@ -19,7 +19,8 @@ from torch.utils.data import Dataset, Sampler
 
 from incseg.config import Params, TrainParams, Workspace
 from incseg.continual.memory import ExemplarMemory
-from incseg.continual.strategies import feature_taps, make_objective, training_set, uses_distillation
+from incseg.continual.strategies import (feature_taps, make_objective, replay_shares, training_set,
+                                        uses_distillation)
 from incseg.data.dataset import SegmentationFolder, eval_transforms, train_transforms
 from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, read_classes
 from incseg.datastore import has_dvc, safe_batch_id
@@ -224,19 +225,36 @@ def train_base(
     return model.cpu(), result
 
 
-def update_sets(params: Params, batch: Batch, memory: ExemplarMemory, n_classes: int
+def confused_replay(params: Params, champion: nn.Module, batch: Batch, memory: ExemplarMemory, n_classes: int,
+                    device: torch.device) -> dict[int, float] | None:
+    """Each exemplar class's share of an update's replay with `continual.replay_toward_confused`
+    (`replay_shares`: the champion's answers on the batch's pixels of classes it was not taught say
+    which old classes it takes them for); None when off or nothing is replayed."""
+    toward = params.continual.replay_toward_confused
+    if toward <= 0 or not memory.items or params.continual.replay_fraction <= 0:
+        return None
+    new = [c for c in batch.classes if c not in taught_classes(champion)]
+    data = SegmentationFolder(batch.pairs, eval_transforms(params.data.image_size), n_classes, batch.classes)
+    loader = make_loader(data, params.eval.batch_size, shuffle=False)
+    taken_for = evaluate(copy.deepcopy(champion), loader, n_classes, device)
+    return replay_shares(taken_for, new, sorted(memory.per_class()), toward)
+
+
+def update_sets(params: Params, batch: Batch, memory: ExemplarMemory, n_classes: int,
+                class_share: dict[int, float] | None = None,
                 ) -> tuple[Dataset, Sampler | None, list[tuple[list[Pair], list[int]]]]:
     """What an update trains on (the batch less its validation split, with the replayed memory as the
-    strategy says) and the groups its early stop scores (`validation_score`): the batch's split, then,
-    with `continual.memory_val_fraction`, the exemplars held back from replay, one group per label set."""
+    strategy says, each class's exemplars `class_share` of it if given) and the groups its early stop
+    scores (`validation_score`): the batch's split, then, with `continual.memory_val_fraction`, the
+    exemplars held back from replay, one group per label set."""
     p = params
     transform = training_transform(p)
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
     replayed, checked = memory.held_back(p.continual.memory_val_fraction if held else 0.0, p.train.seed)
     data, sampler = training_set(SegmentationFolder(fit, transform, n_classes, batch.classes), replayed,
-                                 p.continual.strategy, p.continual.replay_fraction, transform, n_classes)
-    return data, sampler, [(held, batch.classes), *((pairs, list(annotated))
-                                                   for annotated, pairs in checked.by_label_set().items())]
+                                 p.continual.strategy, p.continual.replay_fraction, transform, n_classes, class_share)
+    return data, sampler, [(held, batch.classes), *(([checked.pair(it) for it in items], list(annotated))
+                                                   for annotated, items in checked.by_label_set().items())]
 
 
 def train_candidate(
@@ -256,7 +274,7 @@ def train_candidate(
             param.requires_grad_(False)
     device = resolve_device(p.train.device)
     teacher = copy.deepcopy(champion).to(device, memory_format=FAST_LAYOUT) if uses_distillation(strategy) else None
-    data, sampler, checks = update_sets(p, batch, memory, n)
+    data, sampler, checks = update_sets(p, batch, memory, n, confused_replay(p, champion, batch, memory, n, device))
     loader = make_loader(data, p.train.batch_size, shuffle=True, sampler=sampler,
                          num_workers=p.train.num_workers, seed=p.train.seed)
     taps = feature_taps(student, teacher) if teacher is not None and p.continual.feature_distill_weight > 0 \

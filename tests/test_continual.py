@@ -240,6 +240,43 @@ def test_an_update_scores_held_back_exemplars_only_when_asked_and_never_replays_
     assert not {pair.stem for pair in groups[0][0]} & stems(data)  # nor the batch's own split
 
 
+def test_replay_leans_toward_the_old_class_the_champion_takes_the_new_class_for(stream_dir, tmp_path):
+    """`continual.replay_toward_confused`: a champion calling every pixel circle takes the batch's
+    triangles for circles, so half the replay goes to circles on top of the even half."""
+    from helpers import tiny_params
+    from incseg.models import build_model
+    from incseg.pipeline import Batch, confused_replay, update_sets
+
+    base = stream_dir / "registry" / "batch-00"
+    memory = ExemplarMemory.empty().refreshed(find_pairs(base), "batch-00", [0, 1, 2], 24, tmp_path / "m")
+    batch, cpu = Batch.load(stream_dir / "registry" / "batch-01"), torch.device("cpu")
+
+    def calls_everything(k: int) -> nn.Module:
+        champion = build_model("unet", 3, width=4)
+        with torch.no_grad():
+            champion.head.weight.zero_()
+            champion.head.bias.copy_(torch.eye(3)[k] * 10)
+        return champion
+
+    def class_weights(sampler) -> dict[int, float]:  # each class's share of the replay's draw
+        weights = sampler.weights[-len(memory.items):]  # the batch's part comes first
+        kept = [it for items in memory.by_label_set().values() for it in items]
+        out = {c: float(sum(w for w, it in zip(weights, kept) if it.primary == c)) for c in (1, 2)}
+        return {c: v / sum(out.values()) for c, v in out.items()}
+
+    params = tiny_params(continual={"replay_toward_confused": 0.5})
+    shares = confused_replay(params, calls_everything(2), batch, memory, 5, cpu)
+    assert shares == pytest.approx({1: 0.25, 2: 0.75})
+    _, sampler, _ = update_sets(params, batch, memory, 5, shares)
+    assert class_weights(sampler) == pytest.approx({1: 0.25, 2: 0.75})
+    assert float(sampler.weights[:-len(memory.items)].sum()) == pytest.approx(0.5)  # the batch keeps its half
+    # background is no old class to lean toward: even shares, as when the knob is off (None: every exemplar alike)
+    assert confused_replay(params, calls_everything(0), batch, memory, 5, cpu) == pytest.approx({1: 0.5, 2: 0.5})
+    assert confused_replay(tiny_params(), calls_everything(2), batch, memory, 5, cpu) is None
+    _, sampler, _ = update_sets(tiny_params(), batch, memory, 5)
+    assert len(set(sampler.weights[-len(memory.items):].tolist())) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.cost(110)
 def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):

@@ -63,11 +63,11 @@ class ExemplarMemory:
             counts[it.primary] = counts.get(it.primary, 0) + 1
         return dict(sorted(counts.items()))
 
-    def by_label_set(self) -> dict[tuple[int, ...], list[Pair]]:
-        """Exemplar pairs grouped by the class set their batch annotated."""
-        groups: dict[tuple[int, ...], list[Pair]] = {}
+    def by_label_set(self) -> dict[tuple[int, ...], list[Exemplar]]:
+        """Exemplars grouped by the class set their batch annotated."""
+        groups: dict[tuple[int, ...], list[Exemplar]] = {}
         for it in self.items:
-            groups.setdefault(it.annotated, []).append(self.pair(it))
+            groups.setdefault(it.annotated, []).append(it)
         return groups
 
     def held_back(self, fraction: float, seed: int = 0) -> tuple[ExemplarMemory, ExemplarMemory]:

@@ -15,6 +15,7 @@ from incseg.continual.distillation import (new_class_pixels, pod_distillation, p
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import SegmentationFolder
 from incseg.losses import dice_loss, segmentation_loss
+from incseg.metrics import ConfusionMatrix
 from incseg.models import feature_modules
 
 STRATEGIES = ("naive", "replay", "distill", "replay+distill")
@@ -30,19 +31,40 @@ def uses_distillation(strategy: str) -> bool:
 
 
 def training_set(
-    batch: SegmentationFolder, memory: ExemplarMemory, strategy: str, replay_fraction: float, transform, n_classes: int
+    batch: SegmentationFolder, memory: ExemplarMemory, strategy: str, replay_fraction: float, transform, n_classes: int,
+    class_share: dict[int, float] | None = None,
 ) -> tuple[Dataset, WeightedRandomSampler | None]:
     """The batch alone, or the batch mixed with the memory so that about `replay_fraction`
-    of every epoch comes from the memory (an epoch still covers the batch about once)."""
+    of every epoch comes from the memory (an epoch still covers the batch about once). The replay
+    draws every exemplar equally, or with `class_share` (`replay_shares`) each class's exemplars
+    together that share of it."""
     if not uses_replay(strategy) or not memory.items or replay_fraction <= 0:
         return batch, None
+    groups = memory.by_label_set()
     parts: list[SegmentationFolder] = [batch] + [
-        SegmentationFolder(pairs, transform, n_classes, annotated) for annotated, pairs in memory.by_label_set().items()
+        SegmentationFolder([memory.pair(it) for it in items], transform, n_classes, annotated)
+        for annotated, items in groups.items()
     ]
-    n_mem = sum(len(p) for p in parts[1:])
-    weights = [(1 - replay_fraction) / len(batch)] * len(batch) + [replay_fraction / n_mem] * n_mem
+    kept = [it for items in groups.values() for it in items]
+    if class_share is None:
+        replayed = [replay_fraction / len(kept)] * len(kept)
+    else:
+        counts = memory.per_class()
+        replayed = [replay_fraction * class_share.get(it.primary, 0.0) / counts[it.primary] for it in kept]
+    weights = [(1 - replay_fraction) / len(batch)] * len(batch) + replayed
     n_samples = round(len(batch) / (1 - replay_fraction))
     return ConcatDataset(parts), WeightedRandomSampler(weights, n_samples, replacement=True)
+
+
+def replay_shares(taken_for: ConfusionMatrix, new: list[int], kept: list[int], toward: float) -> dict[int, float]:
+    """Each kept class's share of the replay: `1 - toward` spread evenly, `toward` in proportion to how
+    many pixels labelled with a `new` class the champion took for that class (`taken_for`: labels x
+    the champion's answers, on the batch). All even when it took them for none of the kept classes."""
+    taken = taken_for.mat[new][:, kept].sum(dim=0).double() if new and kept else torch.zeros(len(kept))
+    even = torch.full((len(kept),), 1 / max(len(kept), 1), dtype=torch.float64)
+    toward = toward if float(taken.sum()) > 0 else 0.0
+    share = (1 - toward) * even + (toward * taken / taken.sum() if toward else 0)
+    return {c: float(v) for c, v in zip(kept, share)}
 
 
 def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
