@@ -10,9 +10,13 @@ beside the MLflow pyfunc (`incseg.serving`), so an update can always load it.
 from __future__ import annotations
 
 import getpass
+import io
+import logging
 import os
+import sys
 import tempfile
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +68,27 @@ def reachable(uri: str):
             sqlite3.OperationalError) as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise RegistryUnavailable(f"MLflow store at {uri} failed: {first}") from err
+
+
+# what `mlflow.register_model` prints to stderr whatever the `mlflow` logger's level
+REGISTRATION_EVENTS = ("Successfully registered model ", "Registered model ", "Created version ")
+
+
+@contextmanager
+def events_at_log_level() -> Iterator[None]:
+    """MLflow's registration events follow the `mlflow` logger's level, as its INFO lines do: below
+    INFO (the CLI's default, `cli.quiet_mlflow`) they are dropped; any other line written to stderr
+    meanwhile still reaches it."""
+    if logging.getLogger("mlflow").isEnabledFor(logging.INFO):
+        yield
+        return
+    caught = io.StringIO()
+    try:
+        with redirect_stderr(caught):
+            yield
+    finally:
+        sys.stderr.writelines(line for line in caught.getvalue().splitlines(keepends=True)
+                              if not line.startswith(REGISTRATION_EVENTS))
 
 
 @dataclass
@@ -333,7 +358,8 @@ class ModelRegistry:
             self.client.get_registered_model(self.name)
         except MlflowException:
             self.client.create_registered_model(self.name, description="incseg segmentation model")
-        mv = mlflow.register_model(model_uri, self.name, tags={**tags, "status": "pending", "run_id": run_id})
+        with events_at_log_level():
+            mv = mlflow.register_model(model_uri, self.name, tags={**tags, "status": "pending", "run_id": run_id})
         self.client.set_registered_model_alias(self.name, CHALLENGER, str(mv.version))
         return mv
 

@@ -169,6 +169,37 @@ def test_a_new_workspaces_first_command_prints_no_mlflow_info_lines(tmp_path):
         assert ("Creating initial MLflow database tables" in proc.stderr) is shown, proc.stderr
 
 
+def test_registering_a_version_prints_mlflow_events_only_at_info(tmp_path, capsys):
+    """`mlflow.register_model` prints "Created version ..." to stderr whatever the `mlflow` logger's level:
+    in incseg those lines follow the level (the CLI's default, WARNING, drops them), other lines pass."""
+    import logging
+
+    from incseg.config import Workspace
+    from incseg.datastore import init_workspace
+    from incseg.registry import ModelRegistry, events_at_log_level
+
+    reg = ModelRegistry(Workspace(init_workspace(tmp_path / "ws")))
+    run_id = reg.start_run("registration", {"batch_id": "batch-00"}, {})
+    source = reg.client.get_run(run_id).info.artifact_uri + "/model"
+    logger = logging.getLogger("mlflow")
+    before = logger.level
+    try:
+        for level, shown in [(logging.WARNING, False), (logging.INFO, True)]:
+            logger.setLevel(level)
+            capsys.readouterr()
+            version = reg.register(run_id, source, {"batch_id": "batch-00"}).version
+            assert ("Created version" in capsys.readouterr().err) is shown
+            assert reg.version(version).tags["status"] == "pending"
+        logger.setLevel(logging.WARNING)
+        with events_at_log_level():
+            print("Created version '9' of model 'm'.", file=sys.stderr)
+            print("a warning of its own", file=sys.stderr)
+        assert capsys.readouterr().err == "a warning of its own\n"
+    finally:
+        logger.setLevel(before)
+        reg.end_run(run_id)
+
+
 def test_bad_params_fail_with_one_line_naming_the_key(tmp_path):
     (tmp_path / "params.yaml").write_text("synth: {size: 3}\n")
     proc = subprocess.run([sys.executable, "-m", "incseg", "-C", str(tmp_path), "data", "synth"],
