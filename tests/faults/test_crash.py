@@ -30,15 +30,17 @@ def test_killed_update_leaves_registry_untouched_and_resumes(champion_ws, stream
     # dies (a server's lease on a killed holder lasts until it expires: minutes)
     env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
            "PREFECT_HOME": str(prefect_home(ws.root.parent / "prefect"))}
-    with processes.running(command, sig=signal.SIGKILL, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL) as proc:
+    log = ws.root.parent / "watch.log"  # what the watcher said, for a failure's message
+    with log.open("wb") as out, processes.running(command, sig=signal.SIGKILL, env=env, stdout=out,
+                                                  stderr=subprocess.STDOUT) as proc:
         deadline = time.monotonic() + 180
         checkpoints = []
         while time.monotonic() < deadline and not checkpoints:
             checkpoints = list(ws.runs_dir.glob("update-batch-01-v1-*/train.pt"))
-            assert proc.poll() is None, "the update finished before it could be killed"
+            assert proc.poll() is None, f"the watcher exited {proc.returncode} before it could be killed:\n" \
+                                        f"{log.read_text(errors='replace')[-3000:]}"
             time.sleep(0.2)
-        assert checkpoints, "no checkpoint appeared"
+        assert checkpoints, f"no checkpoint appeared:\n{log.read_text(errors='replace')[-3000:]}"
         time.sleep(1.0)
     # leaving the block SIGKILLed the watcher's whole process group
 
