@@ -595,7 +595,8 @@ def bench(
                                                  "(default: synth.style).")] = None,
     ablation: Annotated[bool, typer.Option("--ablation", help="Forgetting-control ablation: naive, the default "
                                            "strategy, and the default with one knob changed each (pseudo-labels, "
-                                           "feature distillation, weight fusion, frozen stem, head init, updates' weight averaging).")] = False,
+                                           "feature distillation, weight fusion, frozen stem, head init, updates' weight averaging, "
+                                           "distillation on new-class pixels, replay toward confused classes).")] = False,
 ) -> None:
     """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
     (--inference); print and write tables."""

@@ -40,6 +40,8 @@ ABLATION: dict[str, dict[str, object]] = {
     "random new-head init": {"continual.head_init": "random"},
     "EMA instead of SWA": {"train.update_average_weights": "ema"},
     "no weight averaging": {"train.update_average_weights": "off"},
+    "no distillation on new-class pixels": {"continual.distill_new_class_pixels": False},
+    "+ replay toward confused 0.5": {"continual.replay_toward_confused": 0.5},
 }
 
 
