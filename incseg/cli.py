@@ -306,8 +306,9 @@ def flows_ready() -> None:
 
 
 def quiet_mlflow() -> None:
-    """Every command: MLflow's download bars and INFO lines (its tables created, a version created)
-    repeat what the command prints. A level the user set is kept; INCSEG_DEBUG=1 keeps them all."""
+    """Every command: MLflow's download bars and INFO lines (its tables created; a version registered,
+    which `registry.events_at_log_level` holds to this level) repeat what the command prints. A level
+    the user set is kept; INCSEG_DEBUG=1 keeps them all."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if os.environ.get("INCSEG_DEBUG"):
         return

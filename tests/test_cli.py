@@ -155,8 +155,8 @@ def test_notify_without_a_prefect_server_fails_in_one_line(tmp_path, monkeypatch
 
 
 def test_a_new_workspaces_first_command_prints_no_mlflow_info_lines(tmp_path):
-    """MLflow logs at INFO when it creates its tables (a workspace's first command) and when it creates
-    a version; the command's own output says what matters. A level the user set is kept."""
+    """MLflow logs at INFO when it creates its tables (a workspace's first command); the command's own
+    output says what matters. A level the user set is kept."""
     from incseg.datastore import init_workspace
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "INCSEG_DEBUG")}

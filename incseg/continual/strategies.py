@@ -60,10 +60,10 @@ def replay_shares(taken_for: ConfusionMatrix, new: list[int], kept: list[int], t
     """Each kept class's share of the replay: `1 - toward` spread evenly, `toward` in proportion to how
     many pixels labelled with a `new` class the champion took for that class (`taken_for`: labels x
     the champion's answers, on the batch). All even when it took them for none of the kept classes."""
-    taken = taken_for.mat[new][:, kept].sum(dim=0).double() if new and kept else torch.zeros(len(kept))
-    even = torch.full((len(kept),), 1 / max(len(kept), 1), dtype=torch.float64)
-    toward = toward if float(taken.sum()) > 0 else 0.0
-    share = (1 - toward) * even + (toward * taken / taken.sum() if toward else 0)
+    taken = taken_for.mat[new][:, kept].sum(dim=0).double()
+    if taken.sum() == 0:
+        return {c: 1 / len(kept) for c in kept}
+    share = (1 - toward) / len(kept) + toward * taken / taken.sum()
     return {c: float(v) for c, v in zip(kept, share)}
 
 
