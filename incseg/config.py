@@ -101,9 +101,8 @@ class TrainParams(Section):
     update_lr_decays: int | None = Field(1, ge=0, description="lr_decays of an update; null: lr_decays")
     update_patience: int | None = Field(3, ge=1, description="patience of an update; null: patience")
     anneal_fraction: float = Field(0.25, ge=0, le=1, description="the last share of max_steps lowers the LR linearly to 0")
-    average_weights: WeightAverage = Field("ema", description="what a run judges and keeps: the latest weights (off), "
-                                           "their EMA over ~eval_every steps (ema), their uniform average (swa); "
-                                           "recipe.md, the bootstrap's weight average")
+    average_weights: WeightAverage = Field("off", description="what a run judges and keeps: the latest weights (off), "
+                                           "their EMA over ~eval_every steps (ema), their uniform average (swa)")
     update_average_weights: WeightAverage | None = Field(
         "swa", description="average_weights of an update; null: average_weights (update-recipe.md section 12)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of a batch held out for early stopping")

@@ -192,10 +192,8 @@ def test_an_update_evaluates_and_drops_its_lr_on_its_own_cadence_when_set():
     shared = budget(own.model_copy(update={"update_eval_every": None, "update_lr_decays": None, "update_patience": None}),
                     from_scratch=False)
     assert (shared.eval_every, shared.decays, shared.patience) == (200, 2, 6)
-    # updates keep the uniform average of their weights, runs from scratch an EMA (a uniform one would keep the
-    # first, half-trained steps); null: an update averages as the bootstrap does
-    assert (update.average, boot.average) == ("swa", "ema")
-    assert budget(own.model_copy(update={"update_average_weights": None}), from_scratch=False).average == "ema"
+    assert (update.average, boot.average) == ("swa", "off")  # updates average their weights, bootstraps do not
+    assert budget(own.model_copy(update={"update_average_weights": None}), from_scratch=False).average == "off"
     # the older boolean knob still reads: true was the EMA
     assert (TrainParams(average_weights=True).average_weights, TrainParams(average_weights=False).average_weights) == (
         "ema", "off")
