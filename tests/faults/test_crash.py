@@ -31,16 +31,19 @@ def test_killed_update_leaves_registry_untouched_and_resumes(champion_ws, stream
     env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
            "PREFECT_HOME": str(prefect_home(ws.root.parent / "prefect"))}
     log = ws.root.parent / "watch.log"  # what the watcher said, for a failure's message
+
+    def said() -> str:
+        return log.read_text(errors="replace")[-3000:]
+
     with log.open("wb") as out, processes.running(command, sig=signal.SIGKILL, env=env, stdout=out,
                                                   stderr=subprocess.STDOUT) as proc:
         deadline = time.monotonic() + 180
         checkpoints = []
         while time.monotonic() < deadline and not checkpoints:
             checkpoints = list(ws.runs_dir.glob("update-batch-01-v1-*/train.pt"))
-            assert proc.poll() is None, f"the watcher exited {proc.returncode} before it could be killed:\n" \
-                                        f"{log.read_text(errors='replace')[-3000:]}"
+            assert proc.poll() is None, f"the watcher exited {proc.returncode} before it could be killed:\n{said()}"
             time.sleep(0.2)
-        assert checkpoints, f"no checkpoint appeared:\n{log.read_text(errors='replace')[-3000:]}"
+        assert checkpoints, f"no checkpoint appeared:\n{said()}"
         time.sleep(1.0)
     # leaving the block SIGKILLed the watcher's whole process group
 
