@@ -155,13 +155,13 @@ def budget(train: TrainParams, *, from_scratch: bool) -> Budget:
     if from_scratch:
         return Budget(train.bootstrap_max_steps, train.bootstrap_min_steps, train.eval_every, train.patience,
                       judge_from=train.bootstrap_judge_from, decays=train.lr_decays, anneal=train.anneal_fraction,
-                      average=train.average_weights)
+                      average=train.average_weights, smoothing=train.score_smoothing)
     every = train.eval_every if train.update_eval_every is None else train.update_eval_every
     decays = train.lr_decays if train.update_lr_decays is None else train.update_lr_decays
     patience = train.patience if train.update_patience is None else train.update_patience
     average = train.average_weights if train.update_average_weights is None else train.update_average_weights
     return Budget(train.update_max_steps, train.update_min_steps, every, patience,
-                  decays=decays, anneal=train.anneal_fraction, average=average)
+                  decays=decays, anneal=train.anneal_fraction, average=average, smoothing=train.score_smoothing)
 
 
 def training_transform(p: Params):

@@ -108,7 +108,10 @@ class Budget:
     not mid-stride at the peak rate. `average` says what is evaluated and kept instead of the latest
     step's weights: "ema", an exponential moving average over about the last `eval_every` steps;
     "swa", the uniform average of every step's weights from half the first evaluation on (stochastic
-    weight averaging; a plateau's return to the best weights returns the average to them too)."""
+    weight averaging; a plateau's return to the best weights returns the average to them too).
+    `smoothing` < 1 counts plateaus on an exponential moving average of the validation scores (the
+    newest score's weight) instead of on the raw score, so one lucky evaluation at a high learning
+    rate does not start the wait that drops it; the weights kept are still those of the best raw score."""
 
     max_steps: int
     min_steps: int = 0
@@ -120,6 +123,7 @@ class Budget:
     anneal: float = 0.25
     average: Literal["off", "ema", "swa"] = "off"
     judge_from: int = 0
+    smoothing: float = 1.0
 
 
 class LearningRate:
@@ -184,6 +188,7 @@ def train(
     result = TrainResult(world_size=dist.world_size())
     state = _resume(checkpoint_path, model, opt, sched, result, budget)
     best, best_state, waited, decays = state["best"], state["best_state"], state["waited"], state["decays"]
+    trend, trend_best = state["trend"], state["trend_best"]  # the smoothed score that plateaus are counted on
     averaged, average_from = None, 0
     if budget.average != "off":  # torch's averages of parameters and BatchNorm statistics
         ema = get_ema_multi_avg_fn(1 - 1 / budget.eval_every) if budget.average == "ema" else None
@@ -230,15 +235,19 @@ def train(
                 point = EvalPoint(step, total / max(seen, 1), score, int(seen), seconds)
                 result.evals.append(point)
                 improved = score == score and score > best + budget.min_delta
+                if score == score:
+                    trend = score if trend is None else budget.smoothing * score + (1 - budget.smoothing) * trend
                 if validate is None:  # nothing to judge by: the latest weights are the best
                     result.best_step = step
                 elif step < budget.judge_from and step < budget.max_steps:
                     pass  # still climbing: a score this early is no candidate to keep or to wait on
-                elif improved or best_state is None:
-                    best, waited, result.best_step = (score if improved else best), 0, step
-                    best_state = {k: v.detach().clone().cpu() for k, v in judged.state_dict().items()}
                 else:
-                    waited += 1
+                    rising, first = trend is not None and trend > trend_best + budget.min_delta, best_state is None
+                    if improved or first:
+                        best, result.best_step = (score if improved else best), step
+                        best_state = {k: v.detach().clone().cpu() for k, v in judged.state_dict().items()}
+                    trend_best = trend if rising else trend_best
+                    waited = 0 if rising or first else waited + 1
                 if step >= budget.max_steps:  # the budget is spent, plateau or not
                     result.stopped = "max_steps"
                 elif waited >= budget.patience and decays < budget.decays:  # a plateau: lower the LR, from the best
@@ -252,6 +261,7 @@ def train(
                 if checkpoint_path is not None and dist.is_main():
                     _save_state(checkpoint_path, model, opt, sched, result, budget,
                                 {"best": best, "best_state": best_state, "waited": waited, "epoch": epoch,
+                                 "trend": trend, "trend_best": trend_best,
                                  "decays": decays, "averaged": averaged.state_dict() if averaged is not None else None})
                 if on_eval is not None:
                     on_eval(point, judged)
@@ -282,7 +292,8 @@ def _save_state(path: Path, model, opt, sched, result: TrainResult, budget: Budg
 
 
 def _resume(path: Path | None, model, opt, sched, result: TrainResult, budget: Budget) -> dict:
-    fresh = {"best": float("-inf"), "best_state": None, "waited": 0, "epoch": 0, "decays": 0, "averaged": None}
+    fresh = {"best": float("-inf"), "best_state": None, "waited": 0, "epoch": 0, "decays": 0, "averaged": None,
+             "trend": None, "trend_best": float("-inf")}
     if path is None or not path.exists():
         return fresh
     try:

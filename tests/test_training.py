@@ -169,6 +169,18 @@ def test_a_lucky_score_before_judge_from_is_neither_kept_nor_restarted_from():
     assert same_weights(model, snapshots[20])
 
 
+def test_a_smoothed_score_waits_out_a_lucky_spike_but_the_best_raw_weights_are_kept():
+    """One spike (0.9) among scores still climbing: on the raw score it starts the wait that stops the
+    run; on a moving average (the newest score's weight 0.5) the trend keeps rising past it."""
+    scores = [0.5, 0.9, 0.7, 0.8, 0.85, 0.86, 0.87, 0.88]
+    raw = train_on_scores(scores, Budget(max_steps=40, eval_every=5, patience=2, decays=0))[1]
+    assert raw.stopped == "converged" and raw.steps == 20 and raw.best_step == 10
+    model, result, snapshots = train_on_scores(scores, Budget(max_steps=40, eval_every=5, patience=2, decays=0,
+                                                              smoothing=0.5))
+    assert result.stopped == "max_steps" and result.steps == 40 and result.best_step == 10
+    assert same_weights(model, snapshots[10])
+
+
 def test_max_steps_end_training_even_on_a_plateau_step():
     """A plateau found at the last step must not buy an extra step with a lower LR."""
     model, result, _ = train_on_scores([0.5, 0.4], Budget(max_steps=10, eval_every=5, patience=1, decays=2))
