@@ -100,7 +100,7 @@ class TrainParams(Section):
     update_eval_every: int | None = Field(100, ge=1, description="eval_every of an update; null: eval_every")
     update_lr_decays: int | None = Field(1, ge=0, description="lr_decays of an update; null: lr_decays")
     update_patience: int | None = Field(3, ge=1, description="patience of an update; null: patience")
-    score_smoothing: float = Field(1.0, gt=0, le=1, description="weight of the newest validation score in the moving "
+    score_smoothing: float = Field(0.5, gt=0, le=1, description="weight of the newest validation score in the moving "
                                    "average that plateaus are counted on (1: the raw score; the best raw score's "
                                    "weights are kept either way)")
     anneal_fraction: float = Field(0.25, ge=0, le=1, description="the last share of max_steps lowers the LR linearly to 0")

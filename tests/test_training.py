@@ -206,6 +206,8 @@ def test_an_update_evaluates_and_drops_its_lr_on_its_own_cadence_when_set():
     assert (shared.eval_every, shared.decays, shared.patience) == (200, 2, 6)
     assert (update.average, boot.average) == ("swa", "off")  # updates average their weights, bootstraps do not
     assert budget(own.model_copy(update={"update_average_weights": None}), from_scratch=False).average == "off"
+    assert (update.smoothing, boot.smoothing) == (0.5, 0.5)  # plateaus counted on a moving average of the scores
+    assert budget(own.model_copy(update={"score_smoothing": 1.0}), from_scratch=True).smoothing == 1.0
     # the older boolean knob still reads: true was the EMA
     assert (TrainParams(average_weights=True).average_weights, TrainParams(average_weights=False).average_weights) == (
         "ema", "off")
