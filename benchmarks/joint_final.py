@@ -4,7 +4,7 @@
 and accuracy-matrix columns need) and then once more at twice the budget: hours per look on a
 laptop. This script runs only the last of those retrainings (every batch of the same seeded stream,
 full labels, the bootstrap's convergence-driven rule with its step limits, and above 1 its patience,
-times BUDGET_SCALE) and writes its holdout IoU,
+times BUDGET_SCALE), printing a line per evaluation, and writes its holdout IoU,
 steps, images, seconds and validation curve as JSON. Run it from a project folder (it reads
 `params.yaml` there, like `incseg bench`):
 
@@ -27,7 +27,7 @@ def main(style: str, out: Path, scale: float = 1.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="incseg-joint-") as tmp:
         ws, _, _, full = b.stream(params, Path(tmp))
         names = read_classes(ws.classes_file)
-        res = b.joint_once(ws, full, sorted({c for x in full for c in x.classes}), scale)
+        res = b.joint_once(ws, full, sorted({c for x in full for c in x.classes}), scale, progress=True)
     res = {"style": style, "budget_scale": scale, "batch_images": [len(x.pairs) for x in full], **res,
            "iou": {names[c]: v for c, v in res["iou"].items()}}
     out.write_text(json.dumps(res, indent=1) + "\n")

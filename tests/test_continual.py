@@ -311,9 +311,10 @@ def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.cost(10)
-def test_joint_once_trains_on_the_fully_labelled_stream_and_scores_every_class(tmp_path):
+def test_joint_once_trains_on_the_fully_labelled_stream_and_scores_every_class(tmp_path, capsys):
     """The ceiling check's (and `benchmarks/joint_final.py`'s) joint: one run on every batch with
-    full labels, reported with its cost, curve and an IoU for every class of the stream."""
+    full labels, reported with its cost, curve and an IoU for every class of the stream; with
+    `progress`, a log gets a line per evaluation (a 50-minute run is not silent)."""
     from helpers import tiny_params
     from incseg.bench import continual as b
 
@@ -323,8 +324,10 @@ def test_joint_once_trains_on_the_fully_labelled_stream_and_scores_every_class(t
     assert [x.batch_id for x in full] == [x.batch_id for x in batches] and len(infos) == 2
     assert set(full[1].classes) > set(batches[1].classes)  # old objects labelled in the full copy
     classes = sorted({c for x in full for c in x.classes})
-    res = b.joint_once(ws, full, classes, budget_scale=0.5)
+    res = b.joint_once(ws, full, classes, budget_scale=0.5, progress=True)
     assert res["steps"] == 30 and res["images"] >= 30 * 15 and res["curve"][-1][0] == 30
+    lines = [x for x in capsys.readouterr().out.splitlines() if ": step " in x]
+    assert len(lines) == len(res["curve"]) and ": step 30/30 " in lines[-1]
     assert set(res["iou"]) == set(classes) and 0 <= res["miou_all"] <= 1
 
 

@@ -103,13 +103,15 @@ def joint_params(params: Params, budget_scale: float) -> Params:
     return p
 
 
-def train_joint(ws: Workspace, full: list[Batch], classes: list[int], budget_scale: float = 1.0):
+def train_joint(ws: Workspace, full: list[Batch], classes: list[int], budget_scale: float = 1.0,
+                progress: bool = False):
     """The upper bound: from scratch on every batch so far with *full* labels (what the generator
-    knows), with the bootstrap's convergence-driven budget (`joint_params`)."""
+    knows), with the bootstrap's convergence-driven budget (`joint_params`); `progress`: a bar, or a
+    line per evaluation in a log."""
     p = joint_params(ws.params, budget_scale)
     pairs = [pair for b in full for pair in b.pairs]
     joint = Batch(f"joint-{full[-1].batch_id}", full[-1].root, pairs, BatchInfo(full[-1].batch_id, classes=classes))
-    return train_base(Workspace(ws.root, p), joint, progress=False)
+    return train_base(Workspace(ws.root, p), joint, progress=progress)
 
 
 def stream(params: Params, root: Path) -> tuple[Workspace, list, list[Batch], list[Batch]]:
@@ -122,11 +124,12 @@ def stream(params: Params, root: Path) -> tuple[Workspace, list, list[Batch], li
     return ws, infos, batches, [Batch.load(root / "full" / "registry" / b.batch_id) for b in batches]
 
 
-def joint_once(ws: Workspace, full: list[Batch], classes: list[int], budget_scale: float = 1.0) -> dict:
+def joint_once(ws: Workspace, full: list[Batch], classes: list[int], budget_scale: float = 1.0,
+               progress: bool = False) -> dict:
     """Joint on `full`, trained once: steps, images, seconds, holdout mIoU over `classes`, IoU per
     class id and the validation curve (the ceiling check; `benchmarks/joint_final.py`)."""
     t0 = time.perf_counter()
-    model, result = train_joint(ws, full, classes, budget_scale)
+    model, result = train_joint(ws, full, classes, budget_scale, progress)
     iou = _iou(ws, model)
     return {"steps": result.steps, "images": result.images_processed, "seconds": round(time.perf_counter() - t0, 1),
             "miou_all": _mean(iou, classes), "iou": {c: round(iou[c], 4) for c in classes},
