@@ -6,7 +6,8 @@ shape classes (ellipse, bar, hexagon, crescent, chevron, in that order), each fi
 under a checker and noise drawn independently of the class, so only the shape tells them apart;
 objects overlap, the later on top. Then, in a fresh workspace under OUT, the commands a new user
 runs at default params: `incseg init`, `incseg data add --holdout`, `incseg data add`,
-`incseg bootstrap`, and writes OUT/result.json: the champion's metrics and the seconds it took.
+`incseg bootstrap`, and writes OUT/result.json: the champion's metrics, its validation and holdout
+curves, and the seconds it took.
 With `--stream N` the last N classes are held back from the bootstrap's batch and come one per later
 batch, in which only the new class is labelled (old classes' objects appear, as background); each
 is brought in with `incseg data add` + `incseg update`, and its verdict, reason and per-class
@@ -108,8 +109,9 @@ def write_set(folder: Path, n: int, size: int, shown: list[int], rng: np.random.
         Image.fromarray(mask).save(folder / "masks" / f"{i:04d}.png")
 
 
-def last_update(ws: Path) -> dict:
-    """The newest update run's outcome, reason and candidate / champion holdout IoU per class."""
+def newest_run(ws: Path) -> dict:
+    """The newest MLflow run's outcome, reason, candidate / champion holdout IoU per class (an update's)
+    and its curves: the validation split's and the holdout's mIoU per evaluation."""
     import mlflow
 
     from incseg.config import Workspace
@@ -117,9 +119,12 @@ def last_update(ws: Path) -> dict:
     client = mlflow.MlflowClient(tracking_uri=Workspace(ws).tracking_uri)
     run = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"],
                              max_results=1)[0]
+    curves = {name: [[m.step, round(m.value, 4)] for m in client.get_metric_history(run.info.run_id, name)]
+              for name in ("val_miou", "holdout_miou")}
     return {"outcome": run.data.tags.get("outcome"), "reason": run.data.tags.get("reason"),
             "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())
-                        if k.startswith(("candidate.", "champion."))}}
+                        if k.startswith(("candidate.", "champion."))},
+            "curves": {name: sorted(points) for name, points in curves.items() if points}}
 
 
 def incseg(*args: str, cwd: Path) -> None:
@@ -163,13 +168,13 @@ def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: in
     result = {"look": f"foreign_look.py --images {images} --holdout {holdout} --size {size} --classes {classes} "
                       f"--seed {seed} --stream {stream} --step-images {step_images}",
               "seconds": round(time.perf_counter() - clock), "metrics": json.loads((out / "metrics.json").read_text()),
-              "set": changes or {}, "updates": []}
+              "set": changes or {}, "curves": newest_run(ws)["curves"], "updates": []}
     for i in range(1, stream + 1):
         batch = f"batch-{i:02d}"
         incseg("data", "add", str(data / batch), cwd=ws)
         clock = time.perf_counter()
         subprocess.run([sys.executable, "-m", "incseg", "update", batch], cwd=ws)  # exit 1: rejected
-        result["updates"].append({"batch": batch, "seconds": round(time.perf_counter() - clock), **last_update(ws)})
+        result["updates"].append({"batch": batch, "seconds": round(time.perf_counter() - clock), **newest_run(ws)})
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
