@@ -108,14 +108,15 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     batch = checked.batch
     run_id = start_run(ws, "bootstrap", checked, None)
     with recorded(ws, run_id) as attempt:
-        model, memory = train_base(ws, batch, run_id)
+        model, memory, cap_note = train_base(ws, batch, run_id)
         attempt.version = register_candidate(ws, run_id, model, memory, batch, None)
         failpoint("after_register")
         judgement = judge(ws, run_id, model, None, batch)
         _, champion = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
-    finish_run(ws, run_id, judgement.decision.status, judgement.decision.reason)
+    reason = judgement.decision.reason + cap_note  # the verdict, and whether the budget was what ended training
+    finish_run(ws, run_id, judgement.decision.status, reason)
     clear_scratch(ws, run_id, batch, None)
-    return UpdateResult(batch_id, "promoted", judgement.decision.reason, attempt.version, None, champion, run_id,
+    return UpdateResult(batch_id, "promoted", reason, attempt.version, None, champion, run_id,
                         report_metrics("candidate", judgement.candidate))
 
 

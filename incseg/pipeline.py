@@ -225,6 +225,16 @@ def train_base(
     return model.cpu(), result
 
 
+def cap_note(result: TrainResult) -> str:
+    """For a run from scratch that its step cap ended, a clause for its verdict: the plateau rule had
+    not seen the validation score level off, so more steps may still gain (empty when the rule
+    stopped it, or when there was no validation split to judge by)."""
+    if result.stopped == "converged" or not any(e.val_miou == e.val_miou for e in result.evals):
+        return ""
+    return (f"; it reached its {result.steps}-step cap before the validation score levelled off (best weights "
+            f"from step {result.best_step}): a larger train.bootstrap_max_steps may still gain")
+
+
 def confused_replay(params: Params, champion: nn.Module, batch: Batch, memory: ExemplarMemory, n_classes: int,
                     device: torch.device) -> dict[int, float] | None:
     """Each exemplar class's share of an update's replay with `continual.replay_toward_confused`

@@ -76,11 +76,12 @@ def start_run(ws: Workspace, kind: str, checked: CheckedBatch, parent: str | Non
 
 @task(cache_policy=NO_CACHE)
 def train_base(ws: Workspace, batch: Batch, run_id: str):
+    """The first model from scratch: (model, exemplar memory, `pipeline.cap_note` for its verdict)."""
     reg = ModelRegistry(ws)
     scratch = pipeline.scratch_dir(ws, batch, None)
     model, result = launch.train_step(ws, reg, run_id, batch, scratch / "train.pt")
     reg.record_training(run_id, result)
-    return model, pipeline.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id)
+    return model, pipeline.refresh_memory(ws, ExemplarMemory.empty(), batch, run_id), pipeline.cap_note(result)
 
 
 @task(cache_policy=NO_CACHE)

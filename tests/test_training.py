@@ -6,8 +6,9 @@ from torch.utils.data import TensorDataset
 
 from incseg.metrics import mean_iou
 from incseg.models import add_classes, build_model
-from incseg.pipeline import Batch, holdout_matrix, judge
-from incseg.training import Budget, DivergenceError, LearningRate, evaluate, make_loader, split_validation, train
+from incseg.pipeline import Batch, cap_note, holdout_matrix, judge
+from incseg.training import (Budget, DivergenceError, EvalPoint, LearningRate, TrainResult, evaluate, make_loader,
+                             split_validation, train)
 
 LEARNED_MIOU = 0.5  # over background + the two base classes; the tiny base model reaches far more
 
@@ -340,3 +341,14 @@ def test_an_update_with_a_frozen_stem_and_fusion_keeps_and_mixes_the_champion(ba
     moved = [not torch.equal(a, b) for (k, a), b in zip(student.state_dict().items(), champion.state_dict().values())
              if k.startswith("bottleneck") and a.is_floating_point()]
     assert any(moved)
+
+
+def test_a_run_from_scratch_that_its_cap_ended_says_so_and_one_its_rule_stopped_does_not():
+    """`cap_note`: the bootstrap's verdict tells the user when the step cap, not a levelled-off
+    validation score, ended training (a larger budget may still gain), naming the knob."""
+    evals = [EvalPoint(step, 0.5, score, 16) for step, score in ((200, 0.6), (400, 0.7), (600, 0.72))]
+    capped = cap_note(TrainResult(evals, best_step=600, stopped="max_steps"))
+    assert "600-step cap" in capped and "step 600" in capped and "train.bootstrap_max_steps" in capped
+    assert cap_note(TrainResult(evals, best_step=400, stopped="converged")) == ""
+    unjudged = [EvalPoint(e.step, e.loss, float("nan"), e.images) for e in evals]  # no validation split
+    assert cap_note(TrainResult(unjudged, best_step=600, stopped="max_steps")) == ""

@@ -42,6 +42,15 @@ def test_bootstrap_registers_v1_as_champion(history):
     assert boot.metrics["candidate.miou"] > 0.5
 
 
+def test_the_bootstrap_verdict_says_whether_its_step_cap_ended_training(history):
+    ws, boot, *_ = history
+    tags = ModelRegistry(ws).client.get_run(boot.run_id).data.tags
+    capped = tags["stopped"] == "max_steps"
+    assert boot.reason.startswith("bootstrap: first model, holdout mIoU") and tags["reason"] == boot.reason
+    assert ("-step cap before the validation score levelled off" in boot.reason) == capped
+    assert (f"from step {tags['best_step']}" in boot.reason) == capped
+
+
 def test_good_batch_with_new_class_is_promoted(history):
     ws, _, _, good, aliases = history
     assert good.status == "promoted", good.reason
