@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
+Style = Literal["shapes", "blobs"]  # the synthetic generator's looks
+STYLES: tuple[str, ...] = get_args(Style)
 
 
 class Section(BaseModel):
@@ -41,7 +43,7 @@ class DataParams(Section):
 
 
 class SynthParams(Section):
-    style: Literal["shapes", "blobs"] = Field("shapes", description="the look: geometric shapes or lobed blobs")
+    style: Style = Field("shapes", description="the look: geometric shapes or lobed blobs")
     seed: int = 0
     size: int = Field(64, ge=16)
     holdout_per_class: int = Field(16, ge=1)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from incseg.config import Params, Workspace
+from incseg.config import STYLES, Params, Workspace
 from incseg.data.layout import list_batches
-from incseg.data.synthetic import STYLES, synthesize
+from incseg.data.synthetic import synthesize
 from incseg.metrics import mean_iou
 from incseg.pipeline import Batch, holdout_matrix, train_base
 

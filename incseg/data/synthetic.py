@@ -21,7 +21,6 @@ from incseg.data.layout import BatchInfo, find_pairs, read_image, read_mask, wri
 
 SHAPES = ("square", "circle", "triangle", "ring", "cross", "diamond", "ellipse", "bar")
 BLOBS = ("clover", "quatrefoil", "star", "gear", "flower", "sun", "bean", "crescent")
-STYLES = ("shapes", "blobs")
 
 
 def look_classes(style: str) -> tuple[str, ...]:
