@@ -232,7 +232,8 @@ def cap_note(result: TrainResult) -> str:
     if result.stopped == "converged" or not any(e.val_miou == e.val_miou for e in result.evals):
         return ""
     return (f"; it reached its {result.steps}-step cap before the validation score levelled off (best weights "
-            f"from step {result.best_step}): a larger train.bootstrap_max_steps may still gain")
+            f"from step {result.best_step}): a larger train.bootstrap_max_steps, with train.patience raised in "
+            "proportion, may still gain")  # the cap raised alone lost (recipe.md, the bootstrap's budget on a GPU)
 
 
 def confused_replay(params: Params, champion: nn.Module, batch: Batch, memory: ExemplarMemory, n_classes: int,

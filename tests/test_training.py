@@ -349,6 +349,7 @@ def test_a_run_from_scratch_that_its_cap_ended_says_so_and_one_its_rule_stopped_
     evals = [EvalPoint(step, 0.5, score, 16) for step, score in ((200, 0.6), (400, 0.7), (600, 0.72))]
     capped = cap_note(TrainResult(evals, best_step=600, stopped="max_steps"))
     assert "600-step cap" in capped and "step 600" in capped and "train.bootstrap_max_steps" in capped
+    assert "train.patience" in capped  # a cap raised alone lost: the note names both knobs
     assert cap_note(TrainResult(evals, best_step=400, stopped="converged")) == ""
     unjudged = [EvalPoint(e.step, e.loss, float("nan"), e.images) for e in evals]  # no validation split
     assert cap_note(TrainResult(unjudged, best_step=600, stopped="max_steps")) == ""
