@@ -153,8 +153,12 @@ def start_ephemeral_api() -> None:
     with api_database_lock() as creating:
         if creating:
             from prefect.server.api.server import SubprocessASGIServer
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-            SubprocessASGIServer().start()
+            # Prefect waits 20 s for it by default: short on a busy laptop, where it failed a command
+            # (the CLI raises the setting to 120 s for the servers Prefect starts on first use; a flow
+            # run by a worker or `serve` comes here without the CLI's environment)
+            SubprocessASGIServer().start(timeout=max(120, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
 
 
 @contextmanager
