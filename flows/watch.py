@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
+from flows import STARTUP_TIMEOUT_S
 from flows.update import UpdateResult, bootstrap, incremental_update
 from incseg import datastore, ledger, processes
 from incseg.config import Workspace
@@ -155,10 +156,9 @@ def start_ephemeral_api() -> None:
             from prefect.server.api.server import SubprocessASGIServer
             from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-            # Prefect waits 20 s for it by default: short on a busy laptop, where it failed a command
-            # (the CLI raises the setting to 120 s for the servers Prefect starts on first use; a flow
-            # run by a worker or `serve` comes here without the CLI's environment)
-            SubprocessASGIServer().start(timeout=max(120, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+            # the setting, or the package's floor where Prefect was imported before `flows` set it
+            setting = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+            SubprocessASGIServer().start(timeout=max(STARTUP_TIMEOUT_S, setting))
 
 
 @contextmanager
@@ -182,7 +182,7 @@ def prefect_api(port: int = 4200):
             yield url
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = STARTUP_TIMEOUT_S) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout

@@ -320,8 +320,6 @@ def quiet_prefect() -> None:
     """Prefect's INFO lines would drown the CLI's output; warnings still show, as one line each: the
     failure itself is reported by the CLI (INCSEG_DEBUG=1 keeps tracebacks)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    # the ephemeral API starts a server process; 20 s (Prefect's default) is short on a busy laptop
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if os.environ.get("INCSEG_DEBUG"):
         return

@@ -169,6 +169,21 @@ def test_a_new_workspaces_first_command_prints_no_mlflow_info_lines(tmp_path):
         assert ("Creating initial MLflow database tables" in proc.stderr) is shown, proc.stderr
 
 
+def test_prefect_waits_two_minutes_for_a_server_it_starts_unless_the_user_set_a_time():
+    """Prefect waits 20 s for the ephemeral API it starts on first use: short on a busy laptop, where a
+    command failed. Importing `flows` raises that to `flows.STARTUP_TIMEOUT_S` before Prefect reads its
+    settings (once); a value the user set is kept."""
+    from flows import STARTUP_TIMEOUT_S
+
+    name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    code = f"import flows.update\nfrom prefect.settings import {name} as t\nprint(t.value())"
+    env = {k: v for k, v in os.environ.items() if k != name}
+    for extra, expected in [({}, STARTUP_TIMEOUT_S), ({name: "300"}, 300)]:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra})
+        assert proc.returncode == 0, proc.stderr
+        assert float(proc.stdout.split()[-1]) == expected == (300 if extra else 120)
+
+
 def test_registering_a_version_prints_mlflow_events_only_at_info(tmp_path, capsys):
     """`mlflow.register_model` prints "Created version ..." to stderr whatever the `mlflow` logger's level:
     in incseg those lines follow the level (the CLI's default, WARNING, drops them), other lines pass."""
