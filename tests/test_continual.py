@@ -375,6 +375,26 @@ def test_a_report_without_the_default_strategy_has_no_targets_section():
     assert "| naive |" in text and "## Targets" not in text
 
 
+def test_the_images_target_counts_the_updates_against_joints_retrainings_and_names_both_ratios():
+    """The issue's words: images of all updates together against joint's retrainings, the shared base
+    on neither side; the ratio with the base on both sides is shown beside it."""
+    from incseg.bench import continual as b
+
+    s = b.Scenario({0: "background", 1: "square", 2: "triangle", 3: "ring"}, {0: 0, 1: 0, 2: 1, 3: 2})
+    nan = float("nan")
+    for name, per_step in (("replay+distill", 100), ("joint", 500)):
+        s.runs[name] = [b.Step("batch-00", [0.9, 0.8, nan, nan], 1000, 1.0),
+                        b.Step("batch-01", [0.9, 0.8, 0.7, nan], per_step, 1.0),
+                        b.Step("batch-02", [0.9, 0.8, 0.7, 0.7], per_step, 1.0)]
+    summ = b.summary(s)
+    assert (summ["replay+distill"]["update_images"], summ["joint"]["update_images"]) == (200, 1000)
+    target = next(t for t in b.targets(summ, "replay+distill") if t[0].startswith("images processed"))
+    assert target[1] is True  # 200 / 1000 = 0.20; with the base on both sides it would be 1200 / 2000 = 0.60
+    assert target[2] == "200 vs 250 (0.20 x); with the base on both sides 1200 vs 2000 (0.60 x)"
+    s.runs["replay+distill"][2].images = 400
+    assert next(t for t in b.targets(b.summary(s), "replay+distill") if t[0].startswith("images"))[1] is False
+
+
 def test_the_report_shows_each_updates_gate_verdict_and_counts_the_promotions():
     from incseg.bench import continual as b
 

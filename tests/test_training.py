@@ -182,6 +182,23 @@ def test_a_smoothed_score_waits_out_a_lucky_spike_but_the_best_raw_weights_are_k
     assert same_weights(model, snapshots[10])
 
 
+def test_a_run_the_rule_stops_lasts_at_least_its_first_evaluation_and_one_patience_per_plateau():
+    """The shortest run the rule allows: the first evaluation, then `patience` evaluations at each
+    of the `decays` plateaus and at the last. The README's images bound rests on it: at the
+    defaults each of joint's retrainings lasts at least 7400 steps, an update at most 1600."""
+    from incseg.bench.continual import joint_params
+    from incseg.config import Params
+    from incseg.pipeline import budget
+
+    model, result, _ = train_on_scores([0.5] * 20, Budget(max_steps=100, eval_every=5, patience=2, decays=2,
+                                                          smoothing=0.5))
+    assert result.stopped == "converged" and result.lr_decays == 2 and result.steps == 5 * (1 + 2 * 3) == 35
+    boot = budget(joint_params(Params(), 1.0).train, from_scratch=True)
+    update = budget(Params().train, from_scratch=False)
+    shortest = boot.eval_every * (1 + boot.patience * (boot.decays + 1))
+    assert shortest == 7400 and update.max_steps <= 0.25 * shortest
+
+
 def test_max_steps_end_training_even_on_a_plateau_step():
     """A plateau found at the last step must not buy an extra step with a lower LR."""
     model, result, _ = train_on_scores([0.5, 0.4], Budget(max_steps=10, eval_every=5, patience=1, decays=2))

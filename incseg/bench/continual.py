@@ -251,6 +251,7 @@ def summary(s: Scenario) -> dict[str, dict]:
             "hiou": harmonic_mean(m_old, m_new),
             "forgetting_points": 100 * float(np.mean(forgetting)) if forgetting else 0.0,
             "images": sum(st.images for st in steps), "seconds": sum(st.seconds for st in steps),
+            "update_images": sum(st.images for st in steps[1:]),  # joint's: its retrainings after the base
             "step_seconds": [round(st.seconds, 1) for st in steps[1:]],
             "steps": [st.steps for st in steps[1:]],
             # each class's IoU right after the update that brought it
@@ -280,8 +281,10 @@ def accuracy_matrix(s: Scenario, strategy: str) -> tuple[list[str], list[list[fl
 def targets(summ: dict[str, dict], default: str) -> list[tuple[str, bool, str]]:
     """The learner issue's targets, each with whether it is met and the measured numbers.
 
-    Images processed count the shared base model once on both sides: the incremental total is
-    base + every update, joint's is base + every retraining."""
+    Images processed, as the issue words it: all updates together against joint's retrainings after
+    each batch, the base model (the same on both sides) counted on neither; the measured column also
+    gives the ratio with the base counted on both sides (base + every update against base + every
+    retraining, the `images` column of the table)."""
     d, j, n = summ[default], summ.get("joint"), summ.get("naive")
     out = []
     if j:
@@ -293,8 +296,10 @@ def targets(summ: dict[str, dict], default: str) -> list[tuple[str, bool, str]]:
                         f"{check['miou_all']:.3f} ({gain:+.1f} points, {check['steps']} steps)"))
         out.append(("final mIoU(all) >= 0.90 x joint", d["miou_all"] >= 0.9 * j["miou_all"],
                     f"{d['miou_all']:.3f} vs {0.9 * j['miou_all']:.3f}"))
-        out.append(("images processed <= 0.25 x joint", d["images"] <= 0.25 * j["images"],
-                    f"{d['images']} vs {0.25 * j['images']:.0f} ({d['images'] / j['images']:.2f} x)"))
+        u, ju = d["update_images"], j["update_images"]
+        out.append(("images processed by all updates <= 0.25 x joint's retrainings (the base on neither side)",
+                    u <= 0.25 * ju, f"{u} vs {0.25 * ju:.0f} ({u / max(ju, 1):.2f} x); with the base on both sides "
+                    f"{d['images']} vs {j['images']} ({d['images'] / max(j['images'], 1):.2f} x)"))
     worst = min(d["new_class_iou"].values()) if d["new_class_iou"] else float("nan")
     out.append(("every new class >= 0.6 IoU after its update", worst >= 0.6,
                 ", ".join(f"{k} {v:.2f}" for k, v in d["new_class_iou"].items())))
@@ -314,7 +319,7 @@ def targets(summ: dict[str, dict], default: str) -> list[tuple[str, bool, str]]:
 def markdown(s: Scenario, summ: dict, default: str, command: str, style: str = "shapes") -> str:
     lines = ["# Continual-learning benchmark", "", f"Made by `{command}`; the look: `{style}`. Joint retrains from "
              "scratch on all data so far with full labels until its validation split stops improving (the upper "
-             "bound); images count the shared base model on both sides. IoU after each step is scored on the holdout's "
+             "bound); images count the shared base model on both sides (the targets count it on neither). IoU after each step is scored on the holdout's "
              "pixels of the classes the model knows by then (classes still to come are left out, as in MiB's test "
              "protocol).", "",
              "| strategy | mIoU all | old | new | hIoU | forgetting (pts) | images | time (s) |",
