@@ -114,7 +114,7 @@ def newest_run(ws: Path) -> dict:
     and its curves: the validation split's and the holdout's mIoU per evaluation."""
     import mlflow
 
-    from incseg.config import Workspace
+    from incseg.workspace import Workspace
 
     client = mlflow.MlflowClient(tracking_uri=Workspace(ws).tracking_uri)
     run = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"],

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from incseg.config import Workspace
 from incseg.data.layout import find_pairs, read_image, read_mask
 from incseg.inference import segment
 from incseg.metrics import ConfusionMatrix
 from incseg.registry import ModelRegistry
+from incseg.workspace import Workspace
 
 
 def main(workspace: Path, factors: list[int]) -> dict:

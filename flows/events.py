@@ -12,9 +12,9 @@ import asyncio
 from datetime import datetime, timezone
 
 from incseg import ledger
-from incseg.config import Workspace
 from incseg.data.layout import DataError
 from incseg.datastore import StoreError, git
+from incseg.workspace import Workspace
 
 EVENT = "incseg.batch.registered"
 

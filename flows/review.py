@@ -13,8 +13,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.input import RunInput
 
-from incseg.config import Workspace
 from incseg.registry import AWAITING, ModelRegistry
+from incseg.workspace import Workspace
 from flows.events import server_url
 from tasks.update import registry_task
 

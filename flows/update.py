@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
 
-from incseg.config import Workspace
 from incseg.metrics import report_metrics
 from incseg.registry import AWAITING
 from incseg.pipeline import clear_scratch
 from incseg.training import DivergenceError
+from incseg.workspace import Workspace
 from flows.review import await_review, champion_version
 from flows.validation import batch_file_table
 from tasks.update import (

@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow, unmapped
 
-from incseg.config import ConfigError, ValidationParams, Workspace
+from incseg.config import ConfigError, ValidationParams
 from incseg.data.layout import read_classes
 from incseg.pipeline import batch_root
 from incseg.validation.table import assemble, file_entries, shards
+from incseg.workspace import Workspace
 from tasks.validation import extract_rows
 
 

@@ -17,8 +17,8 @@ from prefect.concurrency.sync import concurrency
 from flows import STARTUP_TIMEOUT_S
 from flows.update import UpdateResult, bootstrap, incremental_update
 from incseg import datastore, ledger, processes
-from incseg.config import Workspace
 from incseg.registry import ModelRegistry
+from incseg.workspace import Workspace
 from tasks.update import registry_task
 
 

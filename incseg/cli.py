@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Column, Table
 from typer.core import TyperGroup
 
-from incseg.config import UPDATE_RULE_SHARED, ConfigError, Style, Workspace
-from incseg.data.layout import DataError, list_batches
+from incseg.config import UPDATE_RULE_SHARED, ConfigError, Style
+from incseg.data.layout import IMAGES_DIR, DataError, list_batches
 from incseg.datastore import StoreError
+from incseg.workspace import Workspace
 
 
 class Failure(Exception):
@@ -678,7 +679,7 @@ def extract_with_runner(batch: Path, n_classes: int, runner: str, workers: int, 
     from flows.validation import extract_file_table, task_runner
     from incseg.config import ValidationParams
 
-    files = sum(1 for _ in (batch / "images").iterdir())
+    files = sum(1 for _ in (batch / IMAGES_DIR).iterdir())
     p = ValidationParams(task_runner=runner, workers=workers, runner_address=address,
                          shard_size=max(16, files // (4 * workers)))
     return extract_file_table.with_options(task_runner=task_runner(p))(str(batch), n_classes, p.shard_size)

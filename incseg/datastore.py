@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from incseg.config import PARAMS_FILE, Params, Workspace
+from incseg.config import PARAMS_FILE, Params
 from incseg.data.layout import BatchInfo, DataError, load_yaml
+from incseg.workspace import Workspace
 
 WORKSPACE_GITIGNORE = """\
 # local state of the embedded defaults (MLflow store, scratch, quarantine, DVC remote)

@@ -25,13 +25,14 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from incseg import dist, pipeline, processes
-from incseg.config import Params, Workspace
+from incseg.config import Params
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.layout import BatchInfo, Pair
 from incseg.metrics import mean_iou
 from incseg.models import load_checkpoint, save_checkpoint, taught_classes
 from incseg.pipeline import Batch, class_names, holdout_matrix
 from incseg.training import DivergenceError, EvalPoint, TrainResult, resolve_device
+from incseg.workspace import Workspace
 
 if TYPE_CHECKING:
     from incseg.registry import ModelRegistry

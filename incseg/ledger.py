@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from incseg.config import Workspace
 from incseg.data.layout import list_batches
 from incseg.datastore import has_dvc, tracked_batches
 from incseg.lineage import batch_hash
 from incseg.registry import ModelRegistry
+from incseg.workspace import Workspace
 
 
 @dataclass(frozen=True)

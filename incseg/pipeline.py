@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from incseg.config import Params, TrainParams, Workspace
+from incseg.config import Params, TrainParams
 from incseg.continual.memory import ExemplarMemory
 from incseg.continual.strategies import (feature_taps, make_objective, replay_shares, training_set,
                                         uses_distillation)
 from incseg.data.dataset import SegmentationFolder, eval_transforms, train_transforms
-from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, read_classes
+from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
+                               read_classes)
 from incseg.datastore import has_dvc, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
@@ -33,6 +34,7 @@ from incseg.training import (FAST_LAYOUT, Budget, EvalPoint, TrainResult, evalua
                              seed_everything, split_validation, train)
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
 from incseg.validation.history import earlier_profiles
+from incseg.workspace import Workspace
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Batch:
     def load(cls, root: Path, pairs: list[Pair] | None = None) -> Batch:
         pairs = find_pairs(root) if pairs is None else pairs
         if not pairs:
-            raise DataError(f"{root}: no image/mask pairs (expected images/<stem>.png and masks/<stem>.png)")
+            raise DataError(f"{root}: no image/mask pairs (expected {IMAGES_DIR}/<stem>.png and "
+                            f"{MASKS_DIR}/<stem>{MASK_SUFFIX})")
         return cls(root.name, root, pairs, BatchInfo.read(root))
 
     @property

@@ -26,9 +26,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from incseg.config import Workspace
 from incseg.gate import needs_approval
 from incseg.processes import owner_alive
+from incseg.workspace import Workspace
 
 if TYPE_CHECKING:  # torch and the learner load only where a model is written or read: `promote` stays light
     from torch import nn

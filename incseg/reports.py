@@ -11,11 +11,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from incseg.config import Workspace  # noqa: E402
 from incseg.data.dataset import eval_transforms  # noqa: E402
 from incseg.data.layout import IGNORE, Pair, find_pairs, read_classes, read_image, read_mask  # noqa: E402
 from incseg.metrics import ConfusionMatrix  # noqa: E402
 from incseg.pipeline import Judgement  # noqa: E402
+from incseg.workspace import Workspace  # noqa: E402
 
 PALETTE = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],

@@ -11,7 +11,6 @@ from prefect.cache_policies import NO_CACHE
 
 from incseg import launch, pipeline
 from incseg.continual.memory import ExemplarMemory
-from incseg.config import Workspace
 from incseg.data.layout import DataError
 from incseg.lineage import lineage_tags
 from incseg.pipeline import Batch, CheckedBatch, Judgement
@@ -19,6 +18,7 @@ from incseg.processes import owner_tags
 from incseg.reports import review_figures
 from incseg.registry import LoadedModel, ModelRegistry, RegistryError, RegistryUnavailable, reachable
 from incseg.training import DivergenceError
+from incseg.workspace import Workspace
 
 
 def transient(task, task_run, state) -> bool:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from incseg.config import UPDATE_RULE_SHARED, Params, Workspace
+from incseg.config import UPDATE_RULE_SHARED, Params
 from incseg.data.synthetic import synthesize
+from incseg.workspace import Workspace
 
 
 def tiny_params(**sections) -> Params:

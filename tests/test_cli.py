@@ -118,10 +118,10 @@ def test_data_synth_into_a_workspace_registers_every_batch_and_one_rule_decides(
     """In a DVC workspace a batch is registered once DVC tracks it, for every entry point alike."""
     import shutil
 
-    from incseg.config import Workspace
     from incseg.data.layout import DataError, list_batches
     from incseg.ledger import registered, untracked
     from incseg.pipeline import batch_root
+    from incseg.workspace import Workspace
 
     assert runner.invoke(app, ["init", str(tmp_path / "ws")]).exit_code == 0
     ws_root = tmp_path / "ws"
@@ -189,9 +189,9 @@ def test_registering_a_version_prints_mlflow_events_only_at_info(tmp_path, capsy
     in incseg those lines follow the level (the CLI's default, WARNING, drops them), other lines pass."""
     import logging
 
-    from incseg.config import Workspace
     from incseg.datastore import init_workspace
     from incseg.registry import ModelRegistry, events_at_log_level
+    from incseg.workspace import Workspace
 
     reg = ModelRegistry(Workspace(init_workspace(tmp_path / "ws")))
     run_id = reg.start_run("registration", {"batch_id": "batch-00"}, {})

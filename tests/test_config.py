@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from incseg.config import ConfigError, Params, Workspace, load_params
+from incseg.config import ConfigError, Params, load_params
+from incseg.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 

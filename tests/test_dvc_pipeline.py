@@ -15,11 +15,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from incseg.cli import app
-from incseg.config import Workspace
 from incseg.data.layout import list_batches
 from incseg.datastore import init_workspace, track
 from incseg.ledger import registered, untracked
 from incseg.registry import ModelRegistry
+from incseg.workspace import Workspace
 
 from helpers import seed_store, tiny_params
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from incseg.config import Workspace
 from incseg.data.layout import DataError, read_classes, read_mask
 from incseg.datastore import add_data, init_workspace, tracked_batches
+from incseg.workspace import Workspace
 
 
 @pytest.fixture

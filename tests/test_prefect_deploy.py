@@ -22,8 +22,8 @@ def test_prefect_yaml_deploys_the_watcher_to_a_process_work_pool(tmp_path, strea
     loopback port); a process worker picks up the run and runs the watcher."""
     from prefect.settings import PREFECT_API_URL
 
-    from incseg.config import Workspace
     from incseg.datastore import add_data, init_workspace
+    from incseg.workspace import Workspace
 
     root = tmp_path / "ws"
     seed_store(init_workspace(root))

@@ -15,9 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 from incseg.cli import app
-from incseg.config import Workspace
 from incseg.datastore import add_data, git, init_workspace
 from incseg.registry import ModelRegistry
+from incseg.workspace import Workspace
 
 from helpers import fault_params, seed_store
 

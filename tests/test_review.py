@@ -152,10 +152,10 @@ def test_close_calls_mode_holds_only_a_pass_with_a_close_call(reviewed):
     learned detail)."""
     import torch
 
-    from incseg.config import Workspace
     from incseg.gate import Check, Decision
     from incseg.metrics import ConfusionMatrix, iou_report
     from incseg.pipeline import Judgement
+    from incseg.workspace import Workspace
 
     ws = Workspace(reviewed.root, reviewed.params.model_copy(update={
         "gate": reviewed.params.gate.model_copy(update={"approval": "close_calls"})}))

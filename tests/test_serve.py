@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from incseg import processes
-from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
 from incseg.registry import ModelRegistry
+from incseg.workspace import Workspace
 
 from helpers import free_port, prefect_home, seed_store, tiny_params
 

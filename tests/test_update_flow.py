@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from incseg.cli import app
-from incseg.config import Workspace
 from incseg.registry import ModelRegistry, RegistryError
+from incseg.workspace import Workspace
 
 from helpers import make_workspace, tiny_params
 

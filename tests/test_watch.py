@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace, track
 from incseg.registry import ModelRegistry
+from incseg.workspace import Workspace
 
 from helpers import fault_params, seed_store
 

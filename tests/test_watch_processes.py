@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from incseg import processes
-from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
 from incseg.registry import ModelRegistry
+from incseg.workspace import Workspace
 
 from helpers import fault_params, prefect_home, seed_store
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 from rich.console import Console
-from incseg.config import UPDATE_RULE_SHARED, Params, Workspace
+from incseg.config import UPDATE_RULE_SHARED, Params
 from incseg.continual import strategies
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.layout import BatchInfo, list_batches, read_classes
@@ -27,6 +27,7 @@ from incseg.data.synthetic import synthesize
 from incseg.metrics import harmonic_mean
 from incseg.pipeline import Batch, Judgement, holdout_matrix, judge, train_base, train_candidate
 from incseg.bench.recipe import with_changes
+from incseg.workspace import Workspace
 
 STRATEGIES = (*strategies.STRATEGIES, "joint")  # joint: retrain on all data so far (the upper bound)
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from incseg.config import STYLES, Params, Workspace
+from incseg.config import STYLES, Params
 from incseg.data.layout import list_batches
 from incseg.data.synthetic import synthesize
 from incseg.metrics import mean_iou
 from incseg.pipeline import Batch, holdout_matrix, train_base
+from incseg.workspace import Workspace
 
 # name -> changes to the default params ("section.key": value)
 VARIANTS: dict[str, dict[str, object]] = {

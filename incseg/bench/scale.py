@@ -18,9 +18,10 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from incseg.config import Params, Workspace
-from incseg.data.layout import BatchInfo
+from incseg.config import Params
+from incseg.data.layout import IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo
 from incseg.data.synthetic import synthesize
+from incseg.workspace import Workspace
 
 Extract = Callable[[Path, int, str, int, str | None], object]  # (batch, n_classes, runner, workers, address)
 
@@ -28,14 +29,14 @@ Extract = Callable[[Path, int, str, int, str | None], object]  # (batch, n_class
 def write_small_files(out: Path, pairs: int, size: int = 128, seed: int = 0) -> Path:
     """`pairs` random image/mask pairs (2 files each): a large batch of small files."""
     rng = np.random.default_rng(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / MASKS_DIR).mkdir(parents=True, exist_ok=True)
     for i in range(pairs):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(out / "images" / f"f{i:05d}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(out / IMAGES_DIR / f"f{i:05d}.png")
         mask = np.zeros((size, size), np.uint8)
         x, y = rng.integers(0, size // 2, 2)
         mask[y:y + size // 3, x:x + size // 3] = 1 + i % 2
-        Image.fromarray(mask).save(out / "masks" / f"f{i:05d}.png")
+        Image.fromarray(mask).save(out / MASKS_DIR / f"f{i:05d}{MASK_SUFFIX}")
     BatchInfo(out.name, classes=[1, 2]).write(out)
     return out
 

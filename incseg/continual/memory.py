@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from incseg.data.layout import IGNORE, DataError, Pair, load_yaml, read_mask
+from incseg.data.layout import IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, Pair, load_yaml, read_mask
 
 INDEX = "memory.yaml"
 
@@ -54,8 +54,8 @@ class ExemplarMemory:
 
     def pair(self, item: Exemplar) -> Pair:
         assert self.root is not None
-        image = next((self.root / "images").glob(f"{item.stem}.*"))
-        return Pair(item.stem, image, self.root / "masks" / f"{item.stem}.png")
+        image = next((self.root / IMAGES_DIR).glob(f"{item.stem}.*"))
+        return Pair(item.stem, image, self.root / MASKS_DIR / f"{item.stem}{MASK_SUFFIX}")
 
     def per_class(self) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -115,11 +115,11 @@ class ExemplarMemory:
 def _write(out: Path, chosen: list[tuple[Exemplar, Pair]]) -> ExemplarMemory:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("images", "masks"):
+    for sub in (IMAGES_DIR, MASKS_DIR):
         (tmp / sub).mkdir(parents=True)
     for it, p in chosen:
-        shutil.copyfile(p.image, tmp / "images" / f"{it.stem}{p.image.suffix.lower()}")
-        shutil.copyfile(p.mask, tmp / "masks" / f"{it.stem}.png")
+        shutil.copyfile(p.image, tmp / IMAGES_DIR / f"{it.stem}{p.image.suffix.lower()}")
+        shutil.copyfile(p.mask, tmp / MASKS_DIR / f"{it.stem}{MASK_SUFFIX}")
     items = [it for it, _ in chosen]
     (tmp / INDEX).write_text(yaml.safe_dump([{**asdict(it), "annotated": list(it.annotated)} for it in items]))
     shutil.rmtree(out, ignore_errors=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from incseg.data.layout import IGNORE, BatchInfo, DataError, Pair, find_pairs, read_mask, write_classes
+from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
+                                 read_mask, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -29,9 +30,9 @@ def detect_layout(src: Path) -> str:
         return "voc"
     if (src / "leftImg8bit").is_dir() and (src / "gtFine").is_dir():
         return "cityscapes"
-    if (src / "images").is_dir() and (src / "masks").is_dir():
+    if (src / IMAGES_DIR).is_dir() and (src / MASKS_DIR).is_dir():
         return "folder"
-    raise DataError(f"{src}: not a known layout (images/+masks/, VOC JPEGImages/+SegmentationClass/, "
+    raise DataError(f"{src}: not a known layout ({IMAGES_DIR}/+{MASKS_DIR}/, VOC JPEGImages/+SegmentationClass/, "
                     "or Cityscapes leftImg8bit/+gtFine/)")
 
 
@@ -94,8 +95,8 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
         raise DataError(f"{src}: no image/mask pairs found ({layout} layout)")
     tmp = dst.with_name(f".{dst.name}.importing")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    (tmp / "masks").mkdir()
+    (tmp / IMAGES_DIR).mkdir(parents=True)
+    (tmp / MASKS_DIR).mkdir()
     try:
         ids = _copy_pairs(pairs, tmp, lut)
     except BaseException:
@@ -120,13 +121,13 @@ def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None) -> set[int
     for p in pairs:
         _refuse_link(p.image)
         _refuse_link(p.mask)
-        shutil.copyfile(p.image, out / "images" / f"{p.stem}{p.image.suffix.lower()}")
+        shutil.copyfile(p.image, out / IMAGES_DIR / f"{p.stem}{p.image.suffix.lower()}")
         mask = read_mask(p.mask)
         if lut is not None:
             mask = lut[mask]
-            Image.fromarray(mask, "L").save(out / "masks" / f"{p.stem}.png")
+            Image.fromarray(mask, "L").save(out / MASKS_DIR / f"{p.stem}{MASK_SUFFIX}")
         else:
-            shutil.copyfile(p.mask, out / "masks" / f"{p.stem}.png")
+            shutil.copyfile(p.mask, out / MASKS_DIR / f"{p.stem}{MASK_SUFFIX}")
         ids |= set(np.unique(mask).tolist())
     return ids
 

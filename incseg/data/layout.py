@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 IGNORE = 255
+IMAGES_DIR, MASKS_DIR = "images", "masks"  # a batch folder's two subfolders, paired by file stem
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIX = ".png"
 
@@ -90,8 +91,8 @@ class Pair:
 
 def find_pairs(batch_dir: Path) -> list[Pair]:
     """Image/mask pairs matched by stem, sorted; unmatched files are left out (validation reports them)."""
-    images = {p.stem: p for p in _files(batch_dir / "images", IMAGE_SUFFIXES)}
-    masks = {p.stem: p for p in _files(batch_dir / "masks", (MASK_SUFFIX,))}
+    images = {p.stem: p for p in _files(batch_dir / IMAGES_DIR, IMAGE_SUFFIXES)}
+    masks = {p.stem: p for p in _files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))}
     return [Pair(s, images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
 
 
@@ -165,10 +166,10 @@ def load_yaml(path: Path, expect: type | tuple[type, ...] = dict):
 
 
 def write_pair(batch_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray) -> None:
-    (batch_dir / "images").mkdir(parents=True, exist_ok=True)
-    (batch_dir / "masks").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image, "RGB").save(batch_dir / "images" / f"{stem}.png")
-    Image.fromarray(mask.astype(np.uint8), "L").save(batch_dir / "masks" / f"{stem}.png")
+    (batch_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (batch_dir / MASKS_DIR).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image, "RGB").save(batch_dir / IMAGES_DIR / f"{stem}.png")
+    Image.fromarray(mask.astype(np.uint8), "L").save(batch_dir / MASKS_DIR / f"{stem}{MASK_SUFFIX}")
 
 
 def list_batches(registry: Path) -> list[str]:

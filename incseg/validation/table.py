@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, MASK_SUFFIX, DataError, open_image
+from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, open_image
 
 LABEL_MODES = ("L", "P")
 
@@ -82,8 +82,8 @@ Entry = tuple[str, str | None, str | None]  # (stem, image path, mask path)
 
 def file_entries(batch_dir: Path) -> list[Entry]:
     """Every stem seen in `images/` or `masks/`, with its files (None where one is missing)."""
-    images = _files(batch_dir / "images", IMAGE_SUFFIXES)
-    masks = _files(batch_dir / "masks", (MASK_SUFFIX,))
+    images = _files(batch_dir / IMAGES_DIR, IMAGE_SUFFIXES)
+    masks = _files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))
     return [(stem, _str(images.get(stem)), _str(masks.get(stem))) for stem in sorted(images.keys() | masks.keys())]
 
 

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from helpers import fault_params, seed_store
-from incseg.config import Workspace
 from incseg.datastore import add_data, init_workspace
+from incseg.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
