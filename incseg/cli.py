@@ -686,7 +686,7 @@ def extract_with_runner(batch: Path, n_classes: int, runner: str, workers: int, 
 
 
 DEMO_CHANGES = {"data": {"image_size": 48}, "synth": {"size": 48},
-                "train": {"bootstrap_max_steps": 800, "bootstrap_min_steps": 400, "update_max_steps": 300,
+                "train": {"bootstrap_max_steps": 800, "bootstrap_min_steps": 400, "update_max_steps": 400,
                           "update_min_steps": 150, "eval_every": 50, "patience": 2, **UPDATE_RULE_SHARED}}
 
 
