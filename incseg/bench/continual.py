@@ -320,9 +320,9 @@ def targets(summ: dict[str, dict], default: str) -> list[tuple[str, bool, str]]:
 def markdown(s: Scenario, summ: dict, default: str, command: str, style: str = "shapes") -> str:
     lines = ["# Continual-learning benchmark", "", f"Made by `{command}`; the look: `{style}`. Joint retrains from "
              "scratch on all data so far with full labels until its validation split stops improving (the upper "
-             "bound); images count the shared base model on both sides (the targets count it on neither). IoU after each step is scored on the holdout's "
-             "pixels of the classes the model knows by then (classes still to come are left out, as in MiB's test "
-             "protocol).", "",
+             "bound); images count the shared base model on both sides (the targets count it on neither). IoU "
+             "after each step is scored on the holdout's pixels of the classes the model knows by then (classes "
+             "still to come are left out, as in MiB's test protocol).", "",
              "| strategy | mIoU all | old | new | hIoU | forgetting (pts) | images | time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in summ.items():
