@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from incseg.data.dataset import normalize
-from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, DataError, read_image
+from incseg.data.layout import IGNORE, DataError, list_files, read_image
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -110,10 +110,6 @@ class PredictReport:
         return {**asdict(self), "n_written": len(self.written), "n_skipped": len(self.skipped)}
 
 
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, native: tuple[int, int] | None = None,
                    with_overlay: bool = False, device: torch.device | None = None,
                    progress: Iterator | None = None) -> PredictReport:
@@ -122,7 +118,7 @@ def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, native:
     in the report and in `out/report.json`."""
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
-    files = image_files(src)
+    files = list_files(src)
     for path in progress(files) if progress else files:
         try:
             rgb = read_image(path)

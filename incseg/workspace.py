@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from incseg.config import PARAMS_FILE, Params, load_params
-from incseg.data.layout import IMAGES_DIR
+from incseg.data.layout import IMAGES_DIR, list_files
 
 AUTO_IMAGE_SIZE = (64, 96)  # `data.image_size: auto` stays within these: below 64 too little detail is left to
 # learn from, and each step costs about (size / 64)^2 (96 px: twice 64's, README: looks the generator never makes)
@@ -52,8 +52,7 @@ class Workspace:
         against it, and `incseg predict` scales images of other sizes by the same factor."""
         from PIL import Image, UnidentifiedImageError
 
-        folder = self.holdout_dir / IMAGES_DIR
-        files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+        files = list_files(self.holdout_dir / IMAGES_DIR)
         sizes = []
         for f in files[:: max(1, len(files) // sample)][:sample]:
             try:

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from incseg.data.dataset import MEAN, STD, SegmentationFolder, eval_transforms, train_transforms
-from incseg.data.layout import BatchInfo, find_pairs, read_mask, write_pair
+from incseg.data.layout import BatchInfo, copy_pair, find_pairs, list_files, read_image, read_mask, write_pair
 
 
 def blocky_sample(rng):
@@ -111,6 +111,26 @@ def test_pairs_are_matched_by_stem_and_annotation_flags(tmp_path):
     _, _, annotated = ds[0]
     assert annotated.tolist() == [True, False, True, False, False]
     assert BatchInfo.read(tmp_path).classes == [0, 1, 2, 3]
+
+
+def test_layout_lists_files_by_suffix_and_copies_pairs_under_its_names(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    image, mask = blocky_sample(np.random.default_rng(3))
+    write_pair(src, "a", image, mask)
+    Image.fromarray(image).save(src / "images" / "b.JPG")
+    (src / "masks" / "b.png").write_bytes((src / "masks" / "a.png").read_bytes())
+    (src / "images" / "notes.txt").write_text("not an image")
+    (src / "images" / "folder.png").mkdir()
+    assert [p.name for p in list_files(src / "images")] == ["a.png", "b.JPG"]
+    assert list_files(tmp_path / "missing") == []
+    for sub in ("images", "masks"):
+        (out / sub).mkdir(parents=True)
+    for pair in find_pairs(src):
+        copy_pair(pair, out, stem=f"x-{pair.stem}")
+    assert [p.name for p in list_files(out / "images")] == ["x-a.png", "x-b.jpg"]
+    assert [p.stem for p in find_pairs(out)] == ["x-a", "x-b"]
+    assert np.array_equal(read_image(out / "images" / "x-a.png"), image)
+    assert np.array_equal(read_mask(out / "masks" / "x-b.png"), mask)
 
 
 def test_decoded_pairs_are_read_once_and_again_when_a_file_changes(tmp_path):

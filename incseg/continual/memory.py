@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from incseg.data.layout import IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, Pair, load_yaml, read_mask
+from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, Pair, copy_pair, load_yaml,
+                                 read_mask)
 
 INDEX = "memory.yaml"
 
@@ -118,8 +119,7 @@ def _write(out: Path, chosen: list[tuple[Exemplar, Pair]]) -> ExemplarMemory:
     for sub in (IMAGES_DIR, MASKS_DIR):
         (tmp / sub).mkdir(parents=True)
     for it, p in chosen:
-        shutil.copyfile(p.image, tmp / IMAGES_DIR / f"{it.stem}{p.image.suffix.lower()}")
-        shutil.copyfile(p.mask, tmp / MASKS_DIR / f"{it.stem}{MASK_SUFFIX}")
+        copy_pair(p, tmp, it.stem)
     items = [it for it, _ in chosen]
     (tmp / INDEX).write_text(yaml.safe_dump([{**asdict(it), "annotated": list(it.annotated)} for it in items]))
     shutil.rmtree(out, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
-                                 read_mask, write_classes)
+                                 copy_pair, read_mask, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -121,13 +121,11 @@ def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None) -> set[int
     for p in pairs:
         _refuse_link(p.image)
         _refuse_link(p.mask)
-        shutil.copyfile(p.image, out / IMAGES_DIR / f"{p.stem}{p.image.suffix.lower()}")
         mask = read_mask(p.mask)
+        copy_pair(p, out)
         if lut is not None:
             mask = lut[mask]
-            Image.fromarray(mask, "L").save(out / MASKS_DIR / f"{p.stem}{MASK_SUFFIX}")
-        else:
-            shutil.copyfile(p.mask, out / MASKS_DIR / f"{p.stem}{MASK_SUFFIX}")
+            Image.fromarray(mask, "L").save(out / MASKS_DIR / f"{p.stem}{MASK_SUFFIX}")  # over the copy
         ids |= set(np.unique(mask).tolist())
     return ids
 

@@ -7,6 +7,7 @@ label ids) and an optional `batch.yaml`.
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,15 +92,25 @@ class Pair:
 
 def find_pairs(batch_dir: Path) -> list[Pair]:
     """Image/mask pairs matched by stem, sorted; unmatched files are left out (validation reports them)."""
-    images = {p.stem: p for p in _files(batch_dir / IMAGES_DIR, IMAGE_SUFFIXES)}
-    masks = {p.stem: p for p in _files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))}
+    images = {p.stem: p for p in list_files(batch_dir / IMAGES_DIR)}
+    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))}
     return [Pair(s, images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
 
 
-def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files of `folder` (not below it) whose suffix, in any case, is one of `suffixes`, sorted;
+    none when the folder does not exist."""
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+
+
+def copy_pair(pair: Pair, batch_dir: Path, stem: str | None = None) -> None:
+    """Copy a pair's files as they are into `batch_dir`'s layout, under `stem` (default the pair's):
+    the image keeps its suffix, lower-cased; the mask gets `MASK_SUFFIX`. The subfolders must exist."""
+    stem = stem or pair.stem
+    shutil.copyfile(pair.image, batch_dir / IMAGES_DIR / f"{stem}{pair.image.suffix.lower()}")
+    shutil.copyfile(pair.mask, batch_dir / MASKS_DIR / f"{stem}{MASK_SUFFIX}")
 
 
 MAX_PIXELS = 64_000_000  # a decoded image above this (8k x 8k) is refused before it fills memory

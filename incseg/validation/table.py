@@ -9,15 +9,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from incseg.data.layout import IGNORE, IMAGE_SUFFIXES, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, open_image
+from incseg.data.layout import IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, list_files, open_image
 
 LABEL_MODES = ("L", "P")
 
 
-def _files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in suffixes}
 
 
 def _open(path: Path) -> tuple[Image.Image | None, str]:
@@ -82,8 +78,8 @@ Entry = tuple[str, str | None, str | None]  # (stem, image path, mask path)
 
 def file_entries(batch_dir: Path) -> list[Entry]:
     """Every stem seen in `images/` or `masks/`, with its files (None where one is missing)."""
-    images = _files(batch_dir / IMAGES_DIR, IMAGE_SUFFIXES)
-    masks = _files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))
+    images = {p.stem: p for p in list_files(batch_dir / IMAGES_DIR)}
+    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))}
     return [(stem, _str(images.get(stem)), _str(masks.get(stem))) for stem in sorted(images.keys() | masks.keys())]
 
 
