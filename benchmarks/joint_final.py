@@ -19,6 +19,7 @@ from pathlib import Path
 from incseg.bench import continual as b
 from incseg.config import load_params
 from incseg.data.layout import read_classes
+from incseg.processes import exit_on_sigterm
 
 
 def main(style: str, out: Path, scale: float = 1.0) -> dict:
@@ -35,4 +36,5 @@ def main(style: str, out: Path, scale: float = 1.0) -> dict:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a `kill` removes the stream's temporary folder
     print(json.dumps(main(sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)))

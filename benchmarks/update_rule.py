@@ -21,6 +21,7 @@ from incseg.bench import continual as b
 from incseg.bench.recipe import with_changes
 from incseg.cli import DEMO_CHANGES
 from incseg.config import load_params
+from incseg.processes import exit_on_sigterm
 
 RULES: dict[str, dict[str, object]] = {
     "shared rule (before)": {"train.update_eval_every": None, "train.update_lr_decays": None},
@@ -70,6 +71,7 @@ def main(style: str, out: Path, updates: int, params_file: Path, rules: list[str
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a `kill` removes the stream's temporary folder
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("style")
     ap.add_argument("out", type=Path)

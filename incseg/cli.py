@@ -60,16 +60,13 @@ DEMO_MARKER = ".incseg-demo"
 
 
 def run() -> None:
-    """The `incseg` program. SIGTERM (a service manager's or `kill`'s stop) ends it as Ctrl-C does,
-    through every `finally` and exit handler: Python's default would end it at once and orphan the
-    Prefect server `serve` started, or the one Prefect's ephemeral API starts for a flow run."""
-    import signal
+    """The `incseg` program. SIGTERM ends it as Ctrl-C does (`processes.exit_on_sigterm`), so the
+    Prefect server `serve` started, or the one Prefect's ephemeral API starts for a flow run, goes too."""
     import sys
 
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
+    from incseg.processes import exit_on_sigterm
 
-    signal.signal(signal.SIGTERM, terminate)
+    exit_on_sigterm()
     sys.exit(app(prog_name="incseg"))
 
 

@@ -78,6 +78,17 @@ def running(cmd: list[str], grace: float = 10.0, sig: int = signal.SIGTERM, own_
         stop(proc, grace, sig)
 
 
+def exit_on_sigterm() -> None:
+    """From now on SIGTERM (a service manager's or `kill`'s stop) ends this program as Ctrl-C does,
+    through every `finally`, context manager and exit handler: Python's default ends it at once,
+    orphaning the servers it started and leaving its temporary folders behind."""
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def owner_tags() -> dict[str, str]:
     """Which process owns a piece of work: host, pid and the pid's start time (pids are reused)."""
     import socket

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -71,3 +72,30 @@ def test_running_returns_the_commands_exit_code_and_stops_it_on_leaving():
     with processes.running([sys.executable, "-c", "import time; time.sleep(120)"], grace=5) as proc:
         pid = proc.pid
     assert proc.returncode == -signal.SIGTERM and not psutil.pid_exists(pid)
+
+
+def test_after_exit_on_sigterm_a_kill_runs_the_cleanup_of_a_program(tmp_path):
+    """Python's default SIGTERM ends a program at once: a temporary folder it holds stays on disk
+    (the benchmarks' streams did). After `exit_on_sigterm` the folder is removed and the exit code
+    says SIGTERM, as a shell reports it."""
+    code = textwrap.dedent(f"""
+        import sys, tempfile, time
+        from incseg.processes import exit_on_sigterm
+        if sys.argv[1] == "handled":
+            exit_on_sigterm()
+        with tempfile.TemporaryDirectory(dir={str(tmp_path)!r}) as tmp:
+            print(tmp, flush=True)
+            time.sleep(120)
+    """)
+    for mode, code_expected, kept in (("default", -signal.SIGTERM, True), ("handled", 128 + signal.SIGTERM, False)):
+        proc = subprocess.Popen([sys.executable, "-c", code, mode], stdout=subprocess.PIPE, text=True)
+        try:
+            folder = proc.stdout.readline().strip()
+            assert folder.startswith(str(tmp_path))
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == code_expected
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        assert Path(folder).is_dir() == kept, mode
