@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
-from flows import STARTUP_TIMEOUT_S
+from flows import STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_SET_BY_USER
 from flows.update import UpdateResult, bootstrap, incremental_update
 from incseg import datastore, ledger, processes
 from incseg.registry import ModelRegistry
@@ -154,11 +154,18 @@ def start_ephemeral_api() -> None:
     with api_database_lock() as creating:
         if creating:
             from prefect.server.api.server import SubprocessASGIServer
-            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-            # the setting, or the package's floor where Prefect was imported before `flows` set it
-            setting = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-            SubprocessASGIServer().start(timeout=max(STARTUP_TIMEOUT_S, setting))
+            SubprocessASGIServer().start(timeout=startup_timeout())
+
+
+def startup_timeout() -> float:
+    """Seconds to wait for the ephemeral API this process starts: the user's
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS where they set it, else at least `STARTUP_TIMEOUT_S`
+    (Prefect's own 20 s stands where it was imported before `flows` set the variable)."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    setting = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    return setting if STARTUP_TIMEOUT_SET_BY_USER else max(STARTUP_TIMEOUT_S, setting)
 
 
 @contextmanager

@@ -172,16 +172,22 @@ def test_a_new_workspaces_first_command_prints_no_mlflow_info_lines(tmp_path):
 def test_prefect_waits_two_minutes_for_a_server_it_starts_unless_the_user_set_a_time():
     """Prefect waits 20 s for the ephemeral API it starts on first use: short on a busy laptop, where a
     command failed. Importing `flows` raises that to `flows.STARTUP_TIMEOUT_S` before Prefect reads its
-    settings (once); a value the user set is kept."""
+    settings (once); a value the user set is kept, shorter or longer, also by the ephemeral API that
+    `flows.watch` starts itself, and in a process that imported Prefect first."""
     from flows import STARTUP_TIMEOUT_S
 
     name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-    code = f"import flows.update\nfrom prefect.settings import {name} as t\nprint(t.value())"
+    code = ("{first}import flows.update\nfrom flows.watch import startup_timeout\n"
+            f"from prefect.settings import {name} as t\nprint(t.value(), startup_timeout())")
     env = {k: v for k, v in os.environ.items() if k != name}
-    for extra, expected in [({}, STARTUP_TIMEOUT_S), ({name: "300"}, 300)]:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra})
+    cases = [("", {}, (120, 120)), ("", {name: "300"}, (300, 300)), ("", {name: "7"}, (7, 7)),
+             ("import prefect.settings\n", {}, (20, 120)), ("import prefect.settings\n", {name: "7"}, (7, 7))]
+    for first, extra, expected in cases:
+        proc = subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True, text=True,
+                              env={**env, **extra})
         assert proc.returncode == 0, proc.stderr
-        assert float(proc.stdout.split()[-1]) == expected == (300 if extra else 120)
+        assert tuple(float(v) for v in proc.stdout.split()[-2:]) == expected, (first, extra)
+    assert STARTUP_TIMEOUT_S == 120
 
 
 def test_registering_a_version_prints_mlflow_events_only_at_info(tmp_path, capsys):
