@@ -687,8 +687,9 @@ DEMO_CHANGES = {"data": {"image_size": 48}, "synth": {"size": 48},
                           "update_min_steps": 150, "eval_every": 50, "patience": 2, **UPDATE_RULE_SHARED}}
 
 
-def write_demo_params(directory: Path) -> None:
-    """The demo's params.yaml: the defaults with smaller images and budgets, so the loop runs in minutes."""
+def write_demo_params(directory: Path, style: Style | None = None) -> None:
+    """The demo's params.yaml: the defaults with smaller images and budgets, so the loop runs in minutes,
+    and the synthetic stream's look `style` (default: the defaults')."""
     import yaml
 
     from incseg.config import PARAMS_FILE, load_params
@@ -696,6 +697,8 @@ def write_demo_params(directory: Path) -> None:
     raw = load_params(directory / PARAMS_FILE).model_dump()
     for section, values in DEMO_CHANGES.items():
         raw[section].update(values)
+    if style is not None:
+        raw["synth"]["style"] = style
     header = "# incseg demo: the defaults with smaller images and training budgets (see `incseg demo --help`).\n"
     (directory / PARAMS_FILE).write_text(header + yaml.safe_dump(raw, sort_keys=False))
 
@@ -703,6 +706,8 @@ def write_demo_params(directory: Path) -> None:
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Argument(help="Demo workspace (re-created on each run).")] = Path("demo-workspace"),
+    style: Annotated[Optional[Style], typer.Option(help="The synthetic stream's look (default: synth.style's "
+                                                   "default).")] = None,
 ) -> None:
     """The whole loop on synthetic data: batches arrive through DVC, the watcher updates on each,
     a poisoned batch is rejected. The demo workspace trains on 48 px images with short budgets."""
@@ -717,14 +722,14 @@ def demo(
         shutil.rmtree(directory)
     init_workspace(directory)
     (directory / DEMO_MARKER).touch()
-    write_demo_params(directory)
+    write_demo_params(directory, style)
     ws = Workspace(directory)
     t = ws.params.train
     console.print(f"demo budgets (a few minutes on a laptop; the defaults are for real data): {ws.params.data.image_size} px, "
                   f"bootstrap {t.bootstrap_min_steps}-{t.bootstrap_max_steps} steps, updates "
                   f"{t.update_min_steps}-{t.update_max_steps} steps, early stop every {t.eval_every}")
     incoming = ws.root / "incoming"
-    console.rule("1. a synthetic class-incremental stream arrives in incoming/")
+    console.rule(f"1. a synthetic class-incremental stream ({ws.params.synth.style}) arrives in incoming/")
     infos = synthesize(incoming, ws.params.synth)
     last = infos[-1].batch_id
     poisoned = poison_batch(incoming / "registry" / last, incoming / "registry" / f"batch-{len(infos):02d}-poisoned")

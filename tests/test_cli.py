@@ -190,6 +190,23 @@ def test_prefect_waits_two_minutes_for_a_server_it_starts_unless_the_user_set_a_
     assert STARTUP_TIMEOUT_S == 120
 
 
+def test_the_demo_writes_its_budgets_and_the_chosen_look_and_refuses_an_unknown_look(tmp_path):
+    from incseg.cli import DEMO_CHANGES, write_demo_params
+    from incseg.config import STYLES, Params, load_params
+    from incseg.datastore import init_workspace
+
+    root = init_workspace(tmp_path / "ws")
+    for style in (None, *STYLES):
+        write_demo_params(root, style)
+        params = load_params(root / "params.yaml")
+        assert params.synth.style == (style or Params().synth.style)
+        assert params.train.update_max_steps == DEMO_CHANGES["train"]["update_max_steps"] < Params().train.update_max_steps
+        assert params.data.image_size == params.synth.size == 48
+    result = runner.invoke(app, ["demo", str(tmp_path / "demo"), "--style", "nope"], terminal_width=200)
+    assert result.exit_code == 2 and "nope" in result.output and all(s in result.output for s in STYLES)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_registering_a_version_prints_mlflow_events_only_at_info(tmp_path, capsys):
     """`mlflow.register_model` prints "Created version ..." to stderr whatever the `mlflow` logger's level:
     in incseg those lines follow the level (the CLI's default, WARNING, drops them), other lines pass."""
