@@ -8,9 +8,8 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
 
-from incseg.config import PARAMS_FILE, Params
+from incseg.config import PARAMS_FILE
 from incseg.data.layout import BatchInfo, DataError, load_yaml
 from incseg.workspace import Workspace
 
@@ -75,11 +74,12 @@ def dvc(root: Path, command: str, *targets: Path) -> None:
 
 
 PIPELINE_YAML = Path(__file__).parent / "templates" / "dvc.yaml"  # the one source of the DVC pipeline
+PARAMS_YAML = Path(__file__).parent / "templates" / "params.yaml"  # of the default params.yaml, commented
 
 
 def write_default_params(path: Path) -> None:
-    header = "# incseg parameters: every knob, one section per concern. Paths are relative to this folder.\n"
-    path.write_text(header + yaml.safe_dump(Params().model_dump(), sort_keys=False))
+    """Every knob at its default, each with a comment saying what it does (the project's own params.yaml)."""
+    shutil.copyfile(PARAMS_YAML, path)
 
 
 def init_workspace(root: Path, remote: str | None = None) -> Path:

@@ -13,6 +13,29 @@ def test_repo_params_yaml_is_valid_and_matches_the_defaults():
     assert load_params(ROOT / "params.yaml") == Params()
 
 
+def test_init_writes_every_knob_with_its_comment(tmp_path):
+    """`incseg init` writes the project's params.yaml (one file: the repo's is a link to the template):
+    every field of `Params` by name, at its default, the lines commented as in the repo."""
+    from incseg.datastore import PARAMS_YAML, write_default_params
+
+    assert (ROOT / "params.yaml").resolve() == PARAMS_YAML.resolve()
+    write_default_params(tmp_path / "params.yaml")
+    text = (tmp_path / "params.yaml").read_text()
+    assert load_params(tmp_path / "params.yaml") == Params() and text.count("#") > 50
+
+    def names(model, prefix=""):
+        for name, value in model:
+            yield from names(value, f"{prefix}{name}.") if hasattr(value, "model_fields") else [prefix + name]
+
+    raw = yaml.safe_load(text)
+    for dotted in names(Params()):
+        section, *rest = dotted.split(".")
+        node = raw[section]
+        for key in rest[:-1]:
+            node = node[key]
+        assert rest[-1] in node, f"params.yaml lacks {dotted}"
+
+
 def test_bad_value_names_the_key(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"batch_size": 0}}))
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
