@@ -15,7 +15,7 @@ from rich.table import Column, Table
 from typer.core import TyperGroup
 
 from incseg.config import UPDATE_RULE_SHARED, ConfigError, Style
-from incseg.data.layout import IMAGES_DIR, DataError, list_batches
+from incseg.data.layout import IMAGES_DIR, MASKS_DIR, DataError, list_batches
 from incseg.datastore import StoreError
 from incseg.workspace import Workspace
 
@@ -133,7 +133,8 @@ def data_synth(
 @data_app.command("add")
 def data_add(
     ctx: typer.Context,
-    src: Annotated[Path, typer.Argument(help="images/+masks/ folder, a Pascal VOC or a Cityscapes layout.")],
+    src: Annotated[Path, typer.Argument(help=f"A folder of {IMAGES_DIR}/ + {MASKS_DIR}/ (paired by file name), "
+                                             "a Pascal VOC or a Cityscapes layout.")],
     batch_id: Annotated[Optional[str], typer.Option(help="Registry batch id (default: SRC's folder name).")] = None,
     holdout: Annotated[bool, typer.Option("--holdout", help="Make SRC the fixed holdout instead.")] = False,
     force: Annotated[bool, typer.Option(help="Allow replacing an existing holdout.")] = False,
