@@ -8,7 +8,6 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-
 from incseg.config import PARAMS_FILE
 from incseg.data.layout import BatchInfo, DataError, load_yaml
 from incseg.workspace import Workspace
