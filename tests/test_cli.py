@@ -174,9 +174,9 @@ def test_prefect_waits_two_minutes_for_a_server_it_starts_unless_the_user_set_a_
     command failed. Importing `flows` raises that to `flows.STARTUP_TIMEOUT_S` before Prefect reads its
     settings (once); a value the user set is kept, shorter or longer, also by the ephemeral API that
     `flows.watch` starts itself, and in a process that imported Prefect first."""
+    from flows import STARTUP_TIMEOUT_ENV as name
     from flows import STARTUP_TIMEOUT_S
 
-    name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
     code = ("{first}import flows.update\nfrom flows.watch import startup_timeout\n"
             f"from prefect.settings import {name} as t\nprint(t.value(), startup_timeout())")
     env = {k: v for k, v in os.environ.items() if k != name}

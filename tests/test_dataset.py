@@ -131,6 +131,9 @@ def test_layout_lists_files_by_suffix_and_copies_pairs_under_its_names(tmp_path)
     assert [p.stem for p in find_pairs(out)] == ["x-a", "x-b"]
     assert np.array_equal(read_image(out / "images" / "x-a.png"), image)
     assert np.array_equal(read_mask(out / "masks" / "x-b.png"), mask)
+    copy_pair(find_pairs(src)[0], out, stem="y", mask=mask + 1)  # a relabelled mask is written in its place
+    assert np.array_equal(read_mask(out / "masks" / "y.png"), mask + 1)
+    assert np.array_equal(read_image(out / "images" / "y.png"), image)
 
 
 def test_decoded_pairs_are_read_once_and_again_when_a_file_changes(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
+from incseg.data.layout import (IGNORE, IMAGES_DIR, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
                                  copy_pair, read_mask, write_classes)
 
 VOC_CLASSES = (
@@ -115,18 +115,14 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
 
 def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None) -> set[int]:
     """Copy images as they are and masks as label maps (through `lut` if given); returns the ids seen."""
-    from PIL import Image
-
     ids: set[int] = set()
     for p in pairs:
         _refuse_link(p.image)
         _refuse_link(p.mask)
-        mask = read_mask(p.mask)
-        copy_pair(p, out)
-        if lut is not None:
-            mask = lut[mask]
-            Image.fromarray(mask, "L").save(out / MASKS_DIR / f"{p.stem}{MASK_SUFFIX}")  # over the copy
-        ids |= set(np.unique(mask).tolist())
+        mask = read_mask(p.mask)  # read even when copied as it is: a bad mask fails the import here
+        relabelled = None if lut is None else lut[mask]
+        copy_pair(p, out, mask=relabelled)
+        ids |= set(np.unique(mask if relabelled is None else relabelled).tolist())
     return ids
 
 

@@ -105,12 +105,16 @@ def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
 
 
-def copy_pair(pair: Pair, batch_dir: Path, stem: str | None = None) -> None:
+def copy_pair(pair: Pair, batch_dir: Path, stem: str | None = None, mask: np.ndarray | None = None) -> None:
     """Copy a pair's files as they are into `batch_dir`'s layout, under `stem` (default the pair's):
-    the image keeps its suffix, lower-cased; the mask gets `MASK_SUFFIX`. The subfolders must exist."""
+    the image keeps its suffix, lower-cased; the mask gets `MASK_SUFFIX`, or is `mask` (label ids)
+    written in its place when given. The subfolders must exist."""
     stem = stem or pair.stem
     shutil.copyfile(pair.image, batch_dir / IMAGES_DIR / f"{stem}{pair.image.suffix.lower()}")
-    shutil.copyfile(pair.mask, batch_dir / MASKS_DIR / f"{stem}{MASK_SUFFIX}")
+    if mask is None:
+        shutil.copyfile(pair.mask, batch_dir / MASKS_DIR / f"{stem}{MASK_SUFFIX}")
+    else:
+        Image.fromarray(mask.astype(np.uint8), "L").save(batch_dir / MASKS_DIR / f"{stem}{MASK_SUFFIX}")
 
 
 MAX_PIXELS = 64_000_000  # a decoded image above this (8k x 8k) is refused before it fills memory

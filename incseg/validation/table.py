@@ -14,8 +14,6 @@ from incseg.data.layout import IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataE
 LABEL_MODES = ("L", "P")
 
 
-
-
 def _open(path: Path) -> tuple[Image.Image | None, str]:
     """The fully decoded image, or None and why not."""
     try:
