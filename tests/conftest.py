@@ -43,6 +43,16 @@ from helpers import make_workspace, tiny_params  # noqa: E402
 from incseg.data.synthetic import synthesize  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prefect_logs_to_the_session_stderr():
+    """Prefect binds its console log handler to whatever `sys.stderr` is when it first configures
+    logging (on importing `prefect.main`). First configured inside a `CliRunner.invoke`, the handler
+    would keep that invocation's stream, closed after it, and every later flow run of the worker would
+    print a "Logging error" traceback into the next invocation's output (test_cli, then a one-line
+    error check of test_untrusted_inputs, in one process). Configured here, before any invocation."""
+    import prefect.main  # noqa: F401
+
+
 @pytest.fixture(scope="session")
 def stream_dir(tmp_path_factory) -> Path:
     """The tiny synthetic stream, written once per session (read-only for tests)."""
