@@ -91,3 +91,21 @@ def test_symlinked_files_are_refused(ws, stream_dir, tmp_path):
         add_data(ws, src, "linky")
     assert not (ws.registry_dir / "linky").exists()
     assert [p.name for p in ws.registry_dir.iterdir()] == []
+
+
+def test_files_that_pair_with_nothing_are_refused_by_name(ws, stream_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "loose"
+    shutil.copytree(stream_dir / "registry" / "batch-01", src)
+    mask = sorted((src / "masks").iterdir())[0]
+    mask.rename(mask.with_suffix(".jpg"))  # a mask saved as JPEG: its image pairs with nothing either
+    (src / "images" / ".DS_Store").write_bytes(b"\0")  # not an image file: not counted
+    image = next((src / "images").glob(f"{mask.stem}.*"))
+    with pytest.raises(DataError, match=rf"2 file\(s\) pair with nothing: images/{image.name}, masks/{mask.stem}\.jpg"):
+        add_data(ws, src, "loose")
+    assert [p.name for p in ws.registry_dir.iterdir()] == []
+    image.unlink()
+    mask.with_suffix(".jpg").unlink()
+    dst, _, _ = add_data(ws, src, "loose")
+    assert len(list((dst / "masks").iterdir())) == len(list((stream_dir / "registry" / "batch-01" / "masks").iterdir())) - 1

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from incseg.data.layout import (IGNORE, IMAGES_DIR, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
-                                 copy_pair, read_mask, write_classes)
+from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
+                                 copy_pair, read_mask, unpaired, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -85,6 +85,7 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
         raise DataError(f"{dst} already exists; choose another --batch-id")
     if layout == "folder":
         pairs, lut, names = find_pairs(src), None, None
+        _refuse_unpaired(src)
     elif layout == "voc":
         pairs, lut, names = voc_pairs(src, split), None, dict(enumerate(VOC_CLASSES))
     elif layout == "cityscapes":
@@ -124,6 +125,16 @@ def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None) -> set[int
         copy_pair(p, out, mask=relabelled)
         ids |= set(np.unique(mask if relabelled is None else relabelled).tolist())
     return ids
+
+
+def _refuse_unpaired(src: Path) -> None:
+    """A folder's file that pairs with nothing would be left out unseen: the import is refused, naming it."""
+    left = [str(f.relative_to(src)) for f in unpaired(src)]
+    if left:
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        raise DataError(f"{src}: {len(left)} file(s) pair with nothing: {', '.join(left[:5])}{more}. Each "
+                        f"{IMAGES_DIR}/STEM.(png|jpg) needs {MASKS_DIR}/STEM{MASK_SUFFIX} (label ids, lossless) "
+                        "and each mask an image; move the others out of the folder")
 
 
 def _refuse_link(path: Path) -> None:

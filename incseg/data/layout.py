@@ -91,10 +91,17 @@ class Pair:
 
 
 def find_pairs(batch_dir: Path) -> list[Pair]:
-    """Image/mask pairs matched by stem, sorted; unmatched files are left out (validation reports them)."""
+    """Image/mask pairs matched by stem, sorted; unmatched files are left out (`unpaired` names them)."""
     images = {p.stem: p for p in list_files(batch_dir / IMAGES_DIR)}
     masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))}
     return [Pair(s, images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
+
+
+def unpaired(batch_dir: Path) -> list[Path]:
+    """The image files (by suffix) in a batch folder's two subfolders that `find_pairs` leaves out: an
+    image without a mask of its stem, a mask without an image, a mask that is not `MASK_SUFFIX`."""
+    paired = {f for pair in find_pairs(batch_dir) for f in (pair.image, pair.mask)}
+    return [f for sub in (IMAGES_DIR, MASKS_DIR) for f in list_files(batch_dir / sub) if f not in paired]
 
 
 def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
