@@ -51,7 +51,8 @@ class _Group(TyperGroup):
 
 
 app = typer.Typer(cls=_Group, help="Keep a segmentation model up to date incrementally.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode="markdown")
 data_app = typer.Typer(help="Create and bring in data batches.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()

@@ -41,6 +41,18 @@ def test_every_command_has_help_naming_what_it_does_and_every_option():
                 assert param.help and param.name in result.output.lower(), (path, param.name)
 
 
+def test_a_command_list_reflows_each_summary():
+    """A docstring's line breaks are the source's, not the help's: a group's list of commands shows each
+    command's first paragraph as one flowing text (Markdown help), not cut where the source line ended."""
+    groups = [(path, cmd) for path, cmd in all_commands() if getattr(cmd, "commands", None)]
+    assert [path for path, _ in groups] == [[], ["data"]]
+    for path, cmd in groups:
+        output = " ".join(runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400"}).output.split())
+        for name, sub in cmd.commands.items():
+            first = (sub.help or "").strip().split("\n\n")[0]
+            assert " ".join(first.replace("`", "").split()) in output, (path, name)
+
+
 def test_init_scaffolds_git_and_dvc_with_a_local_remote(tmp_path):
     result = runner.invoke(app, ["init", str(tmp_path / "ws")])
     assert result.exit_code == 0, result.output
