@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from incseg.config import PARAMS_FILE
-from incseg.data.layout import BatchInfo, DataError, load_yaml
+from incseg.data.layout import BatchInfo, DataError, load_yaml, read_classes
 from incseg.workspace import Workspace
 
 WORKSPACE_GITIGNORE = """\
@@ -236,6 +236,7 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
     if not has_dvc(ws.root):
         raise StoreError(f"{ws.root} is not a DVC workspace: run `incseg init {ws.root}` first")
     if classes is not None and not ws.classes_file.exists():
+        read_classes(classes)  # a damaged file is refused, naming it, before it is installed
         ws.classes_file.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(classes, ws.classes_file)
     if holdout:

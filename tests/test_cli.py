@@ -91,7 +91,8 @@ def test_a_push_to_an_unusable_dvc_remote_fails_in_one_line_naming_the_command(t
     blocker.write_text("a file where the DVC remote should be\n")
     result = runner.invoke(app, ["init", str(tmp_path / "ws"), "--remote", str(blocker)])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["-C", str(tmp_path / "ws"), "data", "add", str(stream_dir / "registry" / "batch-00")])
+    result = runner.invoke(app, ["-C", str(tmp_path / "ws"), "data", "add", str(stream_dir / "registry" / "batch-00"),
+                                 "--classes", str(stream_dir / "classes.yaml")])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "`dvc push data/registry/batch-00.dvc` failed" in errors[0], result.output

@@ -93,7 +93,7 @@ def test_symlinked_files_are_refused(ws, stream_dir, tmp_path):
     assert [p.name for p in ws.registry_dir.iterdir()] == []
 
 
-def test_files_that_pair_with_nothing_are_refused_by_name(ws, stream_dir, tmp_path):
+def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_dir, tmp_path):
     import shutil
 
     src = tmp_path / "loose"
@@ -107,6 +107,13 @@ def test_files_that_pair_with_nothing_are_refused_by_name(ws, stream_dir, tmp_pa
     assert [p.name for p in ws.registry_dir.iterdir()] == []
     image.unlink()
     mask.with_suffix(".jpg").unlink()
-    dst, _, _ = add_data(ws, src, "loose")
+    with pytest.raises(DataError, match=r"classes\.yaml: missing, and a plain folder names no classes"):
+        add_data(ws, src, "loose")
+    broken = tmp_path / "classes.yaml"
+    broken.write_text("1: square\n")  # no background
+    with pytest.raises(DataError, match=str(broken)):
+        add_data(ws, src, "loose", classes=broken)
+    assert not ws.classes_file.exists() and [p.name for p in ws.registry_dir.iterdir()] == []
+    dst, _, _ = add_data(ws, src, "loose", classes=stream_dir / "classes.yaml")
     before = len(list((stream_dir / "registry" / "batch-01" / "masks").iterdir()))
     assert len(list((dst / "masks").iterdir())) == before - 1

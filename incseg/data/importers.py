@@ -78,7 +78,8 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
                  classes_out: Path | None = None) -> BatchInfo:
     """Copy SRC into the batch folder `dst` in the registry layout; returns its batch.yaml.
 
-    `classes_out` receives the layout's class list (VOC / Cityscapes) when it is not there yet.
+    `classes_out` receives the layout's class list (VOC / Cityscapes) when it is not there yet; a plain
+    folder, which names no classes, is refused when it is given and missing.
     """
     layout = detect_layout(src) if layout == "auto" else layout
     if dst.exists():
@@ -100,6 +101,9 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
     (tmp / MASKS_DIR).mkdir()
     try:
         ids = _copy_pairs(pairs, tmp, lut)
+        if names is None and classes_out is not None and not classes_out.exists():
+            raise DataError(f"{classes_out}: missing, and a plain folder names no classes: pass `--classes FILE` "
+                            "(`0: background`, `1: NAME`, ... one line per label id) or write that file")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused import leaves nothing behind
         raise
