@@ -23,13 +23,14 @@ for a probe of one knob on this look; the result records what was set.
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from incseg.processes import exit_on_sigterm, running
 
 SHAPES = ["ellipse", "bar", "hexagon", "crescent", "chevron"]
 
@@ -127,8 +128,14 @@ def newest_run(ws: Path) -> dict:
             "curves": {name: sorted(points) for name, points in curves.items() if points}}
 
 
-def incseg(*args: str, cwd: Path) -> None:
-    subprocess.run([sys.executable, "-m", "incseg", *args], cwd=cwd, check=True)
+def incseg(*args: str, cwd: Path, check: bool = True) -> int:
+    """One `incseg` command; it goes down with this script (a `kill` of the script reaches it as SIGTERM,
+    which incseg takes as Ctrl-C, and its Prefect server with it), not on as an orphan training for hours."""
+    with running([sys.executable, "-m", "incseg", *args], grace=60, own_group=False, cwd=cwd) as proc:
+        code = proc.wait()
+    if check and code:
+        raise SystemExit(f"incseg {' '.join(args)}: exit {code}")
+    return code
 
 
 def set_params(params_file: Path, changes: dict[str, object]) -> None:
@@ -173,13 +180,14 @@ def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: in
         batch = f"batch-{i:02d}"
         incseg("data", "add", str(data / batch), cwd=ws)
         clock = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "incseg", "update", batch], cwd=ws)  # exit 1: rejected
+        incseg("update", batch, cwd=ws, check=False)  # exit 1: rejected
         result["updates"].append({"batch": batch, "seconds": round(time.perf_counter() - clock), **newest_run(ws)})
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a `kill` stops the incseg command running (see `incseg`)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--images", type=int, default=720)
