@@ -148,14 +148,40 @@ def api_database_lock(timeout: float = 600):
 
 
 def start_ephemeral_api() -> None:
-    """Where this process will use Prefect's ephemeral API and its database is new, start the API now
-    under `api_database_lock` (it is kept for the process's flows, as Prefect would have started it);
-    otherwise nothing: Prefect starts it on first use as before."""
+    """Where this process will use Prefect's ephemeral API: its server is `ephemeral_api_server`'s, and
+    where its database is new it is started now under `api_database_lock` (kept for the process's flows,
+    as Prefect would have started it); otherwise Prefect starts it on first use."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:  # a server of its own (the environment, a Prefect profile)
+        return
+    server = ephemeral_api_server()
     with api_database_lock() as creating:
         if creating:
-            from prefect.server.api.server import SubprocessASGIServer
+            server.start(timeout=startup_timeout())
 
-            SubprocessASGIServer().start(timeout=startup_timeout())
+
+def ephemeral_api_server():
+    """Prefect's ephemeral API server of this process (Prefect's one instance for it, made here before
+    Prefect makes its own), whose uvicorn process runs in a session of its own (`processes.start`).
+    Started by Prefect, it shared the incseg process's group, so a Ctrl-C in the terminal stopped it at
+    once, and the interrupted flow then spent minutes failing to report its crash to it (an error line
+    every 7 s; 3 minutes seen). Apart, it outlives the flow's last reports; Prefect's exit handler stops
+    it, and the kernel stops it if incseg is killed."""
+    from types import SimpleNamespace
+
+    import prefect.server.api.server as api
+
+    class OwnSession(api.SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            real = api.subprocess  # Prefect's command, started through `processes.start` instead of Popen
+            api.subprocess = SimpleNamespace(Popen=lambda args, **popen: processes.start(list(args), **popen))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                api.subprocess = real
+
+    return OwnSession()
 
 
 def startup_timeout() -> float:
