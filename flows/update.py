@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 
 from incseg.metrics import report_metrics
 from incseg.registry import AWAITING
-from incseg.pipeline import clear_scratch
+from incseg.pipeline import clear_scratch, holdout_pairs
 from incseg.training import DivergenceError
 from incseg.workspace import Workspace
 from flows.review import await_review, champion_version
@@ -101,6 +101,7 @@ def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> U
 def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Train the first model on one batch and make it version 1, `champion`."""
     ws = Workspace(workspace)
+    holdout_pairs(ws)  # no holdout, no verdict: before the training
     close_orphaned_runs(ws)
     checked = check_batch(ws, batch_id, batch_file_table(ws, batch_id))
     if checked.batch is None:
@@ -125,6 +126,7 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Validate the batch, continue the champion on it, judge on the holdout, promote or keep."""
     log = get_run_logger()
     ws = Workspace(workspace)
+    holdout_pairs(ws)  # no holdout, no verdict: before the training
     close_orphaned_runs(ws)
     champion = load_champion(ws)
     checked = check_batch(ws, batch_id, batch_file_table(ws, batch_id))

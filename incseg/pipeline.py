@@ -131,12 +131,19 @@ def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:
     return {c: names.get(c, str(c)) for c in range(num_classes(model))}
 
 
-def holdout_set(ws: Workspace, n_classes: int, size: int | None = None) -> SegmentationFolder:
-    """The holdout at `size` (default: `data.image_size`)."""
+def holdout_pairs(ws: Workspace) -> list[Pair]:
+    """The holdout's pairs; an empty holdout is an error. Every run is judged on it: the flows ask first,
+    so a missing holdout fails a run before its training, not after."""
     pairs = find_pairs(ws.holdout_dir)
     if not pairs:
-        raise DataError(f"{ws.holdout_dir}: the holdout is empty (run `incseg data synth` or `incseg data add --holdout`)")
-    return SegmentationFolder(pairs, eval_transforms(size or ws.params.data.image_size), n_classes)
+        raise DataError(f"{ws.holdout_dir}: the holdout is empty "
+                        "(run `incseg data synth` or `incseg data add --holdout`)")
+    return pairs
+
+
+def holdout_set(ws: Workspace, n_classes: int, size: int | None = None) -> SegmentationFolder:
+    """The holdout at `size` (default: `data.image_size`)."""
+    return SegmentationFolder(holdout_pairs(ws), eval_transforms(size or ws.params.data.image_size), n_classes)
 
 
 def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None = None,

@@ -258,3 +258,22 @@ def test_cli_names_a_damaged_batch_yaml(synth_ws, prefect_api):
 def test_cli_names_a_damaged_params_yaml(synth_ws):
     (synth_ws / "params.yaml").write_bytes(b"train: [1, 2\n\x00")
     one_line_error(runner.invoke(app_(), ["-C", str(synth_ws), "models"], terminal_width=400), "params.yaml")
+
+
+@pytest.mark.slow
+def test_a_bootstrap_without_a_holdout_fails_before_its_training(synth_ws, prefect_api):
+    """Every run is judged on the holdout: without one, the run fails at once, naming it (it failed after
+    the training, hours into a bootstrap at default budgets), and no MLflow run is left."""
+    import shutil
+
+    from helpers import tiny_params
+    from incseg.registry import ModelRegistry
+    from incseg.workspace import Workspace
+
+    (synth_ws / "params.yaml").write_text(yaml.safe_dump(tiny_params().model_dump()))  # bounded, were it to train
+    shutil.rmtree(synth_ws / "data" / "holdout")
+    result = runner.invoke(app_(), ["-C", str(synth_ws), "bootstrap"], terminal_width=400)
+    one_line_error(result, "holdout", "is empty")
+    assert "bootstrap batch-00 at" not in result.output  # no training started
+    client = ModelRegistry(Workspace(synth_ws)).client
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
