@@ -15,6 +15,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 from flows import STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_SET_BY_USER
+from flows.events import server_url
 from flows.update import UpdateResult, bootstrap, incremental_update
 from incseg import datastore, ledger, processes
 from incseg.registry import ModelRegistry
@@ -119,10 +120,11 @@ def record_latency(ws: Workspace, run_id: str, event_time: str, started: float) 
 
 def api_database() -> Path | None:
     """The SQLite file a Prefect server started here (the ephemeral API's, `prefect server start`'s)
-    keeps its state in; None when PREFECT_API_URL names a server or the database is not SQLite."""
+    keeps its state in; None when PREFECT_API_URL (the environment's or the Prefect profile's) names a
+    server, or the database is not SQLite."""
     from prefect.settings import get_current_settings
 
-    if os.environ.get("PREFECT_API_URL"):
+    if server_url():
         return None
     url = get_current_settings().server.database.connection_url.get_secret_value()
     prefix = url.split(":///", 1)
@@ -151,9 +153,7 @@ def start_ephemeral_api() -> None:
     """Where this process will use Prefect's ephemeral API: its server is `ephemeral_api_server`'s, and
     where its database is new it is started now under `api_database_lock` (kept for the process's flows,
     as Prefect would have started it); otherwise Prefect starts it on first use."""
-    from prefect.settings import get_current_settings
-
-    if get_current_settings().api.url:  # a server of its own (the environment, a Prefect profile)
+    if server_url():  # a server of its own
         return
     server = ephemeral_api_server()
     with api_database_lock() as creating:
@@ -196,10 +196,12 @@ def startup_timeout() -> float:
 
 @contextmanager
 def prefect_api(port: int = 4200):
-    """The configured Prefect API (PREFECT_API_URL), or a local `prefect server` started for the
-    duration: the ephemeral API has no scheduler, so schedules need a real server process."""
-    if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
+    """The configured Prefect API (PREFECT_API_URL, from the environment or the active Prefect profile),
+    or a local `prefect server` started for the duration: the ephemeral API has no scheduler, so
+    schedules need a real server process."""
+    configured = server_url()
+    if configured:
+        yield configured
         return
     url = f"http://127.0.0.1:{port}/api"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]

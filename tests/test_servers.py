@@ -78,3 +78,24 @@ def test_commands_started_together_on_a_new_machine_share_one_prefect_database(t
     outputs = [log.read_text() for log in logs]
     assert codes == [0, 0], outputs
     assert all("flows 0" in out for out in outputs) and (home / "prefect.db").stat().st_size > 0
+
+
+def test_an_api_url_in_the_prefect_profile_is_the_server_used(tmp_path):
+    """`prefect config set PREFECT_API_URL=...` writes the active profile, not the environment: it names
+    the shared server as surely as the variable does. `serve` uses it (no local server started) and no
+    ephemeral API database is locked or made (before, only the variable counted)."""
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "profiles.toml").write_text('active = "shared"\n\n[profiles.shared]\n'
+                                        'PREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "INCSEG_TEST_PREFECT_API")}
+    env["PREFECT_HOME"] = str(home)
+    code = ("from flows.watch import api_database, prefect_api, start_ephemeral_api\n"
+            "assert api_database() is None, api_database()\n"
+            "start_ephemeral_api()\n"
+            "with prefect_api(port=1) as url:\n"  # a server started on port 1 would fail
+            "    print('api', url)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "api http://127.0.0.1:9/api" in out.stdout
+    assert sorted(p.name for p in home.iterdir()) == ["profiles.toml"]  # no database, no lock file
