@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Column, Table
 from typer.core import TyperGroup
 
+from incseg.bench import ABLATION
 from incseg.config import UPDATE_RULE_SHARED, ConfigError, Style
 from incseg.data.layout import IMAGES_DIR, MASKS_DIR, DataError, list_batches
 from incseg.datastore import StoreError
@@ -591,9 +592,8 @@ def bench(
     style: Annotated[Optional[Style], typer.Option(help="The continual benchmark's look "
                                                    "(default: synth.style).")] = None,
     ablation: Annotated[bool, typer.Option("--ablation", help="Forgetting-control ablation: naive, the default "
-                                           "strategy, and the default with one knob changed each (pseudo-labels, "
-                                           "feature distillation, weight fusion, frozen stem, head init, updates' weight averaging, "
-                                           "distillation on new-class pixels, replay toward confused classes).")] = False,
+                                           "strategy, and the default with one knob changed each: "
+                                           f"{'; '.join(ABLATION)}.")] = False,
 ) -> None:
     """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
     (--inference); print and write tables."""

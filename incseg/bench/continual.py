@@ -26,25 +26,11 @@ from incseg.data.layout import BatchInfo, list_batches, read_classes
 from incseg.data.synthetic import synthesize
 from incseg.metrics import harmonic_mean
 from incseg.pipeline import Batch, Judgement, holdout_matrix, judge, train_base, train_candidate
+from incseg.bench import ABLATION
 from incseg.bench.recipe import with_changes
 from incseg.workspace import Workspace
 
 STRATEGIES = (*strategies.STRATEGIES, "joint")  # joint: retrain on all data so far (the upper bound)
-
-# The forgetting-control ablation (`incseg bench --ablation`): the default strategy with one knob
-# changed each (name -> "section.key": value).
-ABLATION: dict[str, dict[str, object]] = {
-    "+ pseudo-labels 0.7 (PLOP)": {"continual.pseudo_label_threshold": 0.7},
-    "+ feature distillation 0.5 (PLOP POD)": {"continual.feature_distill_weight": 0.5},
-    "+ weight fusion 0.3 (EWF)": {"continual.fuse_old_weight": 0.3},
-    "+ frozen stem": {"continual.freeze_stem": True},
-    "random new-head init": {"continual.head_init": "random"},
-    "EMA instead of SWA": {"train.update_average_weights": "ema"},
-    "no weight averaging": {"train.update_average_weights": "off"},
-    "no distillation on new-class pixels": {"continual.distill_new_class_pixels": False},
-    "+ replay toward confused 0.5": {"continual.replay_toward_confused": 0.5},
-}
-
 
 @dataclass
 class Step:
