@@ -88,7 +88,7 @@ def test_symlinked_files_are_refused(ws, stream_dir, tmp_path):
     victim.unlink()
     victim.symlink_to("/etc/hostname")
     with pytest.raises(DataError, match="symbolic links are refused"):
-        add_data(ws, src, "linky")
+        add_data(ws, src, "linky", classes=stream_dir / "classes.yaml")
     assert not (ws.registry_dir / "linky").exists()
     assert [p.name for p in ws.registry_dir.iterdir()] == []
 

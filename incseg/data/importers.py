@@ -95,15 +95,15 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
         raise DataError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
     if not pairs:
         raise DataError(f"{src}: no image/mask pairs found ({layout} layout)")
+    if names is None and classes_out is not None and not classes_out.exists():  # before any file is copied
+        raise DataError(f"{classes_out}: missing, and a plain folder names no classes: pass `--classes FILE` "
+                        "(`0: background`, `1: NAME`, ... one line per label id) or write that file")
     tmp = dst.with_name(f".{dst.name}.importing")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / IMAGES_DIR).mkdir(parents=True)
     (tmp / MASKS_DIR).mkdir()
     try:
         ids = _copy_pairs(pairs, tmp, lut)
-        if names is None and classes_out is not None and not classes_out.exists():
-            raise DataError(f"{classes_out}: missing, and a plain folder names no classes: pass `--classes FILE` "
-                            "(`0: background`, `1: NAME`, ... one line per label id) or write that file")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused import leaves nothing behind
         raise
