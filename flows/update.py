@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 
 from incseg.metrics import report_metrics
 from incseg.registry import AWAITING
-from incseg.pipeline import clear_scratch, holdout_pairs
+from incseg.pipeline import clear_scratch, holdout_pairs, require_holdout_labels
 from incseg.training import DivergenceError
 from incseg.workspace import Workspace
 from flows.review import await_review, champion_version
@@ -107,6 +107,7 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     if checked.batch is None:
         return rejected_batch(ws, "bootstrap", checked, None)
     batch = checked.batch
+    require_holdout_labels(ws, batch)  # a class the holdout lacks gets no verdict: before the training
     run_id = start_run(ws, "bootstrap", checked, None)
     with recorded(ws, run_id) as attempt:
         model, memory, cap_note = train_base(ws, batch, run_id)
@@ -133,6 +134,7 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
     if checked.batch is None:
         return rejected_batch(ws, "update", checked, champion.version)
     batch = checked.batch
+    require_holdout_labels(ws, batch)  # a class the holdout lacks gets no verdict: before the training
     run_id = start_run(ws, "update", checked, champion.version)
     try:
         with recorded(ws, run_id) as attempt:

@@ -141,6 +141,19 @@ def holdout_pairs(ws: Workspace) -> list[Pair]:
     return pairs
 
 
+def require_holdout_labels(ws: Workspace, batch: Batch) -> None:
+    """The gate judges each class a batch labels on the holdout's pixels of it: a class the holdout
+    never labels could be neither measured nor kept from being forgotten. The flows ask before training."""
+    held = set(BatchInfo.read(ws.holdout_dir).classes)
+    missing = [c for c in batch.classes if c != 0 and c not in held]
+    if missing:
+        names = read_classes(ws.classes_file)
+        listed = ", ".join(f"'{names.get(c, str(c))}' ({c})" for c in missing)
+        raise DataError(f"{ws.holdout_dir}: no pixel labelled {listed}, which batch '{batch.batch_id}' labels, so the "
+                        "gate could not judge it: replace the holdout with one that labels it too "
+                        "(`incseg data add SRC --holdout --force`)")
+
+
 def holdout_set(ws: Workspace, n_classes: int, size: int | None = None) -> SegmentationFolder:
     """The holdout at `size` (default: `data.image_size`)."""
     return SegmentationFolder(holdout_pairs(ws), eval_transforms(size or ws.params.data.image_size), n_classes)

@@ -277,3 +277,41 @@ def test_a_bootstrap_without_a_holdout_fails_before_its_training(synth_ws, prefe
     assert "bootstrap batch-00 at" not in result.output  # no training started
     client = ModelRegistry(Workspace(synth_ws)).client
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def _unlabel_in_holdout(ws_root: Path, class_id: int) -> None:
+    """The holdout's masks with every pixel of `class_id` made background (a holdout made before the class)."""
+    from incseg.data.layout import read_mask
+
+    for mask in (ws_root / "data" / "holdout" / "masks").glob("*.png"):
+        m = read_mask(mask)
+        Image.fromarray(np.where(m == class_id, 0, m).astype(np.uint8)).save(mask)
+
+
+@pytest.mark.slow
+def test_a_class_the_holdout_lacks_is_refused_before_training(synth_ws, prefect_api):
+    """A batch labelling a class with no pixel in the holdout cannot be judged (the gate read its IoU as 0
+    from false positives, after the training): bootstrap and update refuse it at once, naming the class."""
+    from helpers import tiny_params
+    from incseg.registry import ModelRegistry
+    from incseg.workspace import Workspace
+
+    (synth_ws / "params.yaml").write_text(yaml.safe_dump(tiny_params().model_dump()))
+    masks = {p: p.read_bytes() for p in (synth_ws / "data" / "holdout" / "masks").glob("*.png")}
+    _unlabel_in_holdout(synth_ws, 1)  # the base batch labels 1 and 2
+    result = runner.invoke(app_(), ["-C", str(synth_ws), "bootstrap"], terminal_width=400)
+    one_line_error(result, "holdout", "no pixel labelled 'square' (1)", "batch 'batch-00'", "--holdout --force")
+    assert "bootstrap batch-00 at" not in result.output  # no training started
+    client = ModelRegistry(Workspace(synth_ws)).client
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+    for path, data in masks.items():
+        path.write_bytes(data)
+    assert runner.invoke(app_(), ["-C", str(synth_ws), "bootstrap"]).exit_code == 0
+    _unlabel_in_holdout(synth_ws, 3)  # batch-01 brings class 3
+    result = runner.invoke(app_(), ["-C", str(synth_ws), "update", "batch-01"], terminal_width=400)
+    one_line_error(result, "no pixel labelled 'triangle' (3)", "batch 'batch-01'")
+    assert "update batch-01" not in result.output
+    reg = ModelRegistry(Workspace(synth_ws))
+    assert [str(v.version) for v in reg.client.search_model_versions()] == ["1"]  # nothing registered, champion kept
+    assert len(reg.client.search_runs([e.experiment_id for e in reg.client.search_experiments()])) == 1
