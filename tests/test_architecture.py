@@ -44,3 +44,16 @@ def test_a_training_process_does_not_load_torchvision():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["[]"]  # nor MLflow: a torchrun rank other than 0 never logs
+
+
+def test_openmp_spins_briefly_in_every_incseg_process():
+    """`import incseg` sets GOMP_SPINCOUNT before torch loads (idle OpenMP threads spinning 300000 rounds
+    made training ~5x slower beside another busy process: README, GOMP_SPINCOUNT); a user's own value wins."""
+    code = "import os, incseg.cli, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | {"PYTHONPATH": str(ROOT)}
+    for given, expected in ((None, "1000"), ("20000", "20000")):
+        extra = {} if given is None else {"GOMP_SPINCOUNT": given}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=env | extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == [expected]
