@@ -235,7 +235,8 @@ def serve(
 @app.command()
 def validate(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="A batch folder, or the registry folder to validate every batch.")],
+    path: Annotated[Optional[Path], typer.Argument(help="A batch folder, or the registry folder to validate every "
+                                                        "batch (default: the workspace's registry).")] = None,
     quarantine_to: Annotated[Optional[Path], typer.Option("--quarantine", help="Copy failing pairs here.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here.")] = None,
     no_fail: Annotated[bool, typer.Option("--no-fail", help="Exit 0 even when a batch would be rejected.")] = False,
@@ -246,6 +247,7 @@ def validate(
     from incseg.data.layout import read_classes
 
     ws = workspace(ctx)
+    path = ws.registry_dir if path is None else path
     if not path.is_dir():
         raise Failure(f"{path} is not a folder")
     n = len(read_classes(ws.classes_file))

@@ -228,6 +228,18 @@ def test_cli_validate_reports_garbage_images_by_name(synth_ws):
     assert images[0].stem in result.output and images[1].stem in result.output
 
 
+def test_cli_validate_without_a_path_validates_the_registry(synth_ws):
+    """`incseg validate` alone checks every registered batch (it asked for a path), and fails on a bad one."""
+    images = sorted((synth_ws / "data" / "registry" / "batch-01" / "images").iterdir())
+    for image in images:
+        image.write_bytes(b"not an image")
+    result = runner.invoke(app_(), ["-C", str(synth_ws), "validate"], terminal_width=400)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    batches = sorted(p.name for p in (synth_ws / "data" / "registry").iterdir() if p.is_dir())
+    assert len(batches) >= 3 and all(f"{b}: " in result.output for b in batches), result.output
+    assert "batch-00: 12 files, 12 valid: accepted" in result.output and images[0].stem in result.output
+
+
 def test_validate_writes_gx_data_docs_naming_every_check_and_the_failing_file(synth_ws):
     from incseg.config import ValidationParams
     from incseg.validation.suite import build_suite
