@@ -269,8 +269,9 @@ def train(
                 info = f"loss {point.loss:.4f}" + (f" val mIoU {score:.3f}" if score == score else "")
                 bar.update(task, info=info)
                 if lines:
-                    print(f"{description}: step {step}/{budget.max_steps} {info} "
-                          f"({seen / max(seconds, 1e-9):.0f} images/s on {dist.world_size()} ranks)", flush=True)
+                    ranks = dist.world_size()
+                    print(f"{description}: step {step}/{budget.max_steps} {info} ({seen / max(seconds, 1e-9):.0f} "
+                          f"images/s{f' on {ranks} ranks' if ranks > 1 else ''})", flush=True)
                 clock, total, seen = time.perf_counter(), 0.0, 0
                 if result.stopped:
                     break
