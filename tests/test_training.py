@@ -300,7 +300,8 @@ def test_a_log_gets_a_line_per_evaluation(capsys):
           validate=lambda m: 0.5, progress=True, description="bootstrap")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bootstrap: step")]
     assert [line.split()[2] for line in lines] == ["10/20", "20/20"]
-    assert all("val mIoU 0.500" in line and line.endswith("images/s)") for line in lines)  # one process: no "on 1 ranks"
+    # one process: no "on 1 ranks"
+    assert all("val mIoU 0.500" in line and line.endswith("images/s)") for line in lines)
 
 
 def test_a_nan_loss_stops_training():
