@@ -117,3 +117,36 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
     dst, _, _ = add_data(ws, src, "loose", classes=stream_dir / "classes.yaml")
     before = len(list((stream_dir / "registry" / "batch-01" / "masks").iterdir()))
     assert len(list((dst / "masks").iterdir())) == before - 1
+
+
+def test_label_maps_in_other_encodings_are_converted_colour_coded_masks_refused(ws, stream_dir, tmp_path):
+    """A 16-bit label map and a gray map saved as RGB (what many tools write) are imported as 8-bit label
+    maps with the same ids (they were refused as 'not a single-channel label map'); a colour-coded mask
+    or ids past 255 are refused, naming the file, and nothing is registered."""
+    import shutil
+
+    src = tmp_path / "tools"
+    shutil.copytree(stream_dir / "registry" / "batch-01", src)
+    masks = sorted((src / "masks").iterdir())
+    ids = {m.stem: read_mask(m) for m in masks[:2]}
+    Image.fromarray(ids[masks[0].stem].astype(np.uint16)).save(masks[0])  # 16-bit PNG
+    assert Image.open(masks[0]).mode.startswith("I")
+    Image.fromarray(np.repeat(ids[masks[1].stem][..., None], 3, axis=2)).save(masks[1])  # gray as RGB
+    colour = np.zeros((*ids[masks[0].stem].shape, 3), np.uint8)
+    colour[..., 0] = ids[masks[0].stem] * 40
+    wide = ids[masks[0].stem].astype(np.uint16) * 300
+
+    Image.fromarray(colour).save(masks[2])
+    with pytest.raises(DataError, match=rf"{masks[2].name}: a colour-coded RGB mask"):
+        add_data(ws, src, "tools", classes=stream_dir / "classes.yaml")
+    Image.fromarray(wide).save(masks[2])
+    with pytest.raises(DataError, match=rf"{masks[2].name}: mask mode I\S* holds values 0\.\.\d+: label ids are 0"):
+        add_data(ws, src, "tools", classes=stream_dir / "classes.yaml")
+    assert [p.name for p in ws.registry_dir.iterdir()] == []
+
+    masks[2].unlink()
+    next((src / "images").glob(f"{masks[2].stem}.*")).unlink()
+    dst, _, _ = add_data(ws, src, "tools", classes=stream_dir / "classes.yaml")
+    for stem, expected in ids.items():
+        im = Image.open(dst / "masks" / f"{stem}.png")
+        assert im.mode == "L" and np.array_equal(np.array(im), expected)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
-                                 copy_pair, read_mask, unpaired, write_classes)
+                                 copy_pair, open_image, read_mask, unpaired, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -118,14 +118,37 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
     return info
 
 
+def source_mask(path: Path) -> tuple[np.ndarray, bool]:
+    """A source mask's label ids, and whether its file must be rewritten for the registry (which holds
+    8-bit L or P PNGs only): a 16- or 32-bit label map whose values fit 0-255, and an RGB file whose three
+    channels are equal (a gray map saved in colour), are converted. A colour-coded mask is refused: which
+    colour is which id only its author knows."""
+    with open_image(path) as im:
+        mode, values = im.mode, np.array(im)
+    if mode in ("L", "P"):  # palette indices are the ids, as Pascal VOC intends
+        return values.astype(np.uint8), False
+    if mode.startswith("I") and values.ndim == 2:
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi > IGNORE:
+            raise DataError(f"{path}: mask mode {mode} holds values {lo}..{hi}: label ids are 0..254 (255: ignore)")
+        return values.astype(np.uint8), True
+    if mode == "RGB":
+        if (values[..., 1:] == values[..., :1]).all():
+            return values[..., 0].copy(), True
+        raise DataError(f"{path}: a colour-coded RGB mask: save each pixel's label id (0..254, 255: ignore) "
+                        "as an 8-bit gray or palette PNG")
+    return read_mask(path), False  # refused there, naming the mode
+
+
 def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None) -> set[int]:
-    """Copy images as they are and masks as label maps (through `lut` if given); returns the ids seen."""
+    """Copy images as they are and masks as label maps (through `lut` if given, converted by `source_mask`);
+    returns the ids seen."""
     ids: set[int] = set()
     for p in pairs:
         _refuse_link(p.image)
         _refuse_link(p.mask)
-        mask = read_mask(p.mask)  # read even when copied as it is: a bad mask fails the import here
-        relabelled = None if lut is None else lut[mask]
+        mask, convert = source_mask(p.mask)  # read even when copied as it is: a bad mask fails the import here
+        relabelled = lut[mask] if lut is not None else mask if convert else None
         copy_pair(p, out, mask=relabelled)
         ids |= set(np.unique(mask if relabelled is None else relabelled).tolist())
     return ids
