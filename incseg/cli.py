@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Column, Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from incseg.bench import ABLATION
@@ -393,7 +394,13 @@ def update_cmd(ctx: typer.Context, batch_id: Annotated[str, typer.Argument(help=
         raise typer.Exit(1)
 
 
-def models_table(ws: Workspace) -> Table:
+READABLE_REASON = 40  # columns the reason needs beside the others; in a narrower console it goes below the table
+
+
+def models_table(ws: Workspace, width: int) -> RenderableType:
+    """The versions as a table for a console `width` columns wide. Every short column is shown whole;
+    the reason gets what is left, or, where that is too little, a line of its own under the table (with
+    the close calls)."""
     from incseg.registry import ModelRegistry
 
     reg = ModelRegistry(ws)
@@ -408,13 +415,20 @@ def models_table(ws: Workspace) -> Table:
                      t.get("batch_id", ""), t.get("candidate_miou", ""), t.get("parent_version", ""),
                      "" if close == "none" else close, t.get("reason", "")])
     heads = ("version", "alias", "status", "batch", "mIoU", "parent", "close calls")
-    # the short columns keep their full width (a status is read whole); the reason gets what is left
-    columns = [Column(h, no_wrap=True, min_width=max([len(h)] + [len(r[i]) for r in rows])) for i, h in enumerate(heads)]
-    table = Table(*columns, Column("reason", overflow="ellipsis", no_wrap=True), title=f"model '{reg.name}'",
-                  box=box.SIMPLE)
+    # the short columns keep their full width (a status is read whole)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
+    columns = [Column(h, no_wrap=True, min_width=w) for h, w in zip(heads, widths)]
+    if width - sum(widths) - 3 * (len(heads) + 1) >= READABLE_REASON:  # 3: a column's padding and rule
+        table = Table(*columns, Column("reason", overflow="ellipsis", no_wrap=True), title=f"model '{reg.name}'",
+                      box=box.SIMPLE)
+        for r in rows:
+            table.add_row(*r)
+        return table
+    table = Table(*columns[:-1], title=f"model '{reg.name}'", box=box.SIMPLE)
     for r in rows:
-        table.add_row(*r)
-    return table
+        table.add_row(*r[:-2])
+    return Group(table, *(Text(f"version {r[0]}: {r[-1]}" + (f" (close calls: {r[-2]})" if r[-2] else ""))
+                          for r in rows if r[-1] or r[-2]))
 
 
 def _short(text: str, width: int) -> str:
@@ -425,7 +439,7 @@ def _short(text: str, width: int) -> str:
 def models(ctx: typer.Context) -> None:
     """List model versions with alias, status, batch, mIoU, close calls (gate checks that other holdout
     images could have decided otherwise) and reason."""
-    console.print(models_table(workspace(ctx)))
+    console.print(models_table(workspace(ctx), console.width))
 
 
 @app.command()
@@ -747,5 +761,5 @@ def demo(
     console.rule("the watcher again, with no new data")
     console.print(f"{len(watch_registry(str(ws.root)))} updates: the data version is unchanged")
     console.rule("model versions")
-    console.print(models_table(ws))
+    console.print(models_table(ws, console.width))
     console.print(f"Review runs, metrics, pictures and versions: incseg -C {directory} ui  (http://127.0.0.1:5000)")

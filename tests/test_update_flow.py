@@ -122,13 +122,33 @@ def test_logged_state_dict_round_trips(history, tmp_path):
     assert np.array_equal(np.array(served[0]), segment(loaded.model, rgb, ws.params.data.image_size))
 
 
-def test_models_lists_close_calls(history):
+def test_models_lists_close_calls(history, monkeypatch):
     ws, _, _, good, _ = history
-    out = CliRunner().invoke(app, ["-C", str(ws.root), "models"], terminal_width=300).output
+    monkeypatch.setenv("COLUMNS", "300")  # the CLI's console reads its width there (not CliRunner's terminal_width)
+    out = CliRunner().invoke(app, ["-C", str(ws.root), "models"]).output
     assert "close calls" in out
     close = ModelRegistry(ws).version(good.candidate_version).tags["close_calls"]
     row = next(line for line in out.splitlines() if "batch-01" in line)
     assert (close in row) if close != "none" else ("none" not in row)
+
+
+def test_models_in_an_80_column_console_shows_every_column_and_whole_reasons(history, monkeypatch):
+    """At 80 columns (a pipe, a CI log, a small terminal) the table dropped batch, mIoU and parent (the
+    demo's: version, alias, status and mIoU) and cut each reason to a few words; now the reasons and close
+    calls go below it, whole."""
+    ws, *_ = history
+    monkeypatch.setenv("COLUMNS", "80")
+    out = CliRunner().invoke(app, ["-C", str(ws.root), "models"]).output
+    assert all(h in out for h in ("version", "status", "batch", "mIoU", "parent")), out
+    reg = ModelRegistry(ws)
+    flat = " ".join(out.split())
+    for mv in reg.versions():
+        row = next(line for line in out.splitlines() if line.split()[:1] == [str(mv.version)])
+        assert mv.tags["batch_id"] in row and mv.tags["candidate_miou"] in row, out
+        assert f"version {mv.version}: {' '.join(mv.tags['reason'].split())}" in flat, out
+        if mv.tags.get("close_calls", "none") != "none":
+            assert f"close calls: {' '.join(mv.tags['close_calls'].split())})" in flat, out
+    assert max(len(line) for line in out.splitlines()) <= 80
 
 
 def test_rollback_and_promote_from_the_cli(history):
