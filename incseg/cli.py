@@ -518,6 +518,7 @@ def predict(
     from rich.progress import track
 
     from incseg.inference import predict_folder
+    from incseg.models import taught_classes
     from incseg.registry import ModelRegistry
     from incseg.training import resolve_device
 
@@ -527,8 +528,9 @@ def predict(
     reg = ModelRegistry(ws)
     loaded = reg.load(reg.resolve(version, alias), ws.runs_dir / "models")
     seen = f" from {loaded.native_size[0]} x {loaded.native_size[1]} px images" if loaded.native_size else ""
-    console.print(f"model '{reg.name}' version {loaded.version}, {len(loaded.classes)} classes, "
-                  f"trained at {loaded.image_size} px{seen}")
+    taught = [loaded.classes.get(c, str(c)) for c in taught_classes(loaded.model)]  # not every output: VOC has 21
+    console.print(f"model '{reg.name}' version {loaded.version}, taught {len(taught)} classes ({', '.join(taught)}), "
+                  f"trained at {loaded.image_size} px{seen}", highlight=False)
     report = predict_folder(loaded.model, images, out, loaded.image_size, native=loaded.native_size,
                             with_overlay=with_overlay,
                             device=resolve_device(ws.params.train.device),

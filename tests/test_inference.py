@@ -57,6 +57,8 @@ def test_predict_writes_palette_masks_at_each_images_size_and_skips_bad_files(ch
     result = CliRunner().invoke(app, ["-C", str(ws.root), "predict", str(src), "--out", str(out), "--overlay"])
     assert result.exit_code == 0, result.output
     assert "4 written, 1 skipped" in result.output and "broken.png" in result.output
+    # what it was taught by name (it said "16 classes" for a VOC model taught 4: its head's size)
+    assert "taught 3 classes (background, square, circle)" in " ".join(result.output.split())
     report = json.loads((out / "report.json").read_text())
     assert list(report["skipped"]) == ["broken.png"] and report["n_written"] == 4
 
