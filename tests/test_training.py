@@ -371,3 +371,20 @@ def test_a_run_from_scratch_that_its_cap_ended_says_so_and_one_its_rule_stopped_
     assert cap_note(TrainResult(evals, best_step=400, stopped="converged")) == ""
     unjudged = [EvalPoint(e.step, e.loss, float("nan"), e.images) for e in evals]  # no validation split
     assert cap_note(TrainResult(unjudged, best_step=600, stopped="max_steps")) == ""
+
+
+def test_the_bar_shows_elapsed_time_and_the_time_left_to_the_cap_as_a_bound():
+    """The time left is to the step cap, which the rule usually stops well before: it reads 'at most'."""
+    from rich.progress import Progress
+
+    from incseg.training import CapTimeColumn, progress_bar
+
+    now = [0.0]
+    bar = Progress(*progress_bar().columns, get_time=lambda: now[0], disable=True)
+    task = bar.add_task("bootstrap", total=16000, completed=0, info="")
+    column = next(c for c in bar.columns if isinstance(c, CapTimeColumn))
+    assert column.render(bar.tasks[0]).plain == "-:--:--"  # no estimate yet
+    for second in (1.0, 2.0):
+        now[0] = second
+        bar.update(task, completed=int(second * 10))
+    assert column.render(bar.tasks[0]).plain == "at most 0:26:38 left"  # (16000 - 20) steps at 10 per second
