@@ -148,8 +148,8 @@ class LearningRate:
 
 
 class CapTimeColumn(TimeRemainingColumn):
-    """The time left to the step cap, read as the bound it is: the convergence rule usually stops
-    sooner (a bootstrap capped at 16000 steps showed hours left where it stopped within the first)."""
+    """The time left to the step cap, read as the bound it is: the convergence rule often stops sooner
+    (at the defaults' 16000-step cap a bootstrap showed hours left)."""
 
     def render(self, task) -> Text:
         left = super().render(task)

@@ -120,7 +120,7 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
 
 
 def test_label_maps_in_other_encodings_are_converted_colour_coded_masks_refused(ws, stream_dir, tmp_path):
-    """A 16-bit label map and a gray map saved as RGB (what many tools write) are imported as 8-bit label
+    """A 1-bit mask, a 16-bit label map and a gray map saved as RGB (what tools write) are imported as 8-bit label
     maps with the same ids (they were refused as 'not a single-channel label map'); a colour-coded mask
     or ids past 255 are refused, naming the file, and nothing is registered."""
     import shutil
@@ -129,6 +129,9 @@ def test_label_maps_in_other_encodings_are_converted_colour_coded_masks_refused(
     shutil.copytree(stream_dir / "registry" / "batch-01", src)
     masks = sorted((src / "masks").iterdir())
     ids = {m.stem: read_mask(m) for m in masks[:2]}
+    ids[masks[3].stem] = (read_mask(masks[3]) > 0).astype(np.uint8)
+    Image.fromarray(ids[masks[3].stem] > 0).save(masks[3])  # bilevel: 1-bit PNG
+    assert Image.open(masks[3]).mode == "1"
     Image.fromarray(ids[masks[0].stem].astype(np.uint16)).save(masks[0])  # 16-bit PNG
     assert Image.open(masks[0]).mode.startswith("I")
     Image.fromarray(np.repeat(ids[masks[1].stem][..., None], 3, axis=2)).save(masks[1])  # gray as RGB

@@ -120,13 +120,15 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
 
 def source_mask(path: Path) -> tuple[np.ndarray, bool]:
     """A source mask's label ids, and whether its file must be rewritten for the registry (which holds
-    8-bit L or P PNGs only): a 16- or 32-bit label map whose values fit 0-255, and an RGB file whose three
-    channels are equal (a gray map saved in colour), are converted. A colour-coded mask is refused: which
+    8-bit L or P PNGs only): a 1-bit mask, a 16- or 32-bit label map whose values fit 0-255, and an RGB file
+    whose three channels are equal (a gray map saved in colour), are converted. A colour-coded mask is refused: which
     colour is which id only its author knows."""
     with open_image(path) as im:
         mode, values = im.mode, np.array(im)
     if mode in ("L", "P"):  # palette indices are the ids, as Pascal VOC intends
         return values.astype(np.uint8), False
+    if mode == "1":  # a bilevel (1-bit) mask: ids 0 and 1
+        return values.astype(np.uint8), True
     if mode.startswith("I") and values.ndim == 2:
         lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi > IGNORE:
