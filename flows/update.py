@@ -99,13 +99,17 @@ def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> U
 
 @flow(name="bootstrap")
 def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
-    """Train the first model on one batch and make it version 1, `champion`."""
+    """Train a model from scratch on one batch. The first becomes version 1, `champion`; while a champion
+    exists the new model is its challenger, judged by the same gate as an update's candidate (one batch's
+    model that forgets what the champion was taught is rejected): a bootstrap never replaces a better model."""
     ws = Workspace(workspace)
     holdout_pairs(ws)  # no holdout, no verdict: before the training
     close_orphaned_runs(ws)
+    current = load_champion(ws) if champion_version(ws) else None
+    before = current.version if current else None
     checked = check_batch(ws, batch_id, batch_file_table(ws, batch_id))
     if checked.batch is None:
-        return rejected_batch(ws, "bootstrap", checked, None)
+        return rejected_batch(ws, "bootstrap", checked, before)
     batch = checked.batch
     require_holdout_labels(ws, batch)  # a class the holdout lacks gets no verdict: before the training
     run_id = start_run(ws, "bootstrap", checked, None)
@@ -113,13 +117,19 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
         model, memory, cap_note = train_base(ws, batch, run_id)
         attempt.version = register_candidate(ws, run_id, model, memory, batch, None)
         failpoint("after_register")
-        judgement = judge(ws, run_id, model, None, batch)
-        _, champion = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
-    reason = judgement.decision.reason + cap_note  # the verdict, and whether the budget was what ended training
-    finish_run(ws, run_id, judgement.decision.status, reason)
+        judgement = judge(ws, run_id, model, current.model if current else None, batch)
+        status, after = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
+        reason = judgement.decision.reason + cap_note  # the verdict, and whether the budget was what ended training
+        if status == AWAITING:  # gate.approval: manual (or close_calls and a close call); a person decides
+            finish_run(ws, run_id, status, reason)
+            status, reason = await_review(ws, attempt.version)
+            after = champion_version(ws)
+    finish_run(ws, run_id, status, reason)
     clear_scratch(ws, run_id, batch, None)
-    return UpdateResult(batch_id, "promoted", reason, attempt.version, None, champion, run_id,
-                        report_metrics("candidate", judgement.candidate))
+    metrics = report_metrics("candidate", judgement.candidate)
+    if judgement.champion:
+        metrics.update(report_metrics("champion", judgement.champion))
+    return UpdateResult(batch_id, status, reason, attempt.version, before, after, run_id, metrics)
 
 
 @flow(name="incremental-update")

@@ -356,7 +356,8 @@ def bootstrap(
     if_missing: Annotated[bool, typer.Option("--if-missing", help="Do nothing when a champion exists.")] = False,
     metrics: Annotated[Optional[Path], typer.Option(help="Write the champion's metrics here (for DVC).")] = None,
 ) -> None:
-    """Train the first model on one batch; register it as a version with alias `champion`."""
+    """Train a model from scratch on one batch: the first becomes `champion`; a later one is judged
+    against the champion by the gate, like an update's candidate."""
     flows_ready()
     from flows.update import bootstrap as bootstrap_flow
     from incseg.registry import ModelRegistry

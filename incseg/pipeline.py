@@ -381,12 +381,14 @@ class Judgement:
 def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch: Batch) -> Judgement:
     """Evaluate both models on the holdout with the same code and scope, then apply the gate.
 
-    Without a champion (bootstrap) the candidate is promoted and its numbers recorded.
+    Without a champion (the first bootstrap) the candidate is promoted and its numbers recorded.
     """
     names = read_classes(ws.classes_file)
     old = taught_classes(champion) if champion is not None else []
     new = [c for c in batch.classes if c not in old]
-    taught = taught_classes(candidate)  # both judged on the same pixels: the classes the candidate was taught
+    # both judged on the same pixels: those of the classes either was taught (an update's candidate knows all
+    # its champion's; a bootstrap's challenger is charged for the champion's classes it never learned)
+    taught = sorted(set(taught_classes(candidate)) | set(old))
     per_image = champion is not None and ws.params.gate.interval_resamples > 0
     cms = {"candidate": holdout_matrix(ws, candidate, taught=taught, per_image=per_image)}
     if champion is not None:

@@ -199,7 +199,7 @@ class ModelRegistry:
         """Record the verdict on the version and the run (with the reviewer's card and the IoU table);
         move `champion` only on promotion. With `gate.approval: manual`, an update that passed every
         check (with `close_calls`: one that passed with a close call) is left `awaiting_approval` with
-        `challenger` on it (a bootstrap has nothing to hold).
+        `challenger` on it (the first bootstrap has nothing to hold).
         Returns the status and the champion after."""
         import mlflow
 

@@ -122,23 +122,35 @@ def test_logged_state_dict_round_trips(history, tmp_path):
     assert np.array_equal(np.array(served[0]), segment(loaded.model, rgb, ws.params.data.image_size))
 
 
-def test_models_lists_close_calls(history, monkeypatch):
+def models_listing(ws, width: int) -> str:
+    """What `incseg models` prints in a console `width` columns wide (the CLI's console takes its width
+    from the terminal or COLUMNS, which CliRunner's terminal_width does not set)."""
+    import io
+
+    from rich.console import Console
+
+    from incseg.cli import models_table
+
+    console = Console(file=io.StringIO(), width=width)
+    console.print(models_table(ws, width))
+    return console.file.getvalue()
+
+
+def test_models_lists_close_calls(history):
     ws, _, _, good, _ = history
-    monkeypatch.setenv("COLUMNS", "300")  # the CLI's console reads its width there (not CliRunner's terminal_width)
-    out = CliRunner().invoke(app, ["-C", str(ws.root), "models"]).output
+    out = models_listing(ws, 300)
     assert "close calls" in out
     close = ModelRegistry(ws).version(good.candidate_version).tags["close_calls"]
     row = next(line for line in out.splitlines() if "batch-01" in line)
     assert (close in row) if close != "none" else ("none" not in row)
 
 
-def test_models_in_an_80_column_console_shows_every_column_and_whole_reasons(history, monkeypatch):
+def test_models_in_an_80_column_console_shows_every_column_and_whole_reasons(history):
     """At 80 columns (a pipe, a CI log, a small terminal) the table dropped batch, mIoU and parent (the
     demo's: version, alias, status and mIoU) and cut each reason to a few words; now the reasons and close
     calls go below it, whole."""
     ws, *_ = history
-    monkeypatch.setenv("COLUMNS", "80")
-    out = CliRunner().invoke(app, ["-C", str(ws.root), "models"]).output
+    out = models_listing(ws, 80)
     assert all(h in out for h in ("version", "status", "batch", "mIoU", "parent")), out
     reg = ModelRegistry(ws)
     flat = " ".join(out.split())
@@ -197,3 +209,20 @@ def test_update_without_champion_says_bootstrap_first(tmp_path, prefect_api):
     with pytest.raises(RegistryError):
         ModelRegistry(Workspace(ws.root)).require_champion()
     shutil.rmtree(ws.root)
+
+
+def test_a_bootstrap_while_a_champion_exists_is_judged_against_it(tmp_path, prefect_api):
+    """A second `incseg bootstrap` (a retrain from scratch, or the getting-started commands run again)
+    replaced the champion unjudged. Now it is the champion's challenger under the same gate: a model from
+    one batch that was never taught the champion's classes (IoU 0 against theirs) is rejected."""
+    from flows.update import bootstrap
+
+    ws = make_workspace(tmp_path / "ws")
+    assert bootstrap("batch-00", str(ws.root)).status == "promoted"
+    again = bootstrap("batch-01", str(ws.root))  # batch-01 labels the triangle only: squares and circles untaught
+    assert again.status == "rejected" and again.candidate_version == "2", again.reason
+    assert (again.champion_before, again.champion_after) == ("1", "1")
+    assert "class_drop:square failed" in again.reason and "class_drop:circle failed" in again.reason
+    assert again.metrics["candidate.iou.square"] == 0.0 < again.metrics["champion.iou.square"]
+    reg = ModelRegistry(ws)
+    assert reg.aliases()["champion"] == "1" and reg.version("2").tags["status"] == "rejected"
