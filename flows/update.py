@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
 
-from incseg.metrics import report_metrics
 from incseg.registry import AWAITING
 from incseg.pipeline import clear_scratch, holdout_pairs, require_holdout_labels
 from incseg.training import DivergenceError
@@ -97,6 +96,17 @@ def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> U
     return UpdateResult(checked.report.batch_id, "invalid", reason, None, champion, champion, run_id)
 
 
+def published(ws: Workspace, run_id: str, version: str, judgement, reason: str) -> tuple[str, str | None, str]:
+    """Publish the gate's verdict; where it waits for a person (gate.approval: manual, or close_calls and a
+    close call), wait for the decision. Returns the status, the champion after and the reason."""
+    status, after = publish_verdict(ws, run_id, version, judgement, run_tags())
+    if status == AWAITING:
+        finish_run(ws, run_id, status, reason)
+        status, reason = await_review(ws, version)
+        after = champion_version(ws)
+    return status, after, reason
+
+
 @flow(name="bootstrap")
 def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
     """Train a model from scratch on one batch. The first becomes version 1, `champion`; while a champion
@@ -118,18 +128,11 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
         attempt.version = register_candidate(ws, run_id, model, memory, batch, None)
         failpoint("after_register")
         judgement = judge(ws, run_id, model, current.model if current else None, batch)
-        status, after = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
-        reason = judgement.decision.reason + cap_note  # the verdict, and whether the budget was what ended training
-        if status == AWAITING:  # gate.approval: manual (or close_calls and a close call); a person decides
-            finish_run(ws, run_id, status, reason)
-            status, reason = await_review(ws, attempt.version)
-            after = champion_version(ws)
+        # the verdict, and whether the budget was what ended training
+        status, after, reason = published(ws, run_id, attempt.version, judgement, judgement.decision.reason + cap_note)
     finish_run(ws, run_id, status, reason)
     clear_scratch(ws, run_id, batch, None)
-    metrics = report_metrics("candidate", judgement.candidate)
-    if judgement.champion:
-        metrics.update(report_metrics("champion", judgement.champion))
-    return UpdateResult(batch_id, status, reason, attempt.version, before, after, run_id, metrics)
+    return UpdateResult(batch_id, status, reason, attempt.version, before, after, run_id, judgement.metrics())
 
 
 @flow(name="incremental-update")
@@ -152,17 +155,11 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
             attempt.version = register_candidate(ws, run_id, candidate, memory, batch, champion.version)
             failpoint("after_register")
             judgement = judge(ws, run_id, candidate, champion.model, batch)
-            status, after = publish_verdict(ws, run_id, attempt.version, judgement, run_tags())
-            reason = judgement.decision.reason
-            if status == AWAITING:  # gate.approval: manual (or close_calls and a close call); a person decides
-                finish_run(ws, run_id, status, reason)
-                status, reason = await_review(ws, attempt.version)
-                after = champion_version(ws)
+            status, after, reason = published(ws, run_id, attempt.version, judgement, judgement.decision.reason)
     except DivergenceError as err:  # recorded above; nothing was registered
         clear_scratch(ws, run_id, batch, champion.version)
         return UpdateResult(batch_id, "diverged", str(err), None, champion.version, champion.version, run_id)
     finish_run(ws, run_id, status, reason)
     clear_scratch(ws, run_id, batch, champion.version)
     log.info("batch %s: %s (%s)", batch_id, status, reason)
-    metrics = {**report_metrics("candidate", judgement.candidate), **report_metrics("champion", judgement.champion)}
-    return UpdateResult(batch_id, status, reason, attempt.version, champion.version, after, run_id, metrics)
+    return UpdateResult(batch_id, status, reason, attempt.version, champion.version, after, run_id, judgement.metrics())

@@ -27,7 +27,7 @@ from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, Batc
 from incseg.datastore import has_dvc, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
-from incseg.metrics import ConfusionMatrix, bootstrap_weights, iou_report, resampled_iou
+from incseg.metrics import ConfusionMatrix, bootstrap_weights, iou_report, report_metrics, resampled_iou
 from incseg.models import (add_classes, build_model, fuse_weights, num_classes, param_groups, set_taught,
                            stem_parameters, taught_classes)
 from incseg.training import (FAST_LAYOUT, Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device,
@@ -336,6 +336,13 @@ class Judgement:
     candidate: dict
     champion: dict
     matrices: dict[str, ConfusionMatrix]
+
+    def metrics(self) -> dict[str, float]:
+        """Both reports as flat metric names (`candidate.miou`, `champion.iou.<class>`; no champion, no champion's)."""
+        out = report_metrics("candidate", self.candidate)
+        if self.champion:
+            out.update(report_metrics("champion", self.champion))
+        return out
 
     def record(self) -> dict:
         """decision.json: the verdict and both reports, JSON-clean (NaN as null)."""

@@ -184,10 +184,7 @@ class ModelRegistry:
         """Per-class IoU metrics of both models, decision.json, and the figures (path -> matplotlib figure)."""
         import matplotlib.pyplot as plt
 
-        from incseg.metrics import report_metrics
-
-        champion = report_metrics("champion", j.champion) if j.champion else {}
-        for k, v in {**report_metrics("candidate", j.candidate), **champion}.items():
+        for k, v in j.metrics().items():
             self.client.log_metric(run_id, k, v)
         self.client.log_dict(run_id, j.record(), "decision.json")
         for path, fig in figures.items():
