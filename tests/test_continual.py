@@ -425,9 +425,12 @@ def test_a_scenario_runs_named_variants_for_the_first_updates_and_traces_the_hol
     params = tiny_params(synth={"new_classes": 2, "domain_shift": False}, train={
         "bootstrap_max_steps": 24, "bootstrap_min_steps": 24, "update_max_steps": 12, "update_min_steps": 12,
         "eval_every": 6})
-    variants = {"short": {"train.update_max_steps": 6, "train.update_min_steps": 6}, "as is": {}}
+    variants = {"short": {"train.update_max_steps": 6, "train.update_min_steps": 6, "continual.memory_size": 2},
+                "as is": {}}
     s = b.run_scenario(params, ("short", "as is"), ceiling_check=False, variants=variants, updates=1, trace=("short",))
     short, as_is = s.runs["short"], s.runs["as is"]
+    # a variant's memory size is the memory it replays and keeps (before, every run kept the params' own)
+    assert (short[1].memory, as_is[1].memory) == (2, params.continual.memory_size)
     assert short[0] is as_is[0] and short[0].steps == 24  # one base model, shared
     assert [st.batch_id for st in short] == [st.batch_id for st in as_is] == ["batch-00", "batch-01"]
     assert (short[1].steps, as_is[1].steps) == (6, 12) and short[1].stopped == as_is[1].stopped == "max_steps"

@@ -44,6 +44,7 @@ class Step:
     stopped: str = ""  # converged | max_steps
     trace: list[dict] = field(default_factory=list)  # traced runs: the holdout at every evaluation
     gate: dict = field(default_factory=dict)  # an update: the gate's verdict against the model before it
+    memory: int = 0  # an update: the exemplars kept after it, for the next one to replay
 
 
 @dataclass
@@ -152,24 +153,26 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                       f"{result.images_processed} images, {base_step.seconds:.0f} s; {_per_class(scenario, base_step, 0)}")
         for strategy in chosen:
             steps = [base_step]
+            changes = named.get(strategy, {} if strategy == "joint" else {"continual.strategy": strategy})
+            p = with_changes(params, changes)  # joint is no continual strategy: it trains on the params as they are
             model, memory = base, ExemplarMemory.empty()
             memory = memory.refreshed(batches[0].pairs, batches[0].batch_id, batches[0].classes,
-                                      params.continual.memory_size, Path(tmp) / strategy / "memory-0")
+                                      p.continual.memory_size, Path(tmp) / strategy / "memory-0")
             for i, batch in enumerate(batches[1:][:updates], start=1):
                 t0, traced = time.perf_counter(), []
                 if strategy == "joint":
                     model, result = train_joint(ws, full[: i + 1], _known(scenario, i))
                 else:
-                    p = with_changes(params, named.get(strategy, {"continual.strategy": strategy}))
                     before = model
                     model, result = train_candidate(p, model, batch, memory, progress=False,
                                                     on_eval=_tracer(ws, traced) if strategy in trace else None)
-                    memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, params.continual.memory_size,
+                    memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, p.continual.memory_size,
                                               Path(tmp) / strategy / f"memory-{i}")
                 seconds, verdict = time.perf_counter() - t0, None
                 if strategy != "joint":  # what the product would do with this candidate (the stream goes on)
                     verdict = judge(ws, model, before, batch)  # its candidate matrix is the step's holdout score
                 steps.append(_step(ws, batch, model, result, seconds, traced, verdict))
+                steps[-1].memory = 0 if strategy == "joint" else len(memory.items)
                 gate = f"; gate: {steps[-1].gate['status']}" if steps[-1].gate else ""
                 console.print(f"  {strategy:>14} after {batch.batch_id}: mIoU(all) "
                               f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps "
