@@ -352,12 +352,17 @@ def print_result(result) -> None:
 @app.command()
 def bootstrap(
     ctx: typer.Context,
-    batch_id: Annotated[Optional[str], typer.Option(help="Batch to train on (default: the oldest registered).")] = None,
+    batch: Annotated[Optional[str], typer.Argument(metavar="batch_id", show_default=False, help="Batch id in "
+                                                   "data/registry/ (default: the oldest registered).")] = None,
+    batch_id: Annotated[Optional[str], typer.Option(help="The same, as an option (scripts, dvc.yaml).")] = None,
     if_missing: Annotated[bool, typer.Option("--if-missing", help="Do nothing when a champion exists.")] = False,
     metrics: Annotated[Optional[Path], typer.Option(help="Write the champion's metrics here (for DVC).")] = None,
 ) -> None:
     """Train a model from scratch on one batch: the first becomes `champion`; a later one is judged
     against the champion by the gate, like an update's candidate."""
+    if batch is not None and batch_id is not None and batch != batch_id:
+        raise Failure(f"two batches named: {batch} and --batch-id {batch_id}; give one")
+    batch_id = batch or batch_id
     flows_ready()
     from flows.update import bootstrap as bootstrap_flow
     from incseg.registry import ModelRegistry
@@ -615,7 +620,10 @@ def bench(
                                            f"{'; '.join(ABLATION)}.")] = False,
 ) -> None:
     """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
-    (--inference); print and write tables."""
+    (--inference); print and write tables.
+
+    The continual scenario at default params takes hours on a laptop CPU (about 40 minutes per strategy and look on 2 cores, joint's ceiling check longer);
+    --quick runs in minutes, and a stopped run keeps the tables of the strategies it finished."""
     import sys
 
     from rich.markdown import Markdown

@@ -153,8 +153,11 @@ def test_data_synth_into_a_workspace_registers_every_batch_and_one_rule_decides(
     assert untracked(ws) == ["copied"] and "copied" not in registered(ws)
     with pytest.raises(DataError, match="not tracked by DVC"):
         batch_root(ws, "copied")
-    refused = runner.invoke(app, ["-C", str(ws_root), "bootstrap", "--batch-id", "copied"])
-    assert refused.exit_code == 1 and "not tracked by DVC" in refused.output, refused.output
+    for named in (["--batch-id", "copied"], ["copied"]):  # the batch as an option or, as `update` takes it, an argument
+        refused = runner.invoke(app, ["-C", str(ws_root), "bootstrap", *named])
+        assert refused.exit_code == 1 and "not tracked by DVC" in refused.output, refused.output
+    both = runner.invoke(app, ["-C", str(ws_root), "bootstrap", "batch-00", "--batch-id", "copied"])
+    assert both.exit_code == 1 and "two batches named: batch-00 and --batch-id copied" in both.output, both.output
 
 
 def test_notify_without_a_prefect_server_fails_in_one_line(tmp_path, monkeypatch):
