@@ -294,6 +294,7 @@ def test_benchmark_replay_distill_forgets_less_than_naive(tmp_path):
     _, partial = b.write(scenario, params, tmp_path / "partial", quick=True, pending=("joint",))
     assert partial.startswith("**Partial result: still running joint.**")
     path, text = b.write(scenario, params, tmp_path / "results", quick=True)
+    assert 'Made by `incseg bench --quick --style shapes --strategies "naive,replay+distill"`' in text
     summary = json.loads(path.with_suffix(".json").read_text())
     naive, ours = summary["naive"], summary["replay+distill"]
     assert naive["forgetting_points"] > 10  # naive visibly forgets
