@@ -405,8 +405,8 @@ READABLE_REASON = 40  # columns the reason needs beside the others; in a narrowe
 
 def models_table(ws: Workspace, width: int) -> RenderableType:
     """The versions as a table for a console `width` columns wide. Every short column is shown whole;
-    the reason gets what is left, or, where that is too little, a line of its own under the table (with
-    the close calls)."""
+    the reason gets what is left (a longer one is cut there and repeated whole under the table), or,
+    where that is too little, a line of its own under the table (with the close calls)."""
     from incseg.registry import ModelRegistry
 
     reg = ModelRegistry(ws)
@@ -424,12 +424,13 @@ def models_table(ws: Workspace, width: int) -> RenderableType:
     # the short columns keep their full width (a status is read whole)
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
     columns = [Column(h, no_wrap=True, min_width=w) for h, w in zip(heads, widths)]
-    if width - sum(widths) - 3 * (len(heads) + 1) >= READABLE_REASON:  # 3: a column's padding and rule
-        table = Table(*columns, Column("reason", overflow="ellipsis", no_wrap=True), title=f"model '{reg.name}'",
-                      box=box.SIMPLE)
+    room = width - sum(widths) - 3 * (len(heads) + 1)  # 3: a column's padding and rule
+    if room >= READABLE_REASON:  # a longer reason is cut to the room (uncapped, rich squeezed the short columns to 0)
+        table = Table(*columns, Column("reason", overflow="ellipsis", no_wrap=True, max_width=room),
+                      title=f"model '{reg.name}'", box=box.SIMPLE)
         for r in rows:
             table.add_row(*r)
-        return table
+        return Group(table, *(Text(f"version {r[0]}: {r[-1]}") for r in rows if len(r[-1]) > room))  # cut: whole
     table = Table(*columns[:-1], title=f"model '{reg.name}'", box=box.SIMPLE)
     for r in rows:
         table.add_row(*r[:-2])

@@ -163,6 +163,26 @@ def test_models_in_an_80_column_console_shows_every_column_and_whole_reasons(his
     assert max(len(line) for line in out.splitlines()) <= 80
 
 
+def test_models_in_a_wide_console_cuts_a_long_reason_not_the_other_columns(history):
+    """A console wide enough for a reason column (the demo's log at 200 columns) but narrower than the
+    longest reason: rich squeezed version, alias, status, mIoU and parent to nothing to fit it. Now, at
+    every width, each row keeps its short columns; a reason cut to the room left is repeated whole below."""
+    ws, *_ = history
+    reg = ModelRegistry(ws)
+    cut_somewhere = False
+    for width in range(80, 320, 6):
+        out = models_listing(ws, width)
+        flat = " ".join(out.split())
+        for mv in reg.versions():
+            row = next(line for line in out.splitlines() if line.split()[:1] == [str(mv.version)])
+            assert all(mv.tags[k] in row for k in ("batch_id", "candidate_miou", "status")), (width, out)
+            if "…" in row:
+                cut_somewhere = True
+                assert f"version {mv.version}: {' '.join(mv.tags['reason'].split())}" in flat, (width, out)
+        assert max(len(line) for line in out.splitlines()) <= width
+    assert cut_somewhere  # the widths tried include one where the reason column is too narrow for a reason
+
+
 def test_rollback_and_promote_from_the_cli(history):
     ws, *_ = history
     runner = CliRunner()
