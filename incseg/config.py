@@ -121,7 +121,7 @@ class TrainParams(Section):
 
 class ContinualParams(Section):
     strategy: Literal["naive", "replay", "distill", "replay+distill"] = "replay+distill"
-    memory_size: int = Field(64, ge=0, description="exemplar images kept for replay")
+    memory_size: int = Field(128, ge=0, description="exemplar images kept for replay (stored with each version)")
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each epoch drawn from memory")
     memory_val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's exemplars not replayed "
                                        "but scored with the batch's validation split, so an update's early stop "
