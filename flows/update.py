@@ -128,8 +128,10 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
         attempt.version = register_candidate(ws, run_id, model, memory, batch, None)
         failpoint("after_register")
         judgement = judge(ws, run_id, model, current.model if current else None, batch)
-        # the verdict, and whether the budget was what ended training
-        status, after, reason = published(ws, run_id, attempt.version, judgement, judgement.decision.reason + cap_note)
+        # the verdict (a challenger's says whose), and whether the budget was what ended training
+        against = f"bootstrap against champion version {before}: " if before else ""
+        status, after, reason = published(ws, run_id, attempt.version, judgement,
+                                          against + judgement.decision.reason + cap_note)
     finish_run(ws, run_id, status, reason)
     clear_scratch(ws, run_id, batch, None)
     return UpdateResult(batch_id, status, reason, attempt.version, before, after, run_id, judgement.metrics())

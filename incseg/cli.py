@@ -623,8 +623,9 @@ def bench(
     """Benchmark: continual strategies (default), scale-out (--scale) or inference latency
     (--inference); print and write tables.
 
-    The continual scenario at default params takes hours on a laptop CPU (about 40 minutes per strategy and look on 2 cores, joint's ceiling check longer);
-    --quick runs in minutes, and a stopped run keeps the tables of the strategies it finished."""
+    The continual scenario at default params takes hours on a laptop CPU (about 40 minutes per strategy
+    and look on 2 cores, joint's ceiling check longer); --quick runs in minutes, and a stopped run keeps
+    the tables of the strategies it finished."""
     import sys
 
     from rich.markdown import Markdown

@@ -243,6 +243,7 @@ def test_a_bootstrap_while_a_champion_exists_is_judged_against_it(tmp_path, pref
     assert again.status == "rejected" and again.candidate_version == "2", again.reason
     assert (again.champion_before, again.champion_after) == ("1", "1")
     assert "class_drop:square failed" in again.reason and "class_drop:circle failed" in again.reason
+    assert again.reason.startswith("bootstrap against champion version 1: ")  # not an update's verdict
     assert again.metrics["candidate.iou.square"] == 0.0 < again.metrics["champion.iou.square"]
     reg = ModelRegistry(ws)
     assert reg.aliases()["champion"] == "1" and reg.version("2").tags["status"] == "rejected"

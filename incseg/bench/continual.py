@@ -33,6 +33,7 @@ from incseg.workspace import Workspace
 STRATEGIES = (*strategies.STRATEGIES, "joint")  # joint: retrain on all data so far (the upper bound)
 CEILING_CHECK = "the ceiling check"  # joint once more, at twice the budget: what a partial result may still lack
 
+
 @dataclass
 class Step:
     batch_id: str
