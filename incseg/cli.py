@@ -144,13 +144,16 @@ def data_add(
     layout: Annotated[str, typer.Option(help="auto | folder | voc | cityscapes")] = "auto",
     split: Annotated[str, typer.Option(help="VOC image set / Cityscapes split to import.")] = "train",
     classes: Annotated[Optional[Path], typer.Option(help="classes.yaml to install if the workspace has none.")] = None,
+    colours: Annotated[Optional[Path], typer.Option(help="Colour-coded RGB masks: a YAML table of label id -> "
+                                                    "[R, G, B] or \"#RRGGBB\" (255: ignore); every colour "
+                                                    "in a mask must be listed.")] = None,
 ) -> None:
     """Bring a batch into the DVC-tracked registry (dvc add, git commit, dvc push)."""
     from incseg.datastore import add_data
 
     ws = workspace(ctx)
     dst, info, h = add_data(ws, src, batch_id, holdout=holdout, force=force, layout=layout, split=split,
-                            classes=classes)
+                            classes=classes, colours=colours)
     console.print(f"{dst.name}: {len(list((dst / 'masks').iterdir()))} pairs, classes {info.classes}, DVC {h}")
     if holdout:  # a fresh look: the size `auto` stands for follows the new holdout
         fresh = Workspace(ws.root)

@@ -226,8 +226,10 @@ def safe_batch_id(batch_id: str) -> str:
 
 
 def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: bool = False, force: bool = False,
-             layout: str = "auto", split: str = "train", classes: Path | None = None) -> tuple[Path, BatchInfo, str]:
-    """Import SRC as a registry batch (or as the holdout) and version it with DVC.
+             layout: str = "auto", split: str = "train", classes: Path | None = None,
+             colours: Path | None = None) -> tuple[Path, BatchInfo, str]:
+    """Import SRC as a registry batch (or as the holdout) and version it with DVC; `colours`: the colour
+    table of colour-coded masks (`importers.read_colours`).
 
     Returns (folder, its batch.yaml, its DVC hash). The holdout is fixed: replacing it needs `force`.
     """
@@ -249,7 +251,7 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
     else:
         dst = ws.registry_dir / safe_batch_id(batch_id or src.resolve().name)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    info = import_batch(src, dst, layout, split, ws.classes_file)
+    info = import_batch(src, dst, layout, split, ws.classes_file, colours)
     also = [ws.classes_file] if ws.classes_file.exists() else []
     h = track_all(ws.root, [dst], f"data: add {'holdout' if holdout else 'batch ' + dst.name}", also)[0]
     return dst, info, h

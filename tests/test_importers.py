@@ -153,3 +153,51 @@ def test_label_maps_in_other_encodings_are_converted_colour_coded_masks_refused(
     for stem, expected in ids.items():
         im = Image.open(dst / "masks" / f"{stem}.png")
         assert im.mode == "L" and np.array_equal(np.array(im), expected)
+
+
+def test_colour_coded_masks_import_through_a_colour_table(ws, stream_dir, tmp_path):
+    """Colour-coded RGB masks (CamVid, labelling tools) were refused; with `--colours FILE` they are read
+    through the table into the same label ids. A colour the table lacks, or a bad table, is refused naming
+    the file (and the colour or id), and nothing is registered."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from incseg.cli import app
+
+    src = tmp_path / "camvid"
+    shutil.copytree(stream_dir / "registry" / "batch-01", src)
+    palette = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 64), 3: (64, 64, 192), 255: (255, 255, 255)}
+    masks = sorted((src / "masks").iterdir())
+    ids = {m.stem: read_mask(m) for m in masks}
+    assert set(np.unique(np.concatenate([v.ravel() for v in ids.values()]))) <= set(palette)
+    for m in masks:
+        rgb = np.zeros((*ids[m.stem].shape, 3), np.uint8)
+        for i, colour in palette.items():
+            rgb[ids[m.stem] == i] = colour
+        Image.fromarray(rgb).save(m)
+    table = tmp_path / "colours.yaml"
+    table.write_text("".join(f"{i}: [{r}, {g}, {b}]\n" for i, (r, g, b) in palette.items() if i != 3)
+                     + '3: "#4040c0"\n')
+
+    user = masks[0]  # the first mask read; the table lacks the colour of one of its classes
+    left_out = max(np.unique(ids[user.stem]))
+    lacking = tmp_path / "lacking.yaml"
+    lacking.write_text("".join(f"{i}: [{r}, {g}, {b}]\n" for i, (r, g, b) in palette.items() if i != left_out))
+    shown = ", ".join(map(str, palette[left_out]))
+    with pytest.raises(DataError, match=rf"{user.name}: 1 colour\(s\) not in the colour table: \[{shown}\]"):
+        add_data(ws, src, "camvid", classes=stream_dir / "classes.yaml", colours=lacking)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("0: [0, 0, 0]\n1: [300, 0, 0]\n")
+    with pytest.raises(DataError, match=r"bad\.yaml: id 1: \[300, 0, 0\] is not a colour"):
+        add_data(ws, src, "camvid", classes=stream_dir / "classes.yaml", colours=bad)
+    assert [p.name for p in ws.registry_dir.iterdir()] == []
+
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(src), "--batch-id", "camvid",
+                                      "--classes", str(stream_dir / "classes.yaml"), "--colours", str(table)])
+    assert result.exit_code == 0, result.output
+    dst = ws.registry_dir / "camvid"
+    for stem, expected in ids.items():
+        im = Image.open(dst / "masks" / f"{stem}.png")
+        assert im.mode == "L" and np.array_equal(np.array(im), expected)
+    assert "camvid" in tracked_batches(ws.registry_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
-                                 copy_pair, open_image, read_mask, unpaired, write_classes)
+                                 copy_pair, load_yaml, open_image, read_mask, unpaired, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -75,12 +75,14 @@ def cityscapes_pairs(src: Path, split: str) -> tuple[list[Pair], np.ndarray, dic
 
 
 def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train",
-                 classes_out: Path | None = None) -> BatchInfo:
+                 classes_out: Path | None = None, colours: Path | None = None) -> BatchInfo:
     """Copy SRC into the batch folder `dst` in the registry layout; returns its batch.yaml.
 
     `classes_out` receives the layout's class list (VOC / Cityscapes) when it is not there yet; a plain
-    folder, which names no classes, is refused when it is given and missing.
+    folder, which names no classes, is refused when it is given and missing. `colours`: a colour table
+    (`read_colours`) through which colour-coded masks are read.
     """
+    table = read_colours(colours) if colours is not None else None  # a bad table is refused before anything
     layout = detect_layout(src) if layout == "auto" else layout
     if dst.exists():
         raise DataError(f"{dst} already exists; choose another --batch-id")
@@ -103,7 +105,7 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
     (tmp / IMAGES_DIR).mkdir(parents=True)
     (tmp / MASKS_DIR).mkdir()
     try:
-        ids = _copy_pairs(pairs, tmp, lut)
+        ids = _copy_pairs(pairs, tmp, lut, table)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused import leaves nothing behind
         raise
@@ -118,13 +120,52 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
     return info
 
 
-def source_mask(path: Path) -> tuple[np.ndarray, bool]:
+def read_colours(path: Path) -> dict[int, int]:
+    """A colour table (`--colours FILE`): YAML `label id: [R, G, B]` (or `"#RRGGBB"`), one line per id
+    (255: ignore), as packed colour -> id. Errors name the file and the id."""
+    raw = load_yaml(path)
+    table: dict[int, int] = {}
+    for key, value in raw.items():
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= IGNORE:
+            raise DataError(f"{path}: key {key!r} is not a label id (0..254, 255: ignore)")
+        if isinstance(value, str) and len(value) == 7 and value.startswith("#"):
+            try:
+                value = [int(value[i:i + 2], 16) for i in (1, 3, 5)]
+            except ValueError:
+                pass
+        if not (isinstance(value, list) and len(value) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)):
+            raise DataError(f"{path}: id {key}: {value!r} is not a colour ([R, G, B] of 0..255, or \"#RRGGBB\")")
+        packed = value[0] << 16 | value[1] << 8 | value[2]
+        if packed in table:
+            raise DataError(f"{path}: ids {table[packed]} and {key} have the same colour {value}")
+        table[packed] = key
+    if not table:
+        raise DataError(f"{path}: no colours (`0: [0, 0, 0]`, `1: [128, 0, 0]`, ... one line per label id)")
+    return table
+
+
+def _decoded(path: Path, rgb: np.ndarray, colours: dict[int, int]) -> np.ndarray:
+    """A colour-coded mask's label ids through the table; a colour the table lacks is refused, naming it."""
+    packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
+    found, inverse = np.unique(packed, return_inverse=True)
+    unknown = [int(c) for c in found if int(c) not in colours]
+    if unknown:
+        shown = ", ".join(f"[{c >> 16}, {c >> 8 & 255}, {c & 255}]" for c in unknown[:5])
+        raise DataError(f"{path}: {len(unknown)} colour(s) not in the colour table: {shown}"
+                        + (", ..." if len(unknown) > 5 else ""))
+    return np.array([colours[int(c)] for c in found], np.uint8)[inverse.reshape(packed.shape)]
+
+
+def source_mask(path: Path, colours: dict[int, int] | None = None) -> tuple[np.ndarray, bool]:
     """A source mask's label ids, and whether its file must be rewritten for the registry (which holds
     8-bit L or P PNGs only): a 1-bit mask, a 16- or 32-bit label map whose values fit 0-255, and an RGB file
-    whose three channels are equal (a gray map saved in colour), are converted. A colour-coded mask is refused: which
-    colour is which id only its author knows."""
+    whose three channels are equal (a gray map saved in colour), are converted; a colour-coded RGB(A) mask
+    through `colours` (`read_colours`), refused without it: which colour is which id only its author knows."""
     with open_image(path) as im:
         mode, values = im.mode, np.array(im)
+    if colours is not None and mode in ("RGB", "RGBA"):  # palette and gray files hold ids: read as they are
+        return _decoded(path, values[..., :3], colours), True
     if mode in ("L", "P"):  # palette indices are the ids, as Pascal VOC intends
         return values.astype(np.uint8), False
     if mode == "1":  # a bilevel (1-bit) mask: ids 0 and 1
@@ -137,19 +178,19 @@ def source_mask(path: Path) -> tuple[np.ndarray, bool]:
     if mode == "RGB":
         if (values[..., 1:] == values[..., :1]).all():
             return values[..., 0].copy(), True
-        raise DataError(f"{path}: a colour-coded RGB mask: save each pixel's label id (0..254, 255: ignore) "
-                        "as an 8-bit gray or palette PNG")
+        raise DataError(f"{path}: a colour-coded RGB mask: pass `--colours FILE` (`0: [0, 0, 0]`, `1: [128, 0, 0]`, "
+                        "... one colour per label id) or save each pixel's label id as an 8-bit gray PNG")
     return read_mask(path), False  # refused there, naming the mode
 
 
-def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None) -> set[int]:
+def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None, colours: dict[int, int] | None) -> set[int]:
     """Copy images as they are and masks as label maps (through `lut` if given, converted by `source_mask`);
     returns the ids seen."""
     ids: set[int] = set()
     for p in pairs:
         _refuse_link(p.image)
         _refuse_link(p.mask)
-        mask, convert = source_mask(p.mask)  # read even when copied as it is: a bad mask fails the import here
+        mask, convert = source_mask(p.mask, colours)  # read even when copied as it is: a bad mask fails the import
         relabelled = lut[mask] if lut is not None else mask if convert else None
         copy_pair(p, out, mask=relabelled)
         ids |= set(np.unique(mask if relabelled is None else relabelled).tolist())
