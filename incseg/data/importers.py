@@ -7,11 +7,13 @@ Cityscapes `labelIds` are mapped to its 19 train ids, everything else to 255 (ig
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import ImageColor
 
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
                                  copy_pair, load_yaml, open_image, read_mask, unpaired, write_classes)
@@ -128,11 +130,9 @@ def read_colours(path: Path) -> dict[int, int]:
     for key, value in raw.items():
         if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= IGNORE:
             raise DataError(f"{path}: key {key!r} is not a label id (0..254, 255: ignore)")
-        if isinstance(value, str) and len(value) == 7 and value.startswith("#"):
-            try:
-                value = [int(value[i:i + 2], 16) for i in (1, 3, 5)]
-            except ValueError:
-                pass
+        if isinstance(value, str):  # "#RRGGBB" (or any colour PIL names), read by PIL
+            with contextlib.suppress(ValueError):
+                value = list(ImageColor.getrgb(value))
         if not (isinstance(value, list) and len(value) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)):
             raise DataError(f"{path}: id {key}: {value!r} is not a colour ([R, G, B] of 0..255, or \"#RRGGBB\")")
