@@ -121,7 +121,8 @@ class TrainParams(Section):
 
 class ContinualParams(Section):
     strategy: Literal["naive", "replay", "distill", "replay+distill"] = "replay+distill"
-    memory_size: int = Field(128, ge=0, description="exemplar images kept for replay (stored with each version)")
+    memory_size: int = Field(128, ge=0, description="exemplar images kept for replay (stored with each version, "
+                             "scaled down to max(256, 2 x image_size) px on the shorter side)")
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each epoch drawn from memory")
     memory_val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's exemplars not replayed "
                                        "but scored with the batch's validation split, so an update's early stop "

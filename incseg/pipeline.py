@@ -122,7 +122,8 @@ def refresh_memory(ws: Workspace, memory: ExemplarMemory, batch: Batch, run_id: 
     """The candidate's memory: the champion's plus this batch, written to the run's scratch."""
     p = ws.params.continual
     out = ws.runs_dir / run_id / "memory"
-    return memory.refreshed(batch.pairs, batch.batch_id, batch.classes, p.memory_size, out, ws.params.train.seed)
+    return memory.refreshed(batch.pairs, batch.batch_id, batch.classes, p.memory_size, out, ws.params.train.seed,
+                            image_size=ws.params.data.image_size)
 
 
 def class_names(ws: Workspace, model: nn.Module) -> dict[int, str]:

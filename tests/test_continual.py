@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -165,6 +166,40 @@ def test_memory_stays_bounded_and_class_balanced(stream_dir, tmp_path):
     assert reloaded.items == memory.items
     # exemplars keep the label set of their own batch (triangle batch annotated only class 3)
     assert {it.annotated for it in memory.items if it.batch_id == "batch-01"} == {(3,)}
+
+
+def test_large_exemplars_are_stored_scaled_to_twice_the_training_size(stream_dir, tmp_path):
+    """Exemplars were full-size copies stored with every version: 128 camera frames of 2048 x 1024 cost
+    hundreds of MB per version. One larger than max(256, 2 x the training size) on its shorter side is
+    kept scaled down to it (aspect kept, label ids kept); a small one stays byte for byte."""
+    from PIL import Image
+
+    from incseg.continual.memory import kept_side
+
+    small = find_pairs(stream_dir / "registry" / "batch-00")[:2]
+    big = tmp_path / "big"
+    for sub in ("images", "masks"):
+        (big / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    mask = np.zeros((400, 800), np.uint8)
+    mask[100:300, 200:400], mask[:, 700:] = 2, IGNORE
+    Image.fromarray(rng.integers(0, 255, (400, 800, 3), np.uint8)).save(big / "images" / "frame.jpg")
+    Image.fromarray(mask).save(big / "masks" / "frame.png")
+    memory = ExemplarMemory.empty().refreshed(small + find_pairs(big), "b", [0, 1, 2], 8, tmp_path / "m",
+                                              image_size=48)
+    assert kept_side(48) == 256 and kept_side(200) == 400
+    frame = memory.pair(next(it for it in memory.items if it.stem == "b__frame"))
+    with Image.open(frame.image) as im, Image.open(frame.mask) as m:
+        assert im.size == m.size == (512, 256)
+        kept = np.array(m)
+    assert set(np.unique(kept)) == {0, 2, IGNORE}
+    assert abs((kept == 2).mean() - (mask == 2).mean()) < 0.01
+    for p in small:
+        copy = memory.pair(next(it for it in memory.items if it.stem == f"b__{p.stem}"))
+        assert copy.image.read_bytes() == p.image.read_bytes() and copy.mask.read_bytes() == p.mask.read_bytes()
+    again = ExemplarMemory.load(tmp_path / "m").refreshed([], "c", [0], 8, tmp_path / "m2", image_size=48)
+    assert again.pair(next(it for it in again.items if it.stem == "b__frame")).image.stat().st_size == \
+        frame.image.stat().st_size  # kept as it was: not scaled twice
 
 
 def test_held_back_exemplars_are_a_seeded_share_of_every_class_and_never_replayed(stream_dir, tmp_path):

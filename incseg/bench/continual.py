@@ -159,7 +159,8 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
             p = with_changes(params, changes)  # joint is no continual strategy: it trains on the params as they are
             model, memory = base, ExemplarMemory.empty()
             memory = memory.refreshed(batches[0].pairs, batches[0].batch_id, batches[0].classes,
-                                      p.continual.memory_size, Path(tmp) / strategy / "memory-0")
+                                      p.continual.memory_size, Path(tmp) / strategy / "memory-0",
+                                      image_size=p.data.image_size)
             for i, batch in enumerate(batches[1:][:updates], start=1):
                 t0, traced = time.perf_counter(), []
                 if strategy == "joint":
@@ -169,7 +170,7 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                     model, result = train_candidate(p, model, batch, memory, progress=False,
                                                     on_eval=_tracer(ws, traced) if strategy in trace else None)
                     memory = memory.refreshed(batch.pairs, batch.batch_id, batch.classes, p.continual.memory_size,
-                                              Path(tmp) / strategy / f"memory-{i}")
+                                              Path(tmp) / strategy / f"memory-{i}", image_size=p.data.image_size)
                 seconds, verdict = time.perf_counter() - t0, None
                 if strategy != "joint":  # what the product would do with this candidate (the stream goes on)
                     verdict = judge(ws, model, before, batch)  # its candidate matrix is the step's holdout score

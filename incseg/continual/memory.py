@@ -9,11 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, Pair, copy_pair, load_yaml,
-                                 read_mask)
+                                 open_image, read_mask)
 
 INDEX = "memory.yaml"
+MIN_KEPT_SIDE = 256  # an exemplar's shorter side is cut to max(this, 2 x the training size), never below
+
+
+def kept_side(image_size: int) -> int:
+    """The shorter side, in pixels, above which an exemplar is stored scaled down: twice the training
+    size (a crop of half the area still has more pixels than training uses), and at least
+    `MIN_KEPT_SIDE`, so a later larger `data.image_size` up to half of it loses nothing."""
+    return max(MIN_KEPT_SIDE, 2 * image_size)
 
 
 @dataclass(frozen=True)
@@ -83,11 +92,15 @@ class ExemplarMemory:
                 ExemplarMemory(self.root, [it for it in self.items if it.stem in held]))
 
     def refreshed(
-        self, pairs: list[Pair], batch_id: str, annotated: list[int], size: int, out: Path, seed: int = 0
+        self, pairs: list[Pair], batch_id: str, annotated: list[int], size: int, out: Path, seed: int = 0,
+        image_size: int | None = None,
     ) -> ExemplarMemory:
         """A new memory at `out` from this one plus a batch; old exemplars are kept first.
 
-        Round-robin over classes keeps the memory class-balanced as classes are added.
+        Round-robin over classes keeps the memory class-balanced as classes are added. With the
+        training size `image_size`, a new exemplar larger than `kept_side(image_size)` on its shorter
+        side is stored scaled down to it (aspect kept; the mask by nearest neighbour): the memory is
+        stored with every version, and a camera's 2048 x 1024 frames would cost hundreds of MB each.
         """
         rng = random.Random(seed)
         candidates: list[tuple[Exemplar, Pair]] = [(it, self.pair(it)) for it in self.items]
@@ -110,18 +123,33 @@ class ExemplarMemory:
                 if queues[c] and len(chosen) < size:
                     it, p = queues[c].pop(0)
                     chosen[it.stem] = (Exemplar(it.stem, it.batch_id, it.annotated, c), p)
-        return _write(out, list(chosen.values()))
+        return _write(out, list(chosen.values()), None if image_size is None else kept_side(image_size))
 
 
-def _write(out: Path, chosen: list[tuple[Exemplar, Pair]]) -> ExemplarMemory:
+def _write(out: Path, chosen: list[tuple[Exemplar, Pair]], side: int | None) -> ExemplarMemory:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for sub in (IMAGES_DIR, MASKS_DIR):
         (tmp / sub).mkdir(parents=True)
     for it, p in chosen:
-        copy_pair(p, tmp, it.stem)
+        _keep(p, tmp, it.stem, side)
     items = [it for it, _ in chosen]
     (tmp / INDEX).write_text(yaml.safe_dump([{**asdict(it), "annotated": list(it.annotated)} for it in items]))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return ExemplarMemory(out, items)
+
+
+def _keep(pair: Pair, out: Path, stem: str, side: int | None) -> None:
+    """Copy the pair into the memory folder `out`; scaled down to `side` on its shorter side (the
+    image bilinear, as PNG; the mask nearest) when it is larger."""
+    if side is not None:
+        with open_image(pair.image) as image:
+            w, h = image.size
+            if min(w, h) > side:
+                size = (round(w * side / min(w, h)), round(h * side / min(w, h)))
+                image.convert("RGB").resize(size, Image.BILINEAR).save(out / IMAGES_DIR / f"{stem}.png")
+                mask = Image.fromarray(read_mask(pair.mask)).resize(size, Image.NEAREST)
+                mask.save(out / MASKS_DIR / f"{stem}{MASK_SUFFIX}")
+                return
+    copy_pair(pair, out, stem)
