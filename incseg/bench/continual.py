@@ -174,8 +174,8 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
                 seconds, verdict = time.perf_counter() - t0, None
                 if strategy != "joint":  # what the product would do with this candidate (the stream goes on)
                     verdict = judge(ws, model, before, batch)  # its candidate matrix is the step's holdout score
-                steps.append(_step(ws, batch, model, result, seconds, traced, verdict))
-                steps[-1].memory = 0 if strategy == "joint" else len(memory.items)
+                steps.append(_step(ws, batch, model, result, seconds, traced, verdict,
+                                   0 if strategy == "joint" else len(memory.items)))
                 gate = f"; gate: {steps[-1].gate['status']}" if steps[-1].gate else ""
                 console.print(f"  {strategy:>14} after {batch.batch_id}: mIoU(all) "
                               f"{_mean(steps[-1].iou, _known(scenario, i)):.3f}, {result.steps} steps "
@@ -195,11 +195,11 @@ def run_scenario(params: Params, chosen: tuple[str, ...] = STRATEGIES, console: 
 
 
 def _step(ws: Workspace, batch: Batch, model, result, seconds: float, trace: list[dict] | None = None,
-          verdict: Judgement | None = None) -> Step:
+          verdict: Judgement | None = None, memory: int = 0) -> Step:
     iou = [float(v) for v in verdict.matrices["candidate"].iou()] if verdict else _iou(ws, model)
     return Step(batch.batch_id, iou, result.images_processed, seconds, result.steps,
                 [(e.step, e.val_miou) for e in result.evals], result.best_step, result.stopped, trace or [],
-                verdict.decision.to_dict() if verdict else {})
+                verdict.decision.to_dict() if verdict else {}, memory)
 
 
 def _tracer(ws: Workspace, into: list[dict]) -> Callable:

@@ -136,7 +136,7 @@ def read_colours(path: Path) -> dict[int, int]:
         if not (isinstance(value, list) and len(value) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)):
             raise DataError(f"{path}: id {key}: {value!r} is not a colour ([R, G, B] of 0..255, or \"#RRGGBB\")")
-        packed = value[0] << 16 | value[1] << 8 | value[2]
+        packed = int(_packed(value))
         if packed in table:
             raise DataError(f"{path}: ids {table[packed]} and {key} have the same colour {value}")
         table[packed] = key
@@ -145,9 +145,15 @@ def read_colours(path: Path) -> dict[int, int]:
     return table
 
 
+def _packed(rgb) -> np.ndarray:
+    """R, G, B (the last axis) as one 24-bit int: how the colour table and `_decoded` key colours."""
+    rgb = np.asarray(rgb, np.uint32)
+    return rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+
+
 def _decoded(path: Path, rgb: np.ndarray, colours: dict[int, int]) -> np.ndarray:
     """A colour-coded mask's label ids through the table; a colour the table lacks is refused, naming it."""
-    packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
+    packed = _packed(rgb)
     found, inverse = np.unique(packed, return_inverse=True)
     unknown = [int(c) for c in found if int(c) not in colours]
     if unknown:
