@@ -146,7 +146,8 @@ def data_add(
     classes: Annotated[Optional[Path], typer.Option(help="classes.yaml to install if the workspace has none.")] = None,
     colours: Annotated[Optional[Path], typer.Option(help="Colour-coded RGB masks: a YAML table of label id -> "
                                                     "[R, G, B] or \"#RRGGBB\" (255: ignore); every colour "
-                                                    "in a mask must be listed.")] = None,
+                                                    "in a mask must be listed. Installed as the workspace's "
+                                                    "if it has none: later batches and `predict` use it.")] = None,
 ) -> None:
     """Bring a batch into the DVC-tracked registry (dvc add, git commit, dvc push)."""
     from incseg.datastore import add_data
@@ -519,7 +520,8 @@ AliasOpt = Annotated[Optional[str], typer.Option("--alias", help="Model alias in
 def predict(
     ctx: typer.Context,
     images: Annotated[Path, typer.Argument(help="Folder of images (png/jpg) to segment.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png label masks (palette PNGs).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png label masks (palette PNGs, in the "
+                                                    "colours of `data add --colours` when the data has them).")],
     version: VersionOpt = None,
     alias: AliasOpt = None,
     with_overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png.")] = False,
@@ -527,7 +529,8 @@ def predict(
     """Segment every image with the champion (or --version / --alias) at the image's own size."""
     from rich.progress import track
 
-    from incseg.inference import predict_folder
+    from incseg.data.importers import read_colours
+    from incseg.inference import palette, predict_folder
     from incseg.models import taught_classes
     from incseg.registry import ModelRegistry
     from incseg.training import resolve_device
@@ -541,8 +544,9 @@ def predict(
     taught = [loaded.classes.get(c, str(c)) for c in taught_classes(loaded.model)]  # not every output: VOC has 21
     console.print(f"model '{reg.name}' version {loaded.version}, taught {len(taught)} classes ({', '.join(taught)}), "
                   f"trained at {loaded.image_size} px{seen}", highlight=False)
+    colours = palette(read_colours(ws.colours_file)) if ws.colours_file.exists() else None  # the data's own
     report = predict_folder(loaded.model, images, out, loaded.image_size, native=loaded.native_size,
-                            with_overlay=with_overlay,
+                            with_overlay=with_overlay, colours=colours,
                             device=resolve_device(ws.params.train.device),
                             progress=lambda files: track(files, description="segmenting", console=console))
     for name, why in report.skipped.items():

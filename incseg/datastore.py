@@ -229,7 +229,8 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
              layout: str = "auto", split: str = "train", classes: Path | None = None,
              colours: Path | None = None) -> tuple[Path, BatchInfo, str]:
     """Import SRC as a registry batch (or as the holdout) and version it with DVC; `colours`: the colour
-    table of colour-coded masks (`importers.read_colours`).
+    table of colour-coded masks (`importers.read_colours`), installed as the workspace's
+    (`colours_file`, versioned with the data) if it has none; without it the workspace's is used.
 
     Returns (folder, its batch.yaml, its DVC hash). The holdout is fixed: replacing it needs `force`.
     """
@@ -251,7 +252,10 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
     else:
         dst = ws.registry_dir / safe_batch_id(batch_id or src.resolve().name)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    info = import_batch(src, dst, layout, split, ws.classes_file, colours)
-    also = [ws.classes_file] if ws.classes_file.exists() else []
+    installed = ws.colours_file.exists()
+    info = import_batch(src, dst, layout, split, ws.classes_file, colours or (ws.colours_file if installed else None))
+    if colours is not None and not installed:  # read and used by the import: a bad table never gets here
+        shutil.copyfile(colours, ws.colours_file)
+    also = [f for f in (ws.classes_file, ws.colours_file) if f.exists()]
     h = track_all(ws.root, [dst], f"data: add {'holdout' if holdout else 'batch ' + dst.name}", also)[0]
     return dst, info, h

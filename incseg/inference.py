@@ -70,9 +70,10 @@ def segment(model: nn.Module, rgb: np.ndarray, size: int, device: torch.device |
     return logits_at_own_size(model, rgb, size, device or torch.device("cpu"), native).argmax(0).numpy().astype(np.uint8)
 
 
-def palette() -> list[int]:
-    """Pascal VOC's colour map (256 entries); 255 (ignore) is white."""
-    colours = []
+def palette(colours: dict[int, int] | None = None) -> list[int]:
+    """Pascal VOC's colour map (256 entries); 255 (ignore) is white. `colours`, a colour table
+    (`importers.read_colours`: packed RGB -> label id), gives its ids their own colours."""
+    table = []
     for i in range(256):
         r = g = b = 0
         c = i
@@ -81,21 +82,24 @@ def palette() -> list[int]:
             g |= ((c >> 1) & 1) << (7 - j)
             b |= ((c >> 2) & 1) << (7 - j)
             c >>= 3
-        colours += [r, g, b]
-    colours[3 * IGNORE: 3 * IGNORE + 3] = [255, 255, 255]
-    return colours
+        table += [r, g, b]
+    table[3 * IGNORE: 3 * IGNORE + 3] = [255, 255, 255]
+    for packed, i in (colours or {}).items():
+        table[3 * i: 3 * i + 3] = [packed >> 16, packed >> 8 & 255, packed & 255]
+    return table
 
 
-def mask_image(mask: np.ndarray) -> Image.Image:
-    """A palette PNG of label ids: the pixel values are the ids, viewers show colours."""
+def mask_image(mask: np.ndarray, colours: list[int] | None = None) -> Image.Image:
+    """A palette PNG of label ids: the pixel values are the ids, viewers show colours (`palette()`'s
+    unless given)."""
     im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette(palette())
+    im.putpalette(colours or palette())
     return im
 
 
-def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5, colours: list[int] | None = None) -> Image.Image:
     """The image with the mask's colours blended over its labelled (non-background) pixels."""
-    colours = np.array(palette(), dtype=np.float32).reshape(256, 3)[mask]
+    colours = np.array(colours or palette(), dtype=np.float32).reshape(256, 3)[mask]
     blend = rgb.astype(np.float32) * (1 - alpha) + colours * alpha
     out = np.where((mask > 0)[..., None], blend, rgb.astype(np.float32))
     return Image.fromarray(out.round().astype(np.uint8))
@@ -112,10 +116,10 @@ class PredictReport:
 
 def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, native: tuple[int, int] | None = None,
                    with_overlay: bool = False, device: torch.device | None = None,
-                   progress: Iterator | None = None) -> PredictReport:
+                   progress: Iterator | None = None, colours: list[int] | None = None) -> PredictReport:
     """Write `out/<stem>.png` (palette mask) and, with `with_overlay`, `out/<stem>_overlay.png` for
-    every image of `src` (`size`, `native`: as in `logits_at_own_size`); unreadable images are listed
-    in the report and in `out/report.json`."""
+    every image of `src` (`size`, `native`: as in `logits_at_own_size`; `colours`: a `palette`);
+    unreadable images are listed in the report and in `out/report.json`."""
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
     files = list_files(src)
@@ -126,9 +130,9 @@ def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, native:
             report.skipped[path.name] = str(err)
             continue
         mask = segment(model, rgb, size, device, native)
-        mask_image(mask).save(out / f"{path.stem}.png")
+        mask_image(mask, colours).save(out / f"{path.stem}.png")
         if with_overlay:
-            overlay(rgb, mask).save(out / f"{path.stem}_overlay.png")
+            overlay(rgb, mask, colours=colours).save(out / f"{path.stem}_overlay.png")
         report.written.append(path.name)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report

@@ -78,6 +78,11 @@ class Workspace:
         return self.data_dir / "classes.yaml"
 
     @property
+    def colours_file(self) -> Path:
+        """The colour table of colour-coded masks (`data add --colours`), when the data has one."""
+        return self.data_dir / "colours.yaml"
+
+    @property
     def holdout_dir(self) -> Path:
         return self.data_dir / "holdout"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -192,6 +194,7 @@ def test_colour_coded_masks_import_through_a_colour_table(ws, stream_dir, tmp_pa
     with pytest.raises(DataError, match=r"bad\.yaml: id 1: \[300, 0, 0\] is not a colour"):
         add_data(ws, src, "camvid", classes=stream_dir / "classes.yaml", colours=bad)
     assert [p.name for p in ws.registry_dir.iterdir()] == []
+    assert not ws.colours_file.exists()  # a refused table is not installed
 
     result = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(src), "--batch-id", "camvid",
                                       "--classes", str(stream_dir / "classes.yaml"), "--colours", str(table)])
@@ -201,3 +204,11 @@ def test_colour_coded_masks_import_through_a_colour_table(ws, stream_dir, tmp_pa
         im = Image.open(dst / "masks" / f"{stem}.png")
         assert im.mode == "L" and np.array_equal(np.array(im), expected)
     assert "camvid" in tracked_batches(ws.registry_dir)
+    # the table is the workspace's now, versioned with the data: the next batch needs no --colours
+    assert ws.colours_file.read_text() == table.read_text()
+    committed = subprocess.run(["git", "ls-files", str(ws.colours_file)], cwd=ws.root, capture_output=True, text=True)
+    assert committed.stdout.strip() == "data/colours.yaml"
+    later = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(src), "--batch-id", "camvid-2"])
+    assert later.exit_code == 0, later.output
+    assert all(np.array_equal(read_mask(ws.registry_dir / "camvid-2" / "masks" / f"{stem}.png"), expected)
+               for stem, expected in ids.items())

@@ -75,6 +75,30 @@ def test_predict_writes_palette_masks_at_each_images_size_and_skips_bad_files(ch
     assert (np.asarray(Image.open(out / f"{pairs[0].stem}.png")) == truth).mean() > 0.7
 
 
+def test_predict_writes_the_datas_own_colours_when_it_has_a_colour_table(champion, tmp_path):
+    """Masks imported through `data add --colours` come back from `predict` in the same colours: the
+    palette PNG's ids are unchanged, its palette (and the overlay) are the table's (were VOC's)."""
+    ws, loaded = champion
+    pair = holdout_with_objects(ws, 1)[0]
+    src, out = tmp_path / "images", tmp_path / "masks"
+    src.mkdir()
+    Image.open(pair.image).save(src / pair.image.name)
+    ws.colours_file.write_text('0: [0, 0, 0]\n1: "#ff8000"\n2: [10, 20, 30]\n')
+    try:
+        result = CliRunner().invoke(app, ["-C", str(ws.root), "predict", str(src), "--out", str(out), "--overlay"])
+    finally:
+        ws.colours_file.unlink()
+    assert result.exit_code == 0, result.output
+    mask = Image.open(out / f"{pair.stem}.png")
+    assert mask.getpalette()[:9] == [0, 0, 0, 255, 128, 0, 10, 20, 30]
+    ids, rgb = np.asarray(mask), read_image(pair.image).astype(float)
+    assert np.array_equal(ids, segment(loaded.model, read_image(pair.image), loaded.image_size))
+    seen = np.asarray(Image.open(out / f"{pair.stem}_overlay.png")).astype(float)
+    for c, colour in ((1, (255, 128, 0)), (2, (10, 20, 30))):
+        if (ids == c).any():
+            assert np.abs(seen[ids == c] - (rgb[ids == c] + colour) / 2).max() <= 1
+
+
 def test_prediction_scales_an_image_as_training_scaled_the_data(champion):
     """The version records its training size and the holdout images' size; an image is scaled by
     their ratio first. Here the 32 px model is told its data were 48 px: an image of 48 px is then
