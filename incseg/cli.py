@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from incseg.bench import ABLATION
 from incseg.config import UPDATE_RULE_SHARED, ConfigError, Style
-from incseg.data.layout import IMAGES_DIR, MASKS_DIR, DataError, list_batches
+from incseg.data.layout import IMAGES_DIR, MASKS_DIR, DataError, list_batches, read_classes
 from incseg.datastore import StoreError
 from incseg.workspace import Workspace
 
@@ -247,33 +247,57 @@ def validate(
     no_fail: Annotated[bool, typer.Option("--no-fail", help="Exit 0 even when a batch would be rejected.")] = False,
     docs: Annotated[Optional[Path], typer.Option(help="Write GX's Data Docs site here (one folder per batch, "
                                                       "open index.html).")] = None,
+    split: Annotated[str, typer.Option(help="VOC image set / Cityscapes split to validate (as `data add`).")] = "train",
 ) -> None:
-    """Validate with the Great Expectations suite; exit 1 when a batch would be rejected."""
-    from incseg.data.layout import read_classes
+    """Validate with the Great Expectations suite; exit 1 when a batch would be rejected. A Pascal VOC
+    or Cityscapes folder is validated as `incseg data add` would register it."""
+    import tempfile
 
     ws = workspace(ctx)
     path = ws.registry_dir if path is None else path
     if not path.is_dir():
         raise Failure(f"{path} is not a folder")
-    n = len(read_classes(ws.classes_file))
-    batches = [path / b for b in list_batches(path)] if path.resolve() == ws.registry_dir else [path]
     docs_root = ws.path(docs) if docs is not None else None
-    summary = {b.name: validate_one(ws, b, n, quarantine_to, docs_root / b.name if docs_root else None)
-               for b in batches}
+    with tempfile.TemporaryDirectory(prefix="incseg-validate-") as tmp:
+        batches = [path / b for b in list_batches(path)] if path.resolve() == ws.registry_dir else \
+            [as_registered(ws, path, split, Path(tmp))]
+        n = len(read_classes(ws.classes_file if ws.classes_file.exists() else Path(tmp) / "classes.yaml"))
+        summary = {b.name: validate_one(ws, b, n, quarantine_to, docs_root / b.name if docs_root else None)
+                   for b in batches}
     if report is not None:
         write_json(ws.path(report), {"batches": summary, "rejected": sorted(k for k, v in summary.items() if v["rejected"])})
     if any(v["rejected"] for v in summary.values()) and not no_fail:
         raise typer.Exit(1)
 
 
+def as_registered(ws: Workspace, src: Path, split: str, tmp: Path) -> Path:
+    """The folder to validate for SRC: itself when it is in the registry's layout (images/ + masks/);
+    a Pascal VOC or Cityscapes layout imported into `tmp` as `data add` would (ids mapped, the
+    layout's class names in `tmp/classes.yaml`), since the suite reads the registry's layout."""
+    from incseg.data.importers import detect_layout, import_batch
+
+    try:
+        layout = detect_layout(src)
+    except DataError:
+        return src  # no known layout: the suite reports what is missing
+    if layout == "folder":
+        return src
+    dst = tmp / src.resolve().name
+    with console.status(f"reading {src} ({layout} layout, split {split}) as `incseg data add` would ..."):
+        import_batch(src, dst, layout, split, tmp / "classes.yaml")
+    console.print(f"{src}: {layout} layout, split {split}: validated as `incseg data add` would register it")
+    return dst
+
+
 def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | None, docs: Path | None) -> dict:
     from incseg.validation import quarantine, validate_batch
-    from incseg.validation.history import earlier_profiles
+    from incseg.validation.history import earlier_profiles, holdout_hashes
 
     in_registry = batch_dir.resolve().parent == ws.registry_dir
     earlier = earlier_profiles(ws.registry_dir, batch_dir.name if in_registry else None, n, ws.runs_dir / "profiles")
+    held = frozenset() if batch_dir.resolve() == ws.holdout_dir.resolve() else holdout_hashes(ws, n)
     with console.status(f"validating {batch_dir} ..."):
-        report, table, _ = validate_batch(batch_dir, n, ws.params.validation, earlier, docs=docs)
+        report, table, _ = validate_batch(batch_dir, n, ws.params.validation, earlier, docs=docs, holdout=held)
     if report.failures:
         failures = Table("file", "check", "observed", "meaning", box=box.SIMPLE,
                          title=f"{batch_dir.name}: {len(report.bad_stems)} failing files")

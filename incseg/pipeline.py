@@ -33,7 +33,7 @@ from incseg.models import (add_classes, build_model, fuse_weights, num_classes, 
 from incseg.training import (FAST_LAYOUT, Budget, EvalPoint, TrainResult, evaluate, make_loader, resolve_device,
                              seed_everything, split_validation, train)
 from incseg.validation import ValidationReport, quarantine, valid_pairs, validate_batch
-from incseg.validation.history import earlier_profiles
+from incseg.validation.history import earlier_profiles, holdout_hashes
 from incseg.workspace import Workspace
 
 
@@ -89,9 +89,10 @@ def check_batch(ws: Workspace, batch_id: str, table=None) -> CheckedBatch:
     root = batch_root(ws, batch_id)
     n = len(read_classes(ws.classes_file))
     earlier = earlier_profiles(ws.registry_dir, batch_id, n, ws.runs_dir / "profiles")
+    held = holdout_hashes(ws, n)
     docs = ws.runs_dir / "data-docs" / batch_id
     shutil.rmtree(docs, ignore_errors=True)
-    report, table, raw = validate_batch(root, n, ws.params.validation, earlier, table, docs)
+    report, table, raw = validate_batch(root, n, ws.params.validation, earlier, table, docs, held)
     quarantine(report, table, ws.quarantine_dir / batch_id)
     if report.rejected:
         return CheckedBatch(root, report, raw, None, docs)

@@ -46,6 +46,26 @@ def test_voc_layout_imports_with_label_ids(ws, tmp_path):
     assert tracked_batches(ws.registry_dir) == {"voc-01": h}
 
 
+def test_validate_reads_a_voc_layout_as_data_add_would(ws, tmp_path):
+    """`incseg validate VOC2012` found no images/ + masks/ and called the folder an empty batch; it now
+    validates the pairs as `data add` would register them (the layout's class names when the workspace
+    has none), registering nothing."""
+    from typer.testing import CliRunner
+
+    from incseg.cli import app
+
+    voc, ids = make_voc(tmp_path)
+    for i, stem in enumerate(ids):  # two different photos (the fixture's are one gray)
+        Image.fromarray(np.full((40, 48, 3), 60 + 40 * i, np.uint8)).save(voc / "JPEGImages" / f"{stem}.jpg")
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(voc)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "voc layout, split train" in said and "2 files, 2 valid: accepted" in said
+    assert not ws.classes_file.exists() and list(ws.registry_dir.glob("*")) == []  # nothing installed or registered
+    missing = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(voc), "--split", "val"])
+    assert missing.exit_code == 1 and "val" in missing.output and "Traceback" not in missing.output, missing.output
+
+
 def test_cityscapes_layout_maps_label_ids_to_train_ids(ws, tmp_path):
     cs = tmp_path / "cityscapes"
     (cs / "leftImg8bit/train/aachen").mkdir(parents=True)

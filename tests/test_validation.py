@@ -169,3 +169,33 @@ def test_drift_warns_by_default_and_blocks_when_asked(stream_dir, tmp_path):
     assert block.rejected and any(e.startswith("brightness_drift") for e in block.batch_errors)
     same, _, _ = validate_batch(registry / "batch-00", N_CLASSES, ValidationParams(), [])
     assert same.warnings == []
+
+
+def test_holdout_images_in_a_training_batch_are_failed_by_name(tmp_path):
+    """A batch holding images of the holdout was accepted: the model trained on the gate's test set and
+    every later verdict was inflated. Each such file now fails `not_in_holdout`, named and quarantined;
+    the rest of the batch trains. `incseg validate` says so too, and passes the holdout itself."""
+    from typer.testing import CliRunner
+
+    from helpers import make_workspace
+    from incseg.cli import app
+    from incseg.data.layout import find_pairs
+    from incseg.pipeline import check_batch
+
+    ws = make_workspace(tmp_path / "ws")
+    batch = ws.registry_dir / "batch-00"
+    for i, p in enumerate(find_pairs(ws.holdout_dir)[:2]):
+        shutil.copyfile(p.image, batch / "images" / f"leak{i}{p.image.suffix}")
+        shutil.copyfile(p.mask, batch / "masks" / f"leak{i}.png")
+    checked = check_batch(ws, "batch-00")
+    assert checked.batch is not None and not checked.report.rejected
+    assert sorted((f.stem, f.check) for f in checked.report.failures) == [("leak0", "not_in_holdout"),
+                                                                         ("leak1", "not_in_holdout")]
+    assert sorted(p.stem for p in (ws.quarantine_dir / "batch-00" / "images").iterdir()) == ["leak0", "leak1"]
+    assert not {"leak0", "leak1"} & {p.stem for p in checked.batch.pairs}
+    assert len(checked.batch.pairs) == len(find_pairs(batch)) - 2
+
+    told = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(batch), "--no-fail"])
+    assert told.exit_code == 0 and "leak0" in told.output and "not_in_holdout" in told.output, told.output
+    itself = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(ws.holdout_dir)])
+    assert itself.exit_code == 0 and "not_in_holdout" not in itself.output, itself.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,10 +64,11 @@ class ValidationReport:
         return "\n".join(lines) + "\n"
 
 
-def _with_history_columns(table: pd.DataFrame, earlier: list[BatchProfile]) -> pd.DataFrame:
+def _with_history_columns(table: pd.DataFrame, earlier: list[BatchProfile], holdout: Collection[str]) -> pd.DataFrame:
     seen = {h: p.batch_id for p in earlier for h in p.image_sha256}
     sha = table["image_sha256"] if "image_sha256" in table else pd.Series([None] * len(table), dtype=object)
     table["seen_in"] = [seen.get(h, "") if isinstance(h, str) else "" for h in sha]
+    table["in_holdout"] = [isinstance(h, str) and h in holdout for h in sha]
     table["first_of_hash"] = ~(sha.notna() & sha.duplicated(keep="first"))
     return table
 
@@ -82,10 +84,12 @@ def _observed(table: pd.DataFrame, stem: str, check: str) -> str:
 
 
 def validate_table(batch_id: str, table: pd.DataFrame, p: ValidationParams, n_classes: int,
-                   earlier: list[BatchProfile], docs: Path | None = None) -> tuple[ValidationReport, dict]:
+                   earlier: list[BatchProfile], docs: Path | None = None, holdout: Collection[str] = ()
+                   ) -> tuple[ValidationReport, dict]:
     """Run the suite on an extracted table; returns the report and GX's raw result (and writes
-    GX's Data Docs for it into `docs`, if given)."""
-    table = _with_history_columns(table, earlier)
+    GX's Data Docs for it into `docs`, if given). `holdout`: the holdout's image hashes
+    (`history.holdout_hashes`), which a training batch must not contain."""
+    table = _with_history_columns(table, earlier, holdout)
     ref = reference(earlier, n_classes)
     outcomes, raw = run_suite(table, p, ref, docs)
     report = ValidationReport(batch_id, len(table))
@@ -130,13 +134,13 @@ def _batch_level(report: ValidationReport, table: pd.DataFrame, p: ValidationPar
 
 
 def validate_batch(batch_dir: Path, n_classes: int, p: ValidationParams, earlier: list[BatchProfile] | None = None,
-                   table: pd.DataFrame | None = None, docs: Path | None = None
+                   table: pd.DataFrame | None = None, docs: Path | None = None, holdout: Collection[str] = ()
                    ) -> tuple[ValidationReport, pd.DataFrame, dict]:
-    """Validate the batch folder; `earlier` are the profiles of data seen so far. `table` is the
-    batch's file table when it was extracted elsewhere (in parallel shards); `docs`, a folder for
-    GX's Data Docs of this validation."""
+    """Validate the batch folder; `earlier` are the profiles of data seen so far, `holdout` the
+    holdout's image hashes. `table` is the batch's file table when it was extracted elsewhere (in
+    parallel shards); `docs`, a folder for GX's Data Docs of this validation."""
     table = file_table(batch_dir, n_classes) if table is None else table
-    report, raw = validate_table(batch_dir.name, table, p, n_classes, earlier or [], docs)
+    report, raw = validate_table(batch_dir.name, table, p, n_classes, earlier or [], docs, holdout)
     return report, table, raw
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from incseg.data.layout import list_batches
+from incseg.workspace import Workspace
 
 
 @dataclass
@@ -60,23 +61,32 @@ def read_cached_profile(f: Path) -> BatchProfile | None:
 
 def earlier_profiles(registry: Path, batch_id: str | None, n_classes: int, cache: Path) -> list[BatchProfile]:
     """Profiles of the batches that sort before `batch_id` (the data seen so far); all when None."""
+    return [cached_profile(registry / other, n_classes, cache / f"{other}.json") for other in list_batches(registry)
+            if batch_id is None or other < batch_id]
+
+
+def holdout_hashes(ws: Workspace, n_classes: int) -> frozenset[str]:
+    """The holdout's image hashes: a training batch holding one of its images would be judged on what
+    it was trained on (validation's `not_in_holdout`). Cached as a batch's profile is."""
+    if not ws.holdout_dir.is_dir():
+        return frozenset()
+    return frozenset(cached_profile(ws.holdout_dir, n_classes, ws.runs_dir / "profiles-holdout" / "holdout.json")
+                     .image_sha256)
+
+
+def cached_profile(folder: Path, n_classes: int, f: Path) -> BatchProfile:
+    """The profile of the batch `folder`, read from the cache file `f` while the folder's fingerprint
+    matches, else computed and written there."""
     from incseg.validation.table import file_table
 
-    out = []
-    cache.mkdir(parents=True, exist_ok=True)
-    for other in list_batches(registry):
-        if batch_id is not None and other >= batch_id:
-            continue
-        fp = fingerprint(registry / other)
-        f = cache / f"{other}.json"
-        cached = read_cached_profile(f)
-        if cached is not None and cached.fingerprint == fp and len(cached.class_share) == n_classes:
-            out.append(cached)
-            continue
-        prof = profile_of(other, file_table(registry / other, n_classes), n_classes, fp)
-        f.write_text(json.dumps(asdict(prof)))
-        out.append(prof)
-    return out
+    fp = fingerprint(folder)
+    cached = read_cached_profile(f)
+    if cached is not None and cached.fingerprint == fp and len(cached.class_share) == n_classes:
+        return cached
+    prof = profile_of(folder.name, file_table(folder, n_classes), n_classes, fp)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(asdict(prof)))
+    return prof
 
 
 def reference(profiles: list[BatchProfile], n_classes: int) -> dict | None:

@@ -31,6 +31,7 @@ MESSAGES = {
     "mask_not_empty": "mask is all background/ignore",
     "unique_in_batch": "duplicate of another image in this batch",
     "not_in_registry": "image already in the registry",
+    "not_in_holdout": "image is in the holdout (the gate's test set): training on it would inflate every verdict",
     "batch_size": "number of files in the batch out of bounds",
     "brightness_drift": "mean brightness far from the data seen so far",
 }
@@ -39,7 +40,7 @@ OBSERVED = {
     "image_present": "stem", "mask_present": "stem", "image_readable": "image_error", "mask_readable": "mask_error",
     "mask_single_channel": "mask_mode", "same_size": "size_match", "width_within_bounds": "width",
     "height_within_bounds": "height", "known_label_ids": "unknown_label_ids", "ignore_fraction_bounded": "ignore_fraction",
-    "mask_not_empty": "foreground_fraction", "unique_in_batch": "image_sha256", "not_in_registry": "seen_in",
+    "mask_not_empty": "foreground_fraction", "unique_in_batch": "image_sha256", "not_in_registry": "seen_in", "not_in_holdout": "in_holdout",
 }
 
 
@@ -89,6 +90,7 @@ def build_suite(p: ValidationParams, reference: dict | None):
                                                                 min_value=p.min_foreground_fraction, max_value=1)),
         check("unique_in_batch", in_set("first_of_hash", [True])),
         check("not_in_registry", in_set("seen_in", [""])),
+        check("not_in_holdout", in_set("in_holdout", [False])),
         check("batch_size", E.ExpectTableRowCountToBeBetween(min_value=p.min_images, max_value=p.max_images)),
     ]
     if reference is not None:
