@@ -28,7 +28,7 @@ def decode_images(model_input) -> list[np.ndarray]:
     """The request's images as HxWx3 uint8 arrays."""
     import pandas as pd
 
-    from incseg.data.layout import open_image
+    from incseg.data.layout import open_image, rgb_array
 
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
@@ -40,7 +40,7 @@ def decode_images(model_input) -> list[np.ndarray]:
             except (ValueError, TypeError) as err:
                 raise ValueError(f"image {i}: not base64 ({err})") from err
             with open_image(io.BytesIO(raw), f"image {i}") as im:
-                out.append(np.asarray(im.convert("RGB")))
+                out.append(rgb_array(im, f"image {i}"))
         return out
     if isinstance(model_input, dict) and "image" in model_input:
         return decode_images(pd.DataFrame({"image": np.atleast_1d(model_input["image"])}))

@@ -113,6 +113,28 @@ def test_an_oversized_image_is_refused_before_it_is_decoded():
     assert "pixel limit" in image_row(path)["image_error"]
 
 
+def test_16_bit_and_float_images_are_refused_not_clipped(tmp_path):
+    """A 16-bit photo was read through PIL's convert("RGB"), which clips every sample to 255: the model
+    trained on a white picture (a float one: black) and nothing said so. Reading, validation and the
+    served model now refuse it, naming the image and its mode; 8-bit gray is still read."""
+    import base64
+
+    from incseg.serving import decode_images
+
+    ramp = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
+    for name, array, mode in (("deep.png", ramp, "I;16"), ("float.tif", ramp.astype(np.float32) / 65535, "F")):
+        path = tmp_path / name
+        Image.fromarray(array).save(path)
+        with pytest.raises(DataError, match=rf"{name}: a {mode} image .*8 bits per channel"):
+            read_image(path)
+        row = image_row(path)
+        assert not row["image_ok"] and row["image_error"].startswith(f"a {mode} image")
+        with pytest.raises(DataError, match=rf"image 0: a {mode} image"):
+            decode_images({"image": base64.b64encode(path.read_bytes()).decode()})
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "gray.png")
+    assert read_image(tmp_path / "gray.png").shape == (64, 64, 3) and image_row(tmp_path / "gray.png")["image_ok"]
+
+
 @FUZZ
 @given(yaml_text)
 def test_classes_yaml_reader(data):

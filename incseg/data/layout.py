@@ -151,13 +151,22 @@ def open_image(source: Path | BinaryIO, name: str | None = None) -> Image.Image:
 
 def read_image(path: Path) -> np.ndarray:
     """An RGB uint8 array (H, W, 3)."""
-    im = open_image(path)
+    with open_image(path) as im:
+        return rgb_array(im, str(path))
+
+
+def rgb_array(im: Image.Image, name: str) -> np.ndarray:
+    """An opened image's pixels as an RGB uint8 array (H, W, 3). A 16- or 32-bit or a float image is
+    refused, naming it: PIL would clip its samples to 0-255 (a 16-bit photo turns white, a float one
+    black) and nothing would say so; which range maps to 0-255 only the data's author knows."""
+    if im.mode.startswith(("I", "F")):
+        depth = "floating-point" if im.mode.startswith("F") else "16- or 32-bit integer"
+        raise DataError(f"{name}: a {im.mode} image ({depth} samples): save it with 8 bits per channel "
+                        "(your range scaled to 0-255) first")
     try:
         return np.array(im.convert("RGB"))
     except Exception as err:  # noqa: BLE001 - e.g. an exotic mode PIL cannot convert
-        raise DataError(f"{path}: cannot be converted to RGB ({type(err).__name__})") from err
-    finally:
-        im.close()
+        raise DataError(f"{name}: cannot be converted to RGB ({type(err).__name__})") from err
 
 
 def read_mask(path: Path) -> np.ndarray:

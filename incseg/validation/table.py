@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from incseg.data.layout import IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, list_files, open_image
+from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, list_files, open_image,
+                                 rgb_array)
 
 LABEL_MODES = ("L", "P")
 
@@ -35,9 +36,9 @@ def image_row(path: Path) -> dict:
         row["image_error"] = err
         return row
     try:
-        rgb = np.asarray(im.convert("RGB"))
-    except Exception as conv:  # noqa: BLE001 - a mode PIL cannot convert is an unreadable image
-        row["image_error"] = f"cannot be converted to RGB ({type(conv).__name__})"
+        rgb = rgb_array(im, str(path))
+    except DataError as err:  # a mode PIL cannot convert, or samples it would clip: an unusable image
+        row["image_error"] = str(err).removeprefix(f"{path}: ")
         return row
     row.update(
         image_ok=True, width=im.width, height=im.height, image_mode=im.mode, channels=len(im.getbands()),
