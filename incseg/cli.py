@@ -261,7 +261,8 @@ def validate(
     with tempfile.TemporaryDirectory(prefix="incseg-validate-") as tmp:
         batches = [path / b for b in list_batches(path)] if path.resolve() == ws.registry_dir else \
             [as_registered(ws, path, split, Path(tmp))]
-        n = len(read_classes(ws.classes_file if ws.classes_file.exists() else Path(tmp) / "classes.yaml"))
+        layouts = Path(tmp) / "classes.yaml"  # a VOC / Cityscapes layout's names, where the workspace has none
+        n = len(read_classes(layouts if layouts.exists() and not ws.classes_file.exists() else ws.classes_file))
         summary = {b.name: validate_one(ws, b, n, quarantine_to, docs_root / b.name if docs_root else None)
                    for b in batches}
     if report is not None:
