@@ -133,7 +133,11 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
         add_data(ws, src, "loose")
     broken = tmp_path / "classes.yaml"
     broken.write_text("1: square\n")  # no background
-    with pytest.raises(DataError, match=str(broken)):
+    with pytest.raises(DataError, match=rf"{broken}: .*missing 0: .*`0: background`"):
+        add_data(ws, src, "loose", classes=broken)
+    broken.write_text("0: background\n3: square\n7: circle\n")  # a dataset's sparse ids: say which to add
+    with pytest.raises(DataError, match=rf"{broken}: label ids must be 0\.\.7 without gaps; missing 1, 2, 4, 5, 6: "
+                                        r"name them too \(e\.g\. `1: unused`\)"):
         add_data(ws, src, "loose", classes=broken)
     assert not ws.classes_file.exists() and [p.name for p in ws.registry_dir.iterdir()] == []
     dst, _, _ = add_data(ws, src, "loose", classes=stream_dir / "classes.yaml")

@@ -38,7 +38,13 @@ def read_classes(path: Path) -> dict[int, str]:
     if not classes or len(classes) > IGNORE:
         raise DataError(f"{path}: expected 1..{IGNORE} classes (255 is the ignore label), got {len(classes)}")
     if sorted(classes) != list(range(len(classes))):
-        raise DataError(f"{path}: label ids must be 0..{len(classes) - 1} without gaps, got {sorted(classes)}")
+        missing = sorted(set(range(max(classes) + 1)) - set(classes))
+        if min(classes) < 0 or not missing:
+            raise DataError(f"{path}: label ids must be 0..{len(classes) - 1} without gaps, got {sorted(classes)}")
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        example = "0: background" if missing[0] == 0 else f"{missing[0]}: unused"
+        raise DataError(f"{path}: label ids must be 0..{max(classes)} without gaps; missing {shown}: name them too "
+                        f"(e.g. `{example}`): ids no mask uses are fine, the model only learns those it sees")
     return classes
 
 
