@@ -174,7 +174,7 @@ def test_large_exemplars_are_stored_scaled_to_twice_the_training_size(stream_dir
     kept scaled down to it (aspect kept, label ids kept); a small one stays byte for byte."""
     from PIL import Image
 
-    from incseg.continual.memory import kept_side
+    from incseg.data.dataset import kept_side
 
     small = find_pairs(stream_dir / "registry" / "batch-00")[:2]
     big = tmp_path / "big"

@@ -161,3 +161,31 @@ def test_decoded_pairs_are_read_once_and_again_when_a_file_changes(tmp_path):
     os.utime(pair.mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a new mtime even on coarse clocks
     again = read_pair(pair)
     assert again is not first and np.array_equal(again[1], changed)
+
+
+def test_large_pairs_are_read_at_the_side_training_needs(tmp_path):
+    """A camera frame was decoded (60 ms for a 2048 x 1024 PNG) and cropped at full size on every step, and
+    the decoded-pair cache held 60 of them: training at 96 px spent more time reading than learning. A
+    pair larger than `kept_side` of the training size is kept scaled down to it (aspect and ids kept);
+    a small one is read as it is."""
+    from incseg.data.dataset import kept_side, read_pair
+
+    rng = np.random.default_rng(0)
+    image = np.array(Image.fromarray(rng.integers(0, 255, (40, 80, 3), np.uint8)).resize((1600, 800)))
+    mask = np.zeros((800, 1600), np.uint8)
+    mask[200:600, 400:800], mask[:, 1500:] = 3, 255
+    write_pair(tmp_path, "frame", image, mask)
+    [pair] = find_pairs(tmp_path)
+    assert kept_side(96) == 256 and kept_side(160) == 320
+    small_image, small_mask = read_pair(pair, kept_side(96))
+    assert small_image.shape == (256, 512, 3) and small_mask.shape == (256, 512)
+    assert set(np.unique(small_mask)) == {0, 3, 255}
+    assert abs((small_mask == 3).mean() - (mask == 3).mean()) < 0.01
+    whole = read_pair(pair)
+    assert whole[0].shape == (800, 1600, 3) and np.array_equal(whole[1], mask)
+    ds = SegmentationFolder([pair], eval_transforms(96), num_classes=4)
+    x, y, _ = ds[0]
+    assert x.shape == (3, 96, 96) and set(torch.unique(y).tolist()) == {0, 3, 255}
+    ref = torch.from_numpy(mask[None, None]).float()
+    direct = torch.nn.functional.interpolate(ref, (96, 96), mode="nearest")[0, 0].long()
+    assert (y == direct).float().mean() > 0.97  # what evaluation sees: as from the full-size mask

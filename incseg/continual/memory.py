@@ -11,18 +11,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from incseg.data.dataset import kept_side, scaled_down
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, Pair, copy_pair, load_yaml,
-                                 open_image, read_mask)
+                                 open_image, read_image, read_mask)
 
 INDEX = "memory.yaml"
-MIN_KEPT_SIDE = 256  # an exemplar's shorter side is cut to max(this, 2 x the training size), never below
-
-
-def kept_side(image_size: int) -> int:
-    """The shorter side, in pixels, above which an exemplar is stored scaled down: twice the training
-    size (a crop of half the area still has more pixels than training uses), and at least
-    `MIN_KEPT_SIDE`, so a later larger `data.image_size` up to half of it loses nothing."""
-    return max(MIN_KEPT_SIDE, 2 * image_size)
 
 
 @dataclass(frozen=True)
@@ -141,15 +134,14 @@ def _write(out: Path, chosen: list[tuple[Exemplar, Pair]], side: int | None) -> 
 
 
 def _keep(pair: Pair, out: Path, stem: str, side: int | None) -> None:
-    """Copy the pair into the memory folder `out`; scaled down to `side` on its shorter side (the
-    image bilinear, as PNG; the mask nearest) when it is larger."""
+    """Copy the pair into the memory folder `out`; scaled down to `side` on its shorter side
+    (`scaled_down`, the image as PNG) when it is larger."""
     if side is not None:
         with open_image(pair.image) as image:
-            w, h = image.size
-            if min(w, h) > side:
-                size = (round(w * side / min(w, h)), round(h * side / min(w, h)))
-                image.convert("RGB").resize(size, Image.BILINEAR).save(out / IMAGES_DIR / f"{stem}.png")
-                mask = Image.fromarray(read_mask(pair.mask)).resize(size, Image.NEAREST)
-                mask.save(out / MASKS_DIR / f"{stem}{MASK_SUFFIX}")
-                return
+            large = min(image.size) > side
+        if large:
+            image, mask = scaled_down(read_image(pair.image), read_mask(pair.mask), side)
+            Image.fromarray(image).save(out / IMAGES_DIR / f"{stem}.png")
+            Image.fromarray(mask).save(out / MASKS_DIR / f"{stem}{MASK_SUFFIX}")
+            return
     copy_pair(pair, out, stem)
