@@ -248,9 +248,12 @@ def validate(
     docs: Annotated[Optional[Path], typer.Option(help="Write GX's Data Docs site here (one folder per batch, "
                                                       "open index.html).")] = None,
     split: Annotated[str, typer.Option(help="VOC image set / Cityscapes split to validate (as `data add`).")] = "train",
+    colours: Annotated[Optional[Path], typer.Option(help="Colour table of colour-coded masks, as `data add "
+                                                    "--colours` (default: the workspace's, if any).")] = None,
 ) -> None:
     """Validate with the Great Expectations suite; exit 1 when a batch would be rejected. A Pascal VOC
-    or Cityscapes folder is validated as `incseg data add` would register it."""
+    or Cityscapes folder, or one of colour-coded masks, is validated as `incseg data add` would
+    register it."""
     import tempfile
 
     ws = workspace(ctx)
@@ -260,7 +263,7 @@ def validate(
     docs_root = ws.path(docs) if docs is not None else None
     with tempfile.TemporaryDirectory(prefix="incseg-validate-") as tmp:
         batches = [path / b for b in list_batches(path)] if path.resolve() == ws.registry_dir else \
-            [as_registered(ws, path, split, Path(tmp))]
+            [as_registered(ws, path, split, colours, Path(tmp))]
         layouts = Path(tmp) / "classes.yaml"  # a VOC / Cityscapes layout's names, where the workspace has none
         n = len(read_classes(layouts if layouts.exists() and not ws.classes_file.exists() else ws.classes_file))
         summary = {b.name: validate_one(ws, b, n, quarantine_to, docs_root / b.name if docs_root else None)
@@ -271,22 +274,25 @@ def validate(
         raise typer.Exit(1)
 
 
-def as_registered(ws: Workspace, src: Path, split: str, tmp: Path) -> Path:
-    """The folder to validate for SRC: itself when it is in the registry's layout (images/ + masks/);
-    a Pascal VOC or Cityscapes layout imported into `tmp` as `data add` would (ids mapped, the
-    layout's class names in `tmp/classes.yaml`), since the suite reads the registry's layout."""
-    from incseg.data.importers import detect_layout, import_batch
+def as_registered(ws: Workspace, src: Path, split: str, colours: Path | None, tmp: Path) -> Path:
+    """The folder to validate for SRC: itself when it is in the registry's layout (images/ + masks/) with
+    label-id masks; a Pascal VOC or Cityscapes layout, or colour-coded masks with a colour table
+    (`colours`, else the workspace's), imported into `tmp` as `data add` would (ids mapped, a layout's
+    class names in `tmp/classes.yaml`), since the suite reads the registry's layout and label ids."""
+    from incseg.data.importers import colour_coded, detect_layout, import_batch
 
     try:
         layout = detect_layout(src)
     except DataError:
         return src  # no known layout: the suite reports what is missing
-    if layout == "folder":
-        return src
+    colours = colours or (ws.colours_file if ws.colours_file.exists() else None)
+    if layout == "folder" and (colours is None or not colour_coded(src)):
+        return src  # as it is: each bad file is named by the suite (an import stops at the first)
+    what = f"{layout} layout, split {split}" if layout != "folder" else f"colour-coded masks, colours from {colours}"
     dst = tmp / src.resolve().name
-    with console.status(f"reading {src} ({layout} layout, split {split}) as `incseg data add` would ..."):
-        import_batch(src, dst, layout, split, tmp / "classes.yaml")
-    console.print(f"{src}: {layout} layout, split {split}: validated as `incseg data add` would register it")
+    with console.status(f"reading {src} ({what}) as `incseg data add` would ..."):
+        import_batch(src, dst, layout, split, tmp / "classes.yaml" if layout != "folder" else None, colours)
+    console.print(f"{src}: {what}: validated as `incseg data add` would register it")
     return dst
 
 

@@ -232,6 +232,10 @@ def test_colour_coded_masks_import_through_a_colour_table(ws, stream_dir, tmp_pa
     assert ws.colours_file.read_text() == table.read_text()
     committed = subprocess.run(["git", "ls-files", str(ws.colours_file)], cwd=ws.root, capture_output=True, text=True)
     assert committed.stdout.strip() == "data/colours.yaml"
+    checked = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(src), "--no-fail"])
+    said = " ".join(checked.output.split())
+    assert checked.exit_code == 0 and "colour-coded masks, colours from" in said, checked.output
+    assert "mask_single_channel" not in said and f"camvid: {len(masks)} files" in said  # read through the table
     later = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(src), "--batch-id", "camvid-2"])
     assert later.exit_code == 0, later.output
     assert all(np.array_equal(read_mask(ws.registry_dir / "camvid-2" / "masks" / f"{stem}.png"), expected)

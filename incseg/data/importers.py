@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import ImageColor
+from PIL import Image, ImageColor
 
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
-                                 copy_pair, load_yaml, open_image, read_mask, unpaired, write_classes)
+                                 copy_pair, list_files, load_yaml, open_image, read_mask, unpaired, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -149,6 +149,18 @@ def _packed(rgb) -> np.ndarray:
     """R, G, B (the last axis) as one 24-bit int: how the colour table and `_decoded` key colours."""
     rgb = np.asarray(rgb, np.uint32)
     return rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+
+
+def colour_coded(src: Path) -> bool:
+    """Whether a plain folder's masks include a colour-coded one (RGB or RGBA: read from the headers)."""
+    for mask in list_files(src / MASKS_DIR, (MASK_SUFFIX,)):
+        try:
+            with Image.open(mask) as im:
+                if im.mode in ("RGB", "RGBA"):
+                    return True
+        except (OSError, Image.DecompressionBombError):
+            continue  # unreadable: validation names it
+    return False
 
 
 def _decoded(path: Path, rgb: np.ndarray, colours: dict[int, int]) -> np.ndarray:
