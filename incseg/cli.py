@@ -150,12 +150,16 @@ def data_add(
                                                     "if it has none: later batches and `predict` use it.")] = None,
 ) -> None:
     """Bring a batch into the DVC-tracked registry (dvc add, git commit, dvc push)."""
-    from incseg.datastore import add_data
+    from incseg.datastore import add_data, holdout_gap
 
     ws = workspace(ctx)
     dst, info, h = add_data(ws, src, batch_id, holdout=holdout, force=force, layout=layout, split=split,
                             classes=classes, colours=colours)
     console.print(f"{dst.name}: {len(list((dst / 'masks').iterdir()))} pairs, classes {info.classes}, DVC {h}")
+    gap = None if holdout else holdout_gap(ws, dst.name, info.classes)
+    if gap:  # said now, while the user is here: an update on it would be refused, and the watcher wait on it
+        console.print(f"[yellow]warning:[/yellow] {gap}; until then updates on it are refused, and the watcher "
+                      "stops at it", highlight=False)
     if holdout:  # a fresh look: the size `auto` stands for follows the new holdout
         fresh = Workspace(ws.root)
         shape = fresh.holdout_shape()

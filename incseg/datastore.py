@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from incseg.config import PARAMS_FILE
-from incseg.data.layout import BatchInfo, DataError, load_yaml, read_classes
+from incseg.data.layout import BatchInfo, DataError, load_yaml, read_classes, unlabelled_in
 from incseg.workspace import Workspace
 
 WORKSPACE_GITIGNORE = """\
@@ -223,6 +223,20 @@ def safe_batch_id(batch_id: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", batch_id) or ".." in batch_id:
         raise DataError(f"invalid batch id {batch_id!r}: use letters, digits, '.', '_' and '-' only")
     return batch_id
+
+
+def holdout_gap(ws: Workspace, batch_id: str, classes: list[int]) -> str | None:
+    """Why the gate could not judge a batch labelling `classes`, naming the classes the holdout labels
+    nowhere; None when it labels them all, or there is no holdout yet."""
+    if not ws.holdout_dir.is_dir():
+        return None
+    missing = unlabelled_in(ws.holdout_dir, classes)
+    if not missing:
+        return None
+    names = read_classes(ws.classes_file) if ws.classes_file.exists() else {}
+    listed = ", ".join(f"'{names.get(c, str(c))}' ({c})" for c in missing)
+    return (f"{ws.holdout_dir}: no pixel labelled {listed}, which batch '{batch_id}' labels, so the gate could not "
+            "judge it: replace the holdout with one that labels it too (`incseg data add SRC --holdout --force`)")
 
 
 def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: bool = False, force: bool = False,

@@ -24,7 +24,7 @@ from incseg.continual.strategies import (feature_taps, make_objective, replay_sh
 from incseg.data.dataset import SegmentationFolder, eval_transforms, train_transforms
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
                                read_classes)
-from incseg.datastore import has_dvc, safe_batch_id
+from incseg.datastore import has_dvc, holdout_gap, safe_batch_id
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
 from incseg.metrics import ConfusionMatrix, bootstrap_weights, iou_report, report_metrics, resampled_iou
@@ -146,14 +146,9 @@ def holdout_pairs(ws: Workspace) -> list[Pair]:
 def require_holdout_labels(ws: Workspace, batch: Batch) -> None:
     """The gate judges each class a batch labels on the holdout's pixels of it: a class the holdout
     never labels could be neither measured nor kept from being forgotten. The flows ask before training."""
-    held = set(BatchInfo.read(ws.holdout_dir).classes)
-    missing = [c for c in batch.classes if c != 0 and c not in held]
-    if missing:
-        names = read_classes(ws.classes_file)
-        listed = ", ".join(f"'{names.get(c, str(c))}' ({c})" for c in missing)
-        raise DataError(f"{ws.holdout_dir}: no pixel labelled {listed}, which batch '{batch.batch_id}' labels, so the "
-                        "gate could not judge it: replace the holdout with one that labels it too "
-                        "(`incseg data add SRC --holdout --force`)")
+    gap = holdout_gap(ws, batch.batch_id, batch.classes)
+    if gap:
+        raise DataError(gap)
 
 
 def holdout_set(ws: Workspace, n_classes: int, size: int | None = None) -> SegmentationFolder:

@@ -240,3 +240,22 @@ def test_colour_coded_masks_import_through_a_colour_table(ws, stream_dir, tmp_pa
     assert later.exit_code == 0, later.output
     assert all(np.array_equal(read_mask(ws.registry_dir / "camvid-2" / "masks" / f"{stem}.png"), expected)
                for stem, expected in ids.items())
+
+
+def test_data_add_warns_at_once_when_the_holdout_labels_none_of_a_new_class(ws, stream_dir):
+    """A batch bringing a class the holdout never labels was registered without a word; the watcher then
+    refused its update and waited on it. `data add` now says so while the user is there (the batch is
+    registered all the same: replacing the holdout makes it judgeable)."""
+    from typer.testing import CliRunner
+
+    from incseg.cli import app
+
+    add_data(ws, stream_dir / "registry" / "batch-00", holdout=True, classes=stream_dir / "classes.yaml")
+    said = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(stream_dir / "registry" / "batch-01"),
+                                    "--batch-id", "b1"], terminal_width=400)
+    assert said.exit_code == 0, said.output
+    assert "warning:" in said.output and "no pixel labelled 'triangle' (3), which batch 'b1' labels" in said.output
+    assert "b1" in tracked_batches(ws.registry_dir)
+    quiet = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(stream_dir / "registry" / "batch-00"),
+                                     "--batch-id", "b0"], terminal_width=400)
+    assert quiet.exit_code == 0 and "warning" not in quiet.output, quiet.output

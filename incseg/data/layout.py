@@ -48,6 +48,13 @@ def read_classes(path: Path) -> dict[int, str]:
     return classes
 
 
+def unlabelled_in(holdout_dir: Path, classes: list[int]) -> list[int]:
+    """The foreground classes among `classes` that the holdout labels nowhere (its batch.yaml): the
+    gate could judge no batch that labels them."""
+    held = set(BatchInfo.read(holdout_dir).classes)
+    return [c for c in classes if c != 0 and c not in held]
+
+
 def write_classes(path: Path, classes: dict[int, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({int(k): v for k, v in sorted(classes.items())}, sort_keys=False))
