@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from incseg.config import PARAMS_FILE, Params, load_params
-from incseg.data.layout import IMAGES_DIR, list_files
+from incseg.data.layout import IMAGES_DIR, list_files, upright_size
 
 AUTO_IMAGE_SIZE = (64, 96)  # `data.image_size: auto` stays within these: below 64 too little detail is left to
 # learn from, and each step costs about (size / 64)^2 (96 px: twice 64's, README: looks the generator never makes)
@@ -57,7 +57,7 @@ class Workspace:
         for f in files[:: max(1, len(files) // sample)][:sample]:
             try:
                 with Image.open(f) as im:
-                    sizes.append(im.size)
+                    sizes.append(upright_size(im))
             except (OSError, UnidentifiedImageError):
                 continue  # not an image: validation reports it by name
         if not sizes:

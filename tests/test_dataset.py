@@ -189,3 +189,30 @@ def test_large_pairs_are_read_at_the_side_training_needs(tmp_path):
     ref = torch.from_numpy(mask[None, None]).float()
     direct = torch.nn.functional.interpolate(ref, (96, 96), mode="nearest")[0, 0].long()
     assert (y == direct).float().mean() > 0.97  # what evaluation sees: as from the full-size mask
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A phone photo stores its pixels on their side and an EXIF orientation; viewers and labelling tools
+    show it upright and its mask is drawn on that picture. Read raw, the image lay across its mask (the
+    validation refused the pair for differing sizes; a square one trained misaligned). Reading,
+    validation and the workspace's holdout size now see it upright."""
+    from incseg.config import Params
+    from incseg.validation.table import file_table
+    from incseg.workspace import Workspace
+
+    rng = np.random.default_rng(0)
+    upright = rng.integers(0, 255, (60, 40, 3), np.uint8)  # portrait, as shown
+    mask = np.zeros((60, 40), np.uint8)
+    mask[:20] = 1
+    holdout = tmp_path / "data" / "holdout"
+    for sub in ("images", "masks"):
+        (holdout / sub).mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90 degrees clockwise
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(holdout / "images" / "p.png", exif=exif)
+    Image.fromarray(mask).save(holdout / "masks" / "p.png")
+    assert Image.open(holdout / "images" / "p.png").size == (60, 40)  # on its side, as stored
+    assert np.array_equal(read_image(holdout / "images" / "p.png"), upright)
+    row = file_table(holdout, 2).iloc[0]
+    assert (row["width"], row["height"], bool(row["size_match"])) == (40, 60, True)
+    assert Workspace(tmp_path, Params()).holdout_shape() == (60, 40)  # (height, width)

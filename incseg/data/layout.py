@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
 IGNORE = 255
 IMAGES_DIR, MASKS_DIR = "images", "masks"  # a batch folder's two subfolders, paired by file stem
@@ -168,15 +168,27 @@ def read_image(path: Path) -> np.ndarray:
         return rgb_array(im, str(path))
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera records its rotation in (1: upright)
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as `rgb_array` gives the picture: swapped where its EXIF orientation turns it."""
+    return im.size[::-1] if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else im.size
+
+
 def rgb_array(im: Image.Image, name: str) -> np.ndarray:
-    """An opened image's pixels as an RGB uint8 array (H, W, 3). A 16- or 32-bit or a float image is
-    refused, naming it: PIL would clip its samples to 0-255 (a 16-bit photo turns white, a float one
-    black) and nothing would say so; which range maps to 0-255 only the data's author knows."""
+    """An opened image's pixels as an RGB uint8 array (H, W, 3), upright: a phone photo's EXIF
+    orientation is applied, as viewers and labelling tools show it and its mask is drawn (detectron2's
+    reader does the same); read raw, a portrait photo lay on its side against its mask. A 16- or 32-bit
+    or a float image is refused, naming it: PIL would clip its samples to 0-255 (a 16-bit photo turns
+    white, a float one black) and nothing would say so; which range maps to 0-255 only its author knows."""
     if im.mode.startswith(("I", "F")):
         depth = "floating-point" if im.mode.startswith("F") else "16- or 32-bit integer"
         raise DataError(f"{name}: a {im.mode} image ({depth} samples): save it with 8 bits per channel "
                         "(your range scaled to 0-255) first")
     try:
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            im = ImageOps.exif_transpose(im)
         return np.array(im.convert("RGB"))
     except Exception as err:  # noqa: BLE001 - e.g. an exotic mode PIL cannot convert
         raise DataError(f"{name}: cannot be converted to RGB ({type(err).__name__})") from err

@@ -41,7 +41,7 @@ def image_row(path: Path) -> dict:
         row["image_error"] = str(err).removeprefix(f"{path}: ")
         return row
     row.update(
-        image_ok=True, width=im.width, height=im.height, image_mode=im.mode, channels=len(im.getbands()),
+        image_ok=True, width=rgb.shape[1], height=rgb.shape[0], image_mode=im.mode, channels=len(im.getbands()),
         brightness=float(rgb.mean()), image_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
     )
     return row
