@@ -161,11 +161,19 @@ def data_add(
         console.print(f"[yellow]warning:[/yellow] {gap}; until then updates on it are refused, and the watcher "
                       "stops at it", highlight=False)
     if holdout:  # a fresh look: the size `auto` stands for follows the new holdout
+        from incseg.validation.history import trained_on_holdout
+
         fresh = Workspace(ws.root)
         shape = fresh.holdout_shape()
         console.print(f"holdout images {shape[0]} x {shape[1]} px (median): models train at "
                       f"{fresh.params.data.image_size} px (data.image_size)"
                       if shape else "the holdout has no readable images")
+        shared = trained_on_holdout(ws, len(read_classes(ws.classes_file))) if ws.classes_file.exists() else {}
+        if shared:  # the batches' models were trained on these images: their verdicts would be inflated
+            listed = ", ".join(f"{b} ({n})" for b, n in shared.items())
+            console.print(f"[yellow]warning:[/yellow] {sum(shared.values())} of the holdout's images are in "
+                          f"registered batches: {listed}; models trained on them are judged on their own "
+                          "training images (later batches holding them are refused those files)", highlight=False)
     else:
         announce(ws, [dst.name], required=False)
 

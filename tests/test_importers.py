@@ -259,3 +259,21 @@ def test_data_add_warns_at_once_when_the_holdout_labels_none_of_a_new_class(ws, 
     quiet = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(stream_dir / "registry" / "batch-00"),
                                      "--batch-id", "b0"], terminal_width=400)
     assert quiet.exit_code == 0 and "warning" not in quiet.output, quiet.output
+
+
+def test_a_holdout_holding_registered_images_is_warned_of(ws, stream_dir):
+    """A holdout made of images already registered for training was taken without a word: the models
+    trained on them would be judged on their own training images. `data add --holdout` names the batches."""
+    from typer.testing import CliRunner
+
+    from incseg.cli import app
+
+    base = stream_dir / "registry" / "batch-00"
+    add_data(ws, base, "b0", classes=stream_dir / "classes.yaml")
+    said = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(base), "--holdout"], terminal_width=400)
+    assert said.exit_code == 0, said.output
+    n = len(list((base / "masks").iterdir()))
+    assert f"warning: {n} of the holdout's images are in registered batches: b0 ({n})" in said.output
+    other = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(stream_dir / "holdout"), "--holdout",
+                                     "--force"], terminal_width=400)
+    assert other.exit_code == 0 and "warning" not in other.output, other.output

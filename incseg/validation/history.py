@@ -101,3 +101,12 @@ def reference(profiles: list[BatchProfile], n_classes: int) -> dict | None:
     var = float(np.average(np.array([p.brightness_std for p in usable]) ** 2 + (means - mean) ** 2, weights=w))
     return {"class_share": share.tolist(), "brightness_mean": mean, "brightness_std": max(var**0.5, 1e-6),
             "batches": [p.batch_id for p in usable]}
+
+
+def trained_on_holdout(ws: Workspace, n_classes: int) -> dict[str, int]:
+    """Registered batch -> how many of its images the holdout holds (none listed when it holds none):
+    the models trained on those batches would be judged on what they were trained on."""
+    held = holdout_hashes(ws, n_classes)
+    counts = {p.batch_id: sum(h in held for h in p.image_sha256)
+              for p in earlier_profiles(ws.registry_dir, None, n_classes, ws.runs_dir / "profiles")}
+    return {b: n for b, n in counts.items() if n}
