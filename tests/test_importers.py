@@ -64,6 +64,12 @@ def test_validate_reads_a_voc_layout_as_data_add_would(ws, tmp_path):
     assert not ws.classes_file.exists() and list(ws.registry_dir.glob("*")) == []  # nothing installed or registered
     missing = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(voc), "--split", "val"])
     assert missing.exit_code == 1 and "val" in missing.output and "Traceback" not in missing.output, missing.output
+    folder = tmp_path / "folder"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    plain = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(folder)], terminal_width=400)
+    said = " ".join(plain.output.split())
+    assert plain.exit_code == 1 and f"{ws.classes_file}: missing: `incseg data add SRC --classes FILE`" in said, said
 
 
 def test_cityscapes_layout_maps_label_ids_to_train_ids(ws, tmp_path):

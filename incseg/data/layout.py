@@ -30,7 +30,9 @@ class DataError(ValueError):
 def read_classes(path: Path) -> dict[int, str]:
     """Label id -> class name; ids must be 0..K-1 with 0 the background."""
     if not path.exists():
-        raise DataError(f"{path}: missing (run `incseg data synth` or write one: `0: background`, `1: ...`)")
+        raise DataError(f"{path}: missing: `incseg data add SRC --classes FILE` installs one (a VOC or Cityscapes "
+                        "folder brings its own; `incseg data synth` writes the generator's), or write it: "
+                        "`0: background`, `1: NAME`, ... one line per label id")
     raw = load_yaml(path)
     if not all(isinstance(k, int) and not isinstance(k, bool) and isinstance(v, (str, int, float)) for k, v in raw.items()):
         raise DataError(f"{path}: expected a mapping of label id (an integer) to class name")
