@@ -152,9 +152,10 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
 
 
 def test_label_maps_in_other_encodings_are_converted_colour_coded_masks_refused(ws, stream_dir, tmp_path):
-    """A 1-bit mask, a 16-bit label map and a gray map saved as RGB (what tools write) are imported as 8-bit label
-    maps with the same ids (they were refused as 'not a single-channel label map'); a colour-coded mask
-    or ids past 255 are refused, naming the file, and nothing is registered."""
+    """A 1-bit mask, a 16-bit label map, a gray map saved as RGB and an opaque gray + alpha map (what tools
+    write) are imported as 8-bit label maps with the same ids (they were refused as 'not a single-channel
+    label map'); a colour-coded mask, ids past 255 or transparent pixels are refused, naming the file, and
+    nothing is registered."""
     import shutil
 
     src = tmp_path / "tools"
@@ -167,6 +168,9 @@ def test_label_maps_in_other_encodings_are_converted_colour_coded_masks_refused(
     Image.fromarray(ids[masks[0].stem].astype(np.uint16)).save(masks[0])  # 16-bit PNG
     assert Image.open(masks[0]).mode.startswith("I")
     Image.fromarray(np.repeat(ids[masks[1].stem][..., None], 3, axis=2)).save(masks[1])  # gray as RGB
+    ids[masks[4].stem] = read_mask(masks[4])
+    opaque = np.stack([ids[masks[4].stem], np.full_like(ids[masks[4].stem], 255)], axis=-1)
+    Image.fromarray(opaque, "LA").save(masks[4])  # gray + alpha, all opaque (an image editor's)
     colour = np.zeros((*ids[masks[0].stem].shape, 3), np.uint8)
     colour[..., 0] = ids[masks[0].stem] * 40
     wide = ids[masks[0].stem].astype(np.uint16) * 300
@@ -176,6 +180,11 @@ def test_label_maps_in_other_encodings_are_converted_colour_coded_masks_refused(
         add_data(ws, src, "tools", classes=stream_dir / "classes.yaml")
     Image.fromarray(wide).save(masks[2])
     with pytest.raises(DataError, match=rf"{masks[2].name}: mask mode I\S* holds values 0\.\.\d+: label ids are 0"):
+        add_data(ws, src, "tools", classes=stream_dir / "classes.yaml")
+    see_through = opaque.copy()
+    see_through[0, 0, 1] = 0
+    Image.fromarray(see_through, "LA").save(masks[2])
+    with pytest.raises(DataError, match=rf"{masks[2].name}: mask mode LA has transparent pixels"):
         add_data(ws, src, "tools", classes=stream_dir / "classes.yaml")
     assert [p.name for p in ws.registry_dir.iterdir()] == []
 

@@ -177,8 +177,9 @@ def _decoded(path: Path, rgb: np.ndarray, colours: dict[int, int]) -> np.ndarray
 
 def source_mask(path: Path, colours: dict[int, int] | None = None) -> tuple[np.ndarray, bool]:
     """A source mask's label ids, and whether its file must be rewritten for the registry (which holds
-    8-bit L or P PNGs only): a 1-bit mask, a 16- or 32-bit label map whose values fit 0-255, and an RGB file
-    whose three channels are equal (a gray map saved in colour), are converted; a colour-coded RGB(A) mask
+    8-bit L or P PNGs only): a 1-bit mask, a 16- or 32-bit label map whose values fit 0-255, an opaque gray
+    + alpha (LA) map, and an RGB file whose three channels are equal (a gray map saved in colour), are
+    converted; a colour-coded RGB(A) mask
     through `colours` (`read_colours`), refused without it: which colour is which id only its author knows."""
     with open_image(path) as im:
         mode, values = im.mode, np.array(im)
@@ -193,6 +194,11 @@ def source_mask(path: Path, colours: dict[int, int] | None = None) -> tuple[np.n
         if lo < 0 or hi > IGNORE:
             raise DataError(f"{path}: mask mode {mode} holds values {lo}..{hi}: label ids are 0..254 (255: ignore)")
         return values.astype(np.uint8), True
+    if mode == "LA":  # gray + alpha (image editors): the ids when every pixel is opaque
+        if (values[..., 1] == 255).all():
+            return values[..., 0].copy(), True
+        raise DataError(f"{path}: mask mode LA has transparent pixels, whose label is unknown: save the label ids "
+                        "as an 8-bit gray PNG without transparency (255 marks pixels to ignore)")
     if mode == "RGB":
         if (values[..., 1:] == values[..., :1]).all():
             return values[..., 0].copy(), True
