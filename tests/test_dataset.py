@@ -216,3 +216,6 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     row = file_table(holdout, 2).iloc[0]
     assert (row["width"], row["height"], bool(row["size_match"])) == (40, 60, True)
     assert Workspace(tmp_path, Params()).holdout_shape() == (60, 40)  # (height, width)
+    exif[0x0112] = 99  # no such orientation: read as stored, not refused
+    Image.fromarray(upright).save(tmp_path / "odd.png", exif=exif)
+    assert np.array_equal(read_image(tmp_path / "odd.png"), upright)

@@ -173,9 +173,18 @@ def read_image(path: Path) -> np.ndarray:
 EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera records its rotation in (1: upright)
 
 
+def orientation(im: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (upright) where it has none or an unreadable one."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not cost a readable picture
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def upright_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) as `rgb_array` gives the picture: swapped where its EXIF orientation turns it."""
-    return im.size[::-1] if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else im.size
+    return im.size[::-1] if orientation(im) in (5, 6, 7, 8) else im.size
 
 
 def rgb_array(im: Image.Image, name: str) -> np.ndarray:
@@ -189,7 +198,7 @@ def rgb_array(im: Image.Image, name: str) -> np.ndarray:
         raise DataError(f"{name}: a {im.mode} image ({depth} samples): save it with 8 bits per channel "
                         "(your range scaled to 0-255) first")
     try:
-        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        if orientation(im) != 1:
             im = ImageOps.exif_transpose(im)
         return np.array(im.convert("RGB"))
     except Exception as err:  # noqa: BLE001 - e.g. an exotic mode PIL cannot convert
