@@ -150,11 +150,15 @@ def data_add(
                                                     "if it has none: later batches and `predict` use it.")] = None,
 ) -> None:
     """Bring a batch into the DVC-tracked registry (dvc add, git commit, dvc push)."""
+    from rich.progress import track
+
     from incseg.datastore import add_data, holdout_gap
 
     ws = workspace(ctx)
     dst, info, h = add_data(ws, src, batch_id, holdout=holdout, force=force, layout=layout, split=split,
-                            classes=classes, colours=colours)
+                            classes=classes, colours=colours,
+                            progress=lambda pairs: track(pairs, description=f"importing {src.name}", console=console,
+                                                         transient=True))
     console.print(f"{dst.name}: {len(list((dst / 'masks').iterdir()))} pairs, classes {info.classes}, DVC {h}")
     gap = None if holdout else holdout_gap(ws, dst.name, info.classes)
     if gap:  # said now, while the user is here: an update on it would be refused, and the watcher wait on it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -241,10 +242,11 @@ def holdout_gap(ws: Workspace, batch_id: str, classes: list[int]) -> str | None:
 
 def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: bool = False, force: bool = False,
              layout: str = "auto", split: str = "train", classes: Path | None = None,
-             colours: Path | None = None) -> tuple[Path, BatchInfo, str]:
+             colours: Path | None = None, progress: Callable | None = None) -> tuple[Path, BatchInfo, str]:
     """Import SRC as a registry batch (or as the holdout) and version it with DVC; `colours`: the colour
     table of colour-coded masks (`importers.read_colours`), installed as the workspace's
     (`colours_file`, versioned with the data) if it has none; without it the workspace's is used.
+    `progress` wraps the pairs as they are copied (`importers.import_batch`).
 
     Returns (folder, its batch.yaml, its DVC hash). The holdout is fixed: replacing it needs `force`.
     """
@@ -267,7 +269,8 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
         dst = ws.registry_dir / safe_batch_id(batch_id or src.resolve().name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     installed = ws.colours_file.exists()
-    info = import_batch(src, dst, layout, split, ws.classes_file, colours or (ws.colours_file if installed else None))
+    info = import_batch(src, dst, layout, split, ws.classes_file, colours or (ws.colours_file if installed else None),
+                        progress)
     if colours is not None and not installed:  # read and used by the import: a bad table never gets here
         shutil.copyfile(colours, ws.colours_file)
     also = [f for f in (ws.classes_file, ws.colours_file) if f.exists()]

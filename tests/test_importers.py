@@ -37,7 +37,14 @@ def make_voc(root):
 
 def test_voc_layout_imports_with_label_ids(ws, tmp_path):
     voc, ids = make_voc(tmp_path)
-    dst, info, h = add_data(ws, voc, "voc-01")
+    shown = []  # the CLI's progress bar sees every pair as it is copied
+
+    def progress(pairs):
+        for p in pairs:
+            shown.append(p.stem)
+            yield p
+    dst, info, h = add_data(ws, voc, "voc-01", progress=progress)
+    assert shown == sorted(ids)
     assert read_classes(ws.classes_file)[15] == "person"
     assert info.classes == [0, 12, 15] and h.startswith("md5:")
     for stem, cls in ids.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +78,14 @@ def cityscapes_pairs(src: Path, split: str) -> tuple[list[Pair], np.ndarray, dic
 
 
 def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train",
-                 classes_out: Path | None = None, colours: Path | None = None) -> BatchInfo:
+                 classes_out: Path | None = None, colours: Path | None = None,
+                 progress: Callable[[list[Pair]], Iterable[Pair]] | None = None) -> BatchInfo:
     """Copy SRC into the batch folder `dst` in the registry layout; returns its batch.yaml.
 
     `classes_out` receives the layout's class list (VOC / Cityscapes) when it is not there yet; a plain
     folder, which names no classes, is refused when it is given and missing. `colours`: a colour table
-    (`read_colours`) through which colour-coded masks are read.
+    (`read_colours`) through which colour-coded masks are read. `progress` wraps the pairs as they are
+    copied (the CLI's progress bar).
     """
     table = read_colours(colours) if colours is not None else None  # a bad table is refused before anything
     layout = detect_layout(src) if layout == "auto" else layout
@@ -107,7 +110,7 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
     (tmp / IMAGES_DIR).mkdir(parents=True)
     (tmp / MASKS_DIR).mkdir()
     try:
-        ids = _copy_pairs(pairs, tmp, lut, table)
+        ids = _copy_pairs(progress(pairs) if progress else pairs, tmp, lut, table)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused import leaves nothing behind
         raise
@@ -207,7 +210,7 @@ def source_mask(path: Path, colours: dict[int, int] | None = None) -> tuple[np.n
     return read_mask(path), False  # refused there, naming the mode
 
 
-def _copy_pairs(pairs: list[Pair], out: Path, lut: np.ndarray | None, colours: dict[int, int] | None) -> set[int]:
+def _copy_pairs(pairs: Iterable[Pair], out: Path, lut: np.ndarray | None, colours: dict[int, int] | None) -> set[int]:
     """Copy images as they are and masks as label maps (through `lut` if given, converted by `source_mask`);
     returns the ids seen."""
     ids: set[int] = set()
