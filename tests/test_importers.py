@@ -137,6 +137,12 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
     mask.rename(mask.with_suffix(".jpg"))  # a mask saved as JPEG: its image pairs with nothing either
     (src / "images" / ".DS_Store").write_bytes(b"\0")  # not an image file: not counted
     image = next((src / "images").glob(f"{mask.stem}.*"))
+    twin = sorted((src / "images").iterdir())[-1]
+    shutil.copyfile(twin, twin.with_suffix(".jpg"))  # one stem, two images: which one the mask labels is unknown
+    with pytest.raises(DataError, match=rf"1 image stem\(s\) name two files: images/{twin.stem}\.jpg and "
+                                        rf"images/{twin.name}\. A mask"):
+        add_data(ws, src, "loose")
+    twin.with_suffix(".jpg").unlink()
     with pytest.raises(DataError, match=rf"2 file\(s\) pair with nothing: images/{image.name}, masks/{mask.stem}\.jpg"):
         add_data(ws, src, "loose")
     assert [p.name for p in ws.registry_dir.iterdir()] == []

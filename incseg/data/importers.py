@@ -225,7 +225,15 @@ def _copy_pairs(pairs: Iterable[Pair], out: Path, lut: np.ndarray | None, colour
 
 
 def _refuse_unpaired(src: Path) -> None:
-    """A folder's file that pairs with nothing would be left out unseen: the import is refused, naming it."""
+    """A folder's file that pairs with nothing would be left out unseen: the import is refused, naming it
+    (two images of one stem first: one mask pairs with one image)."""
+    stems: dict[str, list[str]] = {}
+    for f in list_files(src / IMAGES_DIR):
+        stems.setdefault(f.stem, []).append(f"{IMAGES_DIR}/{f.name}")
+    twins = [" and ".join(names) for names in stems.values() if len(names) > 1]
+    if twins:
+        raise DataError(f"{src}: {len(twins)} image stem(s) name two files: {'; '.join(twins[:5])}. A mask "
+                        f"{MASKS_DIR}/STEM{MASK_SUFFIX} pairs with one image: rename or move the others")
     left = [str(f.relative_to(src)) for f in unpaired(src)]
     if left:
         more = f" and {len(left) - 5} more" if len(left) > 5 else ""
