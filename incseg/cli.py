@@ -155,10 +155,11 @@ def data_add(
     from incseg.datastore import add_data, holdout_gap
 
     ws = workspace(ctx)
+    console.print(f"{src}: reading and copying the pairs, then dvc add, git commit, dvc push ...", highlight=False)
     dst, info, h = add_data(ws, src, batch_id, holdout=holdout, force=force, layout=layout, split=split,
                             classes=classes, colours=colours,
                             progress=lambda pairs: track(pairs, description=f"importing {src.name}", console=console,
-                                                         transient=True))
+                                                         transient=True, disable=not console.is_terminal))
     console.print(f"{dst.name}: {len(list((dst / 'masks').iterdir()))} pairs, classes {info.classes}, DVC {h}")
     gap = None if holdout else holdout_gap(ws, dst.name, info.classes)
     if gap:  # said now, while the user is here: an update on it would be refused, and the watcher wait on it

@@ -282,6 +282,8 @@ def test_data_add_warns_at_once_when_the_holdout_labels_none_of_a_new_class(ws, 
     said = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(stream_dir / "registry" / "batch-01"),
                                     "--batch-id", "b1"], terminal_width=400)
     assert said.exit_code == 0, said.output
+    assert " ".join(said.output.split()).startswith(f"{stream_dir / 'registry' / 'batch-01'}: reading and copying "
+                                                   "the pairs, then dvc add")
     assert "warning:" in said.output and "no pixel labelled 'triangle' (3), which batch 'b1' labels" in said.output
     assert "b1" in tracked_batches(ws.registry_dir)
     quiet = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(stream_dir / "registry" / "batch-00"),
