@@ -13,7 +13,7 @@ from PIL import Image
 
 from incseg.data.dataset import kept_side, scaled_down
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, Pair, copy_pair, load_yaml,
-                                 open_image, read_image, read_mask)
+                                 read_image, read_mask)
 
 INDEX = "memory.yaml"
 
@@ -137,8 +137,8 @@ def _keep(pair: Pair, out: Path, stem: str, side: int | None) -> None:
     """Copy the pair into the memory folder `out`; scaled down to `side` on its shorter side
     (`scaled_down`, the image as PNG) when it is larger."""
     if side is not None:
-        with open_image(pair.image) as image:
-            large = min(image.size) > side
+        with Image.open(pair.image) as image:  # the header's size only: the pair was validated, and is
+            large = min(image.size) > side    # decoded below only when it is to be scaled
         if large:
             image, mask = scaled_down(read_image(pair.image), read_mask(pair.mask), side)
             Image.fromarray(image).save(out / IMAGES_DIR / f"{stem}.png")

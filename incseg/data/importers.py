@@ -182,8 +182,8 @@ def source_mask(path: Path, colours: dict[int, int] | None = None) -> tuple[np.n
     """A source mask's label ids, and whether its file must be rewritten for the registry (which holds
     8-bit L or P PNGs only): a 1-bit mask, a 16- or 32-bit label map whose values fit 0-255, an opaque gray
     + alpha (LA) map, and an RGB file whose three channels are equal (a gray map saved in colour), are
-    converted; a colour-coded RGB(A) mask
-    through `colours` (`read_colours`), refused without it: which colour is which id only its author knows."""
+    converted; a colour-coded RGB(A) mask through `colours` (`read_colours`), refused without it: which
+    colour is which id only its author knows."""
     with open_image(path) as im:
         mode, values = im.mode, np.array(im)
     if colours is not None and mode in ("RGB", "RGBA"):  # palette and gray files hold ids: read as they are
