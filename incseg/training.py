@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from rich import get_console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.text import Text
@@ -213,10 +214,11 @@ def train(
     parallel = dist.wrap(model, device)
     step, epoch = result.steps, state["epoch"]
     clock, total, seen = time.perf_counter(), 0.0, 0
-    with progress_bar(progress and not dist.active()) as bar:
+    # a log (a pipe, a file, torchrun's ranks) gets a line per evaluation and no bar: a bar there shows
+    # nothing until the end, and then its last frame cut to the log's width
+    lines = progress and dist.is_main() and (dist.active() or not get_console().is_terminal)
+    with progress_bar(progress and not dist.active() and not lines) as bar:
         task = bar.add_task(description, total=budget.max_steps, completed=step, info="")
-        # a log (a pipe, a file, torchrun's ranks) gets a line per evaluation: a bar there shows nothing until the end
-        lines = progress and dist.is_main() and (dist.active() or not bar.console.is_terminal)
         while step < budget.max_steps and not result.stopped:
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)

@@ -298,8 +298,11 @@ def test_a_log_gets_a_line_per_evaluation(capsys):
     evaluation prints one line with the step, loss and validation score instead."""
     train(build_model("unet", 2, 4), toy_loader(), toy_objective, Budget(max_steps=20, eval_every=10), lr=1e-2,
           validate=lambda m: 0.5, progress=True, description="bootstrap")
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bootstrap: step")]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("bootstrap: step")]
     assert [line.split()[2] for line in lines] == ["10/20", "20/20"]
+    # and only those: a bar's final frame, cut to a log's width, would wrap into fragments below them
+    assert out.splitlines() == lines
     # one process: no "on 1 ranks"
     assert all("val mIoU 0.500" in line and line.endswith("images/s)") for line in lines)
 
