@@ -507,11 +507,17 @@ def promote(
     version: Annotated[str, typer.Argument(help="Model version to serve.")],
     reason: Annotated[str, typer.Option(help="Why (recorded in tags).")] = "manual promotion",
 ) -> None:
-    """Move `champion` to VERSION by hand."""
+    """Move `champion` to VERSION by hand (a version the gate turned down too: the override is recorded)."""
     from incseg.registry import ModelRegistry
 
-    previous = ModelRegistry(workspace(ctx)).set_champion(version, reason)
+    reg = ModelRegistry(workspace(ctx))
+    previous = reg.set_champion(version, reason)
     console.print(f"champion: {previous or '-'} -> {version}")
+    tags = reg.version(version).tags
+    if previous != version and tags.get("status") not in (None, "promoted"):
+        console.print(f"note: version {version} was {tags['status']} ({tags.get('reason', 'no reason recorded')});"
+                      " it serves by hand now" + (f", `incseg rollback` returns to {previous}" if previous else ""),
+                      markup=False)
 
 
 @app.command()

@@ -409,6 +409,9 @@ class ModelRegistry:
         mv = self.version(version)
         if mv.tags.get("status") in ("pending", "diverged", "failed"):
             raise RegistryError(f"version {version} is {mv.tags['status']}; it cannot serve")
+        if mv.tags.get("status") == AWAITING:  # moved by hand, its waiting update would later reject it as champion
+            raise RegistryError(f"version {version} awaits approval: `incseg approve {version}` serves it and "
+                                "closes the update waiting for the decision")
         before = self.champion()
         previous = str(before.version) if before else None
         if previous == str(mv.version):

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from incseg.cli import app
-from incseg.registry import ModelRegistry, RegistryError
+from incseg.registry import AWAITING, ModelRegistry, RegistryError
 from incseg.workspace import Workspace
 
 from helpers import make_workspace, tiny_params
@@ -201,8 +201,28 @@ def test_rollback_and_promote_from_the_cli(history):
     assert reg.aliases() == before
     result = runner.invoke(app, ["-C", str(ws.root), "promote", "2"])
     assert result.exit_code == 0 and reg.aliases()["champion"] == "2"
+    assert "note:" not in result.output  # a version the gate promoted: nothing to remark
     listing = runner.invoke(app, ["-C", str(ws.root), "models"])
     assert "champion" in listing.output and "promoted" in listing.output
+    # version 1 marked as a person would leave it: turned down (the status and reason tags a verdict writes)
+    tags = {k: reg.version("1").tags.get(k, "") for k in ("status", "reason")}
+    reg.record_verdict("1", "rejected", "rejected by test: too coarse", {})
+    try:
+        result = runner.invoke(app, ["-C", str(ws.root), "promote", "1", "--reason", "needed back"])
+        assert result.exit_code == 0 and reg.aliases()["champion"] == "1"
+        flat = " ".join(result.output.split())
+        assert "note: version 1 was rejected (rejected by test: too coarse); it serves by hand now" in flat
+        assert "`incseg rollback` returns to 2" in flat
+        assert reg.version("1").tags["champion_set_reason"] == "needed back"
+        # one awaiting approval is served through `approve`, which closes its waiting update
+        reg.client.set_model_version_tag(reg.name, "2", "status", AWAITING)
+        result = runner.invoke(app, ["-C", str(ws.root), "promote", "2"])
+        assert result.exit_code == 1 and "`incseg approve 2`" in " ".join(result.output.split())
+        assert reg.aliases()["champion"] == "1"
+    finally:
+        reg.client.set_model_version_tag(reg.name, "2", "status", "promoted")
+        reg.record_verdict("1", tags["status"], tags["reason"], {})
+        reg.set_champion("2", "test restores the history")
 
 
 def test_rejected_batch_is_recorded_and_changes_nothing(history):
