@@ -573,7 +573,7 @@ AliasOpt = Annotated[Optional[str], typer.Option("--alias", help="Model alias in
 @app.command()
 def predict(
     ctx: typer.Context,
-    images: Annotated[Path, typer.Argument(help="Folder of images (png/jpg) to segment.")],
+    images: Annotated[Path, typer.Argument(help="Folder of images (png, jpg, bmp, tif, webp) to segment.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png label masks (palette PNGs, in the "
                                                     "colours of `data add --colours` when the data has them).")],
     version: VersionOpt = None,

@@ -119,11 +119,18 @@ def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, native:
                    progress: Iterator | None = None, colours: list[int] | None = None) -> PredictReport:
     """Write `out/<stem>.png` (palette mask) and, with `with_overlay`, `out/<stem>_overlay.png` for
     every image of `src` (`size`, `native`: as in `logits_at_own_size`; `colours`: a `palette`);
-    unreadable images are listed in the report and in `out/report.json`."""
+    unreadable images are listed in the report and in `out/report.json`, as is an image whose stem an
+    earlier one took (`a.jpg` after `a.png`: its mask would overwrite that one's)."""
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
     files = list_files(src)
+    taken: dict[str, str] = {}
     for path in progress(files) if progress else files:
+        if path.stem in taken:
+            report.skipped[path.name] = (f"{path}: {taken[path.stem]} has the same stem and its mask is "
+                                         f"{out / path.stem}.png: rename one to segment both")
+            continue
+        taken[path.stem] = path.name
         try:
             rgb = read_image(path)
         except DataError as err:

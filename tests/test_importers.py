@@ -139,7 +139,7 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
     image = next((src / "images").glob(f"{mask.stem}.*"))
     twin = sorted((src / "images").iterdir())[-1]
     shutil.copyfile(twin, twin.with_suffix(".jpg"))  # one stem, two images: which one the mask labels is unknown
-    with pytest.raises(DataError, match=rf"1 image stem\(s\) name two files: images/{twin.stem}\.jpg and "
+    with pytest.raises(DataError, match=rf"1 stem\(s\) name two files: images/{twin.stem}\.jpg and "
                                         rf"images/{twin.name}\. A mask"):
         add_data(ws, src, "loose")
     twin.with_suffix(".jpg").unlink()
@@ -162,6 +162,45 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
     dst, _, _ = add_data(ws, src, "loose", classes=stream_dir / "classes.yaml")
     before = len(list((stream_dir / "registry" / "batch-01" / "masks").iterdir()))
     assert len(list((dst / "masks").iterdir())) == before - 1
+
+
+def test_bmp_tiff_and_webp_files_import_masks_as_png(ws, stream_dir, tmp_path):
+    """Images in BMP, TIFF or WebP and masks in BMP or TIFF (lossless both) were called files that pair with
+    nothing. They import: images byte for byte, masks written as PNG label maps with the same ids; two masks
+    of one stem are refused like two images of one."""
+    import shutil
+
+    from incseg.data.layout import find_pairs
+
+    src = tmp_path / "formats"
+    shutil.copytree(stream_dir / "registry" / "batch-01", src)
+    pairs = find_pairs(src)[:5]
+    ids = {p.stem: read_mask(p.mask) for p in pairs}
+    for p, image_suffix, mask_suffix in zip(pairs, (".bmp", ".TIFF", ".webp", ".tif", ".png"),
+                                            (".bmp", ".tif", ".tiff", ".png", ".TIF")):
+        with Image.open(p.image) as im:
+            im.convert("RGB").save(p.image.with_suffix(image_suffix), lossless=True)
+        if image_suffix != p.image.suffix:
+            p.image.unlink()
+        mask = p.mask.with_suffix(mask_suffix)
+        Image.fromarray(ids[p.stem].astype(np.uint16) if mask_suffix == ".TIF" else ids[p.stem]).save(mask)
+        if mask_suffix != ".png":
+            p.mask.unlink()
+    extra = src / "masks" / f"{pairs[0].stem}.png"
+    Image.fromarray(ids[pairs[0].stem]).save(extra)
+    with pytest.raises(DataError, match=rf"1 stem\(s\) name two files: masks/{pairs[0].stem}\.bmp and "
+                                        rf"masks/{pairs[0].stem}\.png\. A mask"):
+        add_data(ws, src, "formats", classes=stream_dir / "classes.yaml")
+    extra.unlink()
+    dst, _, _ = add_data(ws, src, "formats", classes=stream_dir / "classes.yaml")
+    assert len(find_pairs(dst)) == len(find_pairs(stream_dir / "registry" / "batch-01"))
+    registered = {p.stem: p for p in find_pairs(dst)}
+    assert sorted(registered[p.stem].image.suffix for p in pairs) == [".bmp", ".png", ".tif", ".tiff", ".webp"]
+    for p in pairs:
+        mask = registered[p.stem].mask
+        assert mask.suffix == ".png" and np.array_equal(read_mask(mask), ids[p.stem])
+        original = next((src / "images").glob(f"{p.stem}.*"))
+        assert registered[p.stem].image.read_bytes() == original.read_bytes()
 
 
 def test_label_maps_in_other_encodings_are_converted_colour_coded_masks_refused(ws, stream_dir, tmp_path):

@@ -75,6 +75,26 @@ def test_predict_writes_palette_masks_at_each_images_size_and_skips_bad_files(ch
     assert (np.asarray(Image.open(out / f"{pairs[0].stem}.png")) == truth).mean() > 0.7
 
 
+def test_predict_reads_bmp_tiff_and_webp_and_keeps_one_mask_per_stem(champion, tmp_path):
+    """Images in BMP, TIFF or WebP were passed over without a word (only png/jpg were listed); two
+    images of one stem wrote one mask file, the second over the first."""
+    ws, _ = champion
+    pair = holdout_with_objects(ws, 1)[0]
+    src, out = tmp_path / "images", tmp_path / "masks"
+    src.mkdir()
+    with Image.open(pair.image) as im:
+        for name, extra in [("a.png", {}), ("b.bmp", {}), ("c.TIF", {}), ("d.webp", {"lossless": True}),
+                            ("twin.png", {}), ("twin.jpg", {"quality": 95})]:
+            im.convert("RGB").save(src / name, **extra)
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "predict", str(src), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["written"]) == ["a.png", "b.bmp", "c.TIF", "d.webp", "twin.jpg"]
+    assert list(report["skipped"]) == ["twin.png"] and "twin.jpg has the same stem" in report["skipped"]["twin.png"]
+    masks = {stem: np.asarray(Image.open(out / f"{stem}.png")) for stem in "abcd"}
+    assert all(np.array_equal(masks["a"], masks[stem]) for stem in "bcd")  # the same pixels, the same answer
+
+
 def test_predict_writes_the_datas_own_colours_when_it_has_a_colour_table(champion, tmp_path):
     """Masks imported through `data add --colours` come back from `predict` in the same colours: the
     palette PNG's ids are unchanged, its palette (and the overlay) are the table's (were VOC's)."""

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor
 
-from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
-                                 copy_pair, list_files, load_yaml, open_image, read_mask, unpaired, write_classes)
+from incseg.data.layout import (IGNORE, IMAGE_SUFFIXES, IMAGES_DIR, MASK_SUFFIX, MASK_SUFFIXES, MASKS_DIR, BatchInfo,
+                                 DataError, Pair, copy_pair, find_pairs, list_files, load_yaml, open_image, read_mask,
+                                 unpaired, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -156,7 +157,7 @@ def _packed(rgb) -> np.ndarray:
 
 def colour_coded(src: Path) -> bool:
     """Whether a plain folder's masks include a colour-coded one (RGB or RGBA: read from the headers)."""
-    for mask in list_files(src / MASKS_DIR, (MASK_SUFFIX,)):
+    for mask in list_files(src / MASKS_DIR, MASK_SUFFIXES):
         try:
             with Image.open(mask) as im:
                 if im.mode in ("RGB", "RGBA"):
@@ -218,6 +219,7 @@ def _copy_pairs(pairs: Iterable[Pair], out: Path, lut: np.ndarray | None, colour
         _refuse_link(p.image)
         _refuse_link(p.mask)
         mask, convert = source_mask(p.mask, colours)  # read even when copied as it is: a bad mask fails the import
+        convert = convert or p.mask.suffix.lower() != MASK_SUFFIX  # a BMP or TIFF mask is written as a PNG
         relabelled = lut[mask] if lut is not None else mask if convert else None
         copy_pair(p, out, mask=relabelled)
         ids |= set(np.unique(mask if relabelled is None else relabelled).tolist())
@@ -227,19 +229,20 @@ def _copy_pairs(pairs: Iterable[Pair], out: Path, lut: np.ndarray | None, colour
 def _refuse_unpaired(src: Path) -> None:
     """A folder's file that pairs with nothing would be left out unseen: the import is refused, naming it
     (two images of one stem first: one mask pairs with one image)."""
-    stems: dict[str, list[str]] = {}
-    for f in list_files(src / IMAGES_DIR):
-        stems.setdefault(f.stem, []).append(f"{IMAGES_DIR}/{f.name}")
+    stems: dict[tuple[str, str], list[str]] = {}
+    for sub, suffixes in ((IMAGES_DIR, IMAGE_SUFFIXES), (MASKS_DIR, MASK_SUFFIXES)):
+        for f in list_files(src / sub, suffixes):
+            stems.setdefault((sub, f.stem), []).append(f"{sub}/{f.name}")
     twins = [" and ".join(names) for names in stems.values() if len(names) > 1]
     if twins:
-        raise DataError(f"{src}: {len(twins)} image stem(s) name two files: {'; '.join(twins[:5])}. A mask "
+        raise DataError(f"{src}: {len(twins)} stem(s) name two files: {'; '.join(twins[:5])}. A mask "
                         f"{MASKS_DIR}/STEM{MASK_SUFFIX} pairs with one image: rename or move the others")
     left = [str(f.relative_to(src)) for f in unpaired(src)]
     if left:
         more = f" and {len(left) - 5} more" if len(left) > 5 else ""
         raise DataError(f"{src}: {len(left)} file(s) pair with nothing: {', '.join(left[:5])}{more}. Each "
-                        f"{IMAGES_DIR}/STEM.(png|jpg) needs {MASKS_DIR}/STEM{MASK_SUFFIX} (label ids, lossless) "
-                        "and each mask an image; move the others out of the folder")
+                        f"{IMAGES_DIR}/STEM.(png|jpg|bmp|tif|webp) needs {MASKS_DIR}/STEM.(png|bmp|tif) (label ids, "
+                        "lossless) and each mask an image; move the others out of the folder")
 
 
 def _refuse_link(path: Path) -> None:

@@ -1,8 +1,9 @@
 """The on-disk layout every producer writes and every consumer reads.
 
 `classes.yaml` maps label id to name (255 is always "ignore" and never listed); a batch is
-a folder with `images/<stem>.(png|jpg)`, `masks/<stem>.png` (single-channel or palette
-label ids) and an optional `batch.yaml`.
+a folder with `images/<stem>.<png|jpg|jpeg|bmp|tif|tiff|webp>`, `masks/<stem>.png` (single-channel or
+palette label ids; a user's folder may bring them as BMP or TIFF, `data add` writes PNG) and an optional
+`batch.yaml`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from PIL import Image, ImageOps
 
 IGNORE = 255
 IMAGES_DIR, MASKS_DIR = "images", "masks"  # a batch folder's two subfolders, paired by file stem
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MASK_SUFFIX = ".png"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what PIL reads, in any case
+MASK_SUFFIX = ".png"  # the registry's masks
+MASK_SUFFIXES = (MASK_SUFFIX, ".bmp", ".tif", ".tiff")  # lossless formats a mask is read from (a JPEG's
+                                                       # compression would blur label ids at every edge)
 
 
 class DataError(ValueError):
@@ -108,15 +111,16 @@ class Pair:
 def find_pairs(batch_dir: Path) -> list[Pair]:
     """Image/mask pairs matched by stem, sorted; unmatched files are left out (`unpaired` names them)."""
     images = {p.stem: p for p in list_files(batch_dir / IMAGES_DIR)}
-    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))}
+    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR, MASK_SUFFIXES)}
     return [Pair(s, images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
 
 
 def unpaired(batch_dir: Path) -> list[Path]:
     """The image files (by suffix) in a batch folder's two subfolders that `find_pairs` leaves out: an
-    image without a mask of its stem, a mask without an image, a mask that is not `MASK_SUFFIX`."""
+    image without a mask of its stem, a mask without an image, a mask in a lossy format (not `MASK_SUFFIXES`)."""
     paired = {f for pair in find_pairs(batch_dir) for f in (pair.image, pair.mask)}
-    return [f for sub in (IMAGES_DIR, MASKS_DIR) for f in list_files(batch_dir / sub) if f not in paired]
+    return [f for sub in (IMAGES_DIR, MASKS_DIR) for f in list_files(batch_dir / sub, IMAGE_SUFFIXES + MASK_SUFFIXES)
+            if f not in paired]
 
 
 def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:

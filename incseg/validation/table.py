@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, DataError, list_files, open_image,
+from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIXES, MASKS_DIR, DataError, list_files, open_image,
                                  rgb_array)
 
 LABEL_MODES = ("L", "P")
@@ -78,7 +78,7 @@ Entry = tuple[str, str | None, str | None]  # (stem, image path, mask path)
 def file_entries(batch_dir: Path) -> list[Entry]:
     """Every stem seen in `images/` or `masks/`, with its files (None where one is missing)."""
     images = {p.stem: p for p in list_files(batch_dir / IMAGES_DIR)}
-    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR, (MASK_SUFFIX,))}
+    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR, MASK_SUFFIXES)}
     return [(stem, _str(images.get(stem)), _str(masks.get(stem))) for stem in sorted(images.keys() | masks.keys())]
 
 
