@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -106,7 +107,23 @@ def iou_report(cm: ConfusionMatrix, old: Iterable[int], new: Iterable[int], name
 
 
 def report_metrics(prefix: str, report: dict) -> dict[str, float]:
-    """An `iou_report` as flat metric names: `<prefix>.miou`, `<prefix>.iou.<class>` (NaN/None left out)."""
+    """An `iou_report` as flat metric names: `<prefix>.miou`, `<prefix>.iou.<class>` (NaN/None left out;
+    `<class>` as `metric_names` writes it)."""
     out = {f"{prefix}.{k}": float(report[k]) for k in ("miou", "miou_old", "miou_new", "hiou") if report[k] == report[k]}
-    out.update({f"{prefix}.iou.{n}": float(v) for n, v in report["per_class"].items() if v is not None})
+    keys = metric_names(report["per_class"])
+    out.update({f"{prefix}.iou.{k}": float(v) for k, v in zip(keys, report["per_class"].values()) if v is not None})
     return out
+
+
+_REFUSED = re.compile(r"[^\w .:-]")  # what MLflow refuses in a metric name, and "/" (a path separator in its store)
+
+
+def metric_names(names: Iterable[str]) -> list[str]:
+    """Class names (in id order) as MLflow takes them in metric names: a character it refuses (`(`, `#`,
+    `/`, ...) becomes `_` (`person (walking)` -> `person _walking_`); a name left empty, or one an earlier
+    name already became, gets its id after a `-`. Letters of any script, digits, spaces, `.`, `:`, `-` stay."""
+    keys: list[str] = []
+    for c, name in enumerate(names):
+        key = _REFUSED.sub("_", str(name)).strip()
+        keys.append(f"{key}-{c}" if not key or key in keys else key)
+    return keys

@@ -158,6 +158,12 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
     with pytest.raises(DataError, match=rf"{broken}: label ids must be 0\.\.7 without gaps; missing 1, 2, 4, 5, 6: "
                                         r"name them too \(e\.g\. `1: unused`\)"):
         add_data(ws, src, "loose", classes=broken)
+    broken.write_text("0: background\n1: square\n2: ' square'\n")  # one name twice: one row in every report
+    with pytest.raises(DataError, match=rf"{broken}: ids 1 and 2 are both named 'square': give each id its own"):
+        add_data(ws, src, "loose", classes=broken)
+    broken.write_text("0: background\n1: ''\n")
+    with pytest.raises(DataError, match=rf"{broken}: id 1 has an empty name"):
+        add_data(ws, src, "loose", classes=broken)
     assert not ws.classes_file.exists() and [p.name for p in ws.registry_dir.iterdir()] == []
     dst, _, _ = add_data(ws, src, "loose", classes=stream_dir / "classes.yaml")
     before = len(list((stream_dir / "registry" / "batch-01" / "masks").iterdir()))

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from incseg.metrics import ConfusionMatrix, bootstrap_weights, harmonic_mean, iou_report, mean_iou, resampled_iou
+from incseg.metrics import (ConfusionMatrix, bootstrap_weights, harmonic_mean, iou_report, mean_iou, report_metrics,
+                            resampled_iou)
 
 
 def cm_of(target, pred, n=3):
@@ -83,3 +84,21 @@ def test_a_class_missing_from_a_resample_is_nan_there():
     cm.update(torch.tensor([[0, 2]]), torch.tensor([[0, 2]]))  # image 1: background and class 2
     iou = resampled_iou(cm.images, torch.tensor([[2.0, 0.0]]))[0]
     assert iou[0] == 1 and iou[1] == 1 and iou[2] != iou[2]
+
+
+def test_class_names_become_metric_names_mlflow_takes(tmp_path):
+    """A class named `person (walking)` crashed the bootstrap when its IoU was logged (MLflow refuses
+    `(` in a metric name); letters of any script and spaces are kept, and no two classes share a name."""
+    from mlflow.tracking import MlflowClient
+
+    names = {0: "background", 1: "person (walking)", 2: "café", 3: "a:b", 4: "x/y", 5: "x_y", 6: "#", 7: "road sign"}
+    cm = ConfusionMatrix(len(names))
+    cm.update(torch.arange(len(names)), torch.arange(len(names)))
+    metrics = report_metrics("candidate", iou_report(cm, range(len(names)), [], names))
+    assert [k.removeprefix("candidate.iou.") for k in metrics if ".iou." in k] == [
+        "background", "person _walking_", "café", "a:b", "x_y", "x_y-5", "_", "road sign"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("names")).info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run, key, value)
+    assert client.get_run(run).data.metrics == metrics

@@ -50,6 +50,14 @@ def read_classes(path: Path) -> dict[int, str]:
         example = "0: background" if missing[0] == 0 else f"{missing[0]}: unused"
         raise DataError(f"{path}: label ids must be 0..{max(classes)} without gaps; missing {shown}: name them too "
                         f"(e.g. `{example}`): ids no mask uses are fine, the model only learns those it sees")
+    seen: dict[str, int] = {}
+    for c, name in classes.items():  # names tell classes apart in metrics, the gate's checks and reports
+        if not name.strip():
+            raise DataError(f"{path}: id {c} has an empty name")
+        if name.strip() in seen:
+            raise DataError(f"{path}: ids {seen[name.strip()]} and {c} are both named {name.strip()!r}: give each "
+                            "id its own name")
+        seen[name.strip()] = c
     return classes
 
 
