@@ -107,6 +107,11 @@ def test_all_background_mask_is_refused(batch):
     Image.fromarray(np.zeros_like(np.array(Image.open(msk)))).save(msk)
     report, _, _ = run(batch)
     assert "mask_not_empty" in checks_of(report, stem)
+    # a defect-inspection set holds images without objects: the refusal names the knob that takes them
+    failure = next(f for f in report.failures if f.check == "mask_not_empty")
+    assert "validation.min_foreground_fraction; 0 takes images without objects" in failure.message
+    report, _, _ = validate_batch(batch, N_CLASSES, ValidationParams(min_foreground_fraction=0))
+    assert stem in report.valid_stems and not report.rejected
 
 
 def test_rgb_mask_message_says_so(batch):
@@ -155,7 +160,8 @@ def test_mostly_bad_batch_is_rejected(batch):
     for img in sorted((batch / "images").glob("*.png"))[:12]:
         img.write_bytes(b"")
     report, _, _ = run(batch)
-    assert report.rejected and any("too few valid files: 12/24" in e for e in report.batch_errors)
+    assert report.rejected and any("too few valid files: 12/24 (50% < 80%, validation.min_valid_fraction)" in e
+                                   for e in report.batch_errors)
 
 
 def test_drift_warns_by_default_and_blocks_when_asked(stream_dir, tmp_path):
@@ -165,6 +171,9 @@ def test_drift_warns_by_default_and_blocks_when_asked(stream_dir, tmp_path):
     earlier = earlier_profiles(registry, "batch-03", N_CLASSES, tmp_path / "profiles")
     warn, _, _ = validate_batch(registry / "batch-03", N_CLASSES, ValidationParams(), earlier)
     assert not warn.rejected and any(w.startswith("brightness_drift") for w in warn.warnings)
+    drift = next(w for w in warn.warnings if w.startswith("brightness_drift"))
+    assert "(validation.drift_max_brightness_shift), observed " in drift
+    assert len(drift.rsplit("observed ", 1)[1]) <= 6  # a mean to four digits, not its full repr
     block, _, _ = validate_batch(registry / "batch-03", N_CLASSES, ValidationParams(drift_blocks=True), earlier)
     assert block.rejected and any(e.startswith("brightness_drift") for e in block.batch_errors)
     same, _, _ = validate_batch(registry / "batch-00", N_CLASSES, ValidationParams(), [])

@@ -100,13 +100,18 @@ def validate_table(batch_id: str, table: pd.DataFrame, p: ValidationParams, n_cl
             report.failures += [FileFailure(s, o.check, _observed(table, s, o.check), MESSAGES[o.check])
                                 for s in o.failing_stems]
         elif o.severity == "warning":
-            report.warnings.append(f"{o.check}: {MESSAGES[o.check]} (observed {o.observed})")
+            report.warnings.append(f"{o.check}: {MESSAGES[o.check]}, observed {_figure(o.observed)}")
         else:
-            report.batch_errors.append(f"{o.check}: {MESSAGES[o.check]} (observed {o.observed})")
+            report.batch_errors.append(f"{o.check}: {MESSAGES[o.check]}, observed {_figure(o.observed)}")
     bad = set(report.bad_stems)
     report.valid_stems = [s for s in table["stem"] if s not in bad]
     _batch_level(report, table, p, ref, n_classes)
     return report, raw
+
+
+def _figure(value: object) -> str:
+    """An observed value as read: a float to four significant digits (GX gives a mean's full repr)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _batch_level(report: ValidationReport, table: pd.DataFrame, p: ValidationParams, ref: dict | None,
@@ -122,7 +127,7 @@ def _batch_level(report: ValidationReport, table: pd.DataFrame, p: ValidationPar
     valid = len(report.valid_stems) / report.files
     if valid < p.min_valid_fraction:
         report.batch_errors.append(f"too few valid files: {len(report.valid_stems)}/{report.files} ({valid:.0%} < "
-                                   f"{p.min_valid_fraction:.0%})")
+                                   f"{p.min_valid_fraction:.0%}, validation.min_valid_fraction)")
     if ref is not None and report.valid_stems:
         now = profile_of(report.batch_id, table[table["stem"].isin(report.valid_stems)], n_classes).class_share
         distance = 0.5 * float(np.abs(np.array(now) - np.array(ref["class_share"])).sum())

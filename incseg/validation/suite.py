@@ -24,16 +24,17 @@ MESSAGES = {
     "mask_readable": "mask unreadable",
     "mask_single_channel": "mask is not a single-channel label map (8-bit L or palette P; RGB or 16-bit masks are refused)",
     "same_size": "image and mask sizes differ",
-    "width_within_bounds": "image width out of bounds",
-    "height_within_bounds": "image height out of bounds",
+    "width_within_bounds": "image width out of bounds (validation.min_size, max_size)",
+    "height_within_bounds": "image height out of bounds (validation.min_size, max_size)",
     "known_label_ids": "mask has label ids not in classes.yaml",
-    "ignore_fraction_bounded": "too much of the mask is ignore (255)",
-    "mask_not_empty": "mask is all background/ignore",
+    "ignore_fraction_bounded": "too much of the mask is ignore, 255 (validation.max_ignore_fraction)",
+    "mask_not_empty": ("mask is all background/ignore (validation.min_foreground_fraction; 0 takes images without "
+                       "objects)"),
     "unique_in_batch": "duplicate of another image in this batch",
     "not_in_registry": "image already in the registry",
     "not_in_holdout": "image is in the holdout (the gate's test set): training on it would inflate every verdict",
-    "batch_size": "number of files in the batch out of bounds",
-    "brightness_drift": "mean brightness far from the data seen so far",
+    "batch_size": "number of files in the batch out of bounds (validation.min_images, max_images)",
+    "brightness_drift": "mean brightness far from the data seen so far (validation.drift_max_brightness_shift)",
 }
 # columns whose value explains a failure of that check
 OBSERVED = {
