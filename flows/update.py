@@ -35,7 +35,7 @@ class UpdateResult:
     """What an update decided, with the numbers behind it."""
 
     batch_id: str
-    status: str  # promoted | rejected | awaiting_approval | invalid | diverged
+    status: str  # promoted | rejected | awaiting_approval | invalid | diverged | waiting (the watcher's: below)
     reason: str
     candidate_version: str | None = None
     champion_before: str | None = None

@@ -16,8 +16,10 @@ from prefect.concurrency.sync import concurrency
 
 from flows import STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_SET_BY_USER
 from flows.events import server_url
+from flows.review import champion_version
 from flows.update import UpdateResult, bootstrap, incremental_update
 from incseg import datastore, ledger, processes
+from incseg.data.layout import BatchInfo, DataError
 from incseg.registry import ModelRegistry
 from incseg.workspace import Workspace
 from tasks.update import registry_task
@@ -102,6 +104,12 @@ def watch_registry(workspace: str = ".", batch_id: str | None = None, event_time
         return []
     results = []
     for item in todo:
+        gap = waiting_for_holdout(ws, item.batch_id)
+        if gap:  # pending still: taken up by the first watch after the holdout is replaced; later batches go on
+            log.warning("batch %s waits (later batches go on): %s", item.batch_id, gap)
+            champion = champion_version(ws)
+            results.append(UpdateResult(item.batch_id, WAITING, gap, None, champion, champion))
+            continue
         with update_lock(ws):
             if not still_pending(ws, item):
                 log.info("batch %s was processed by another run meanwhile", item.batch_id)
@@ -111,6 +119,20 @@ def watch_registry(workspace: str = ".", batch_id: str | None = None, event_time
         if event_time and results[-1].run_id:
             record_latency(ws, results[-1].run_id, event_time, started)
     return results
+
+
+WAITING = "waiting"  # a batch the holdout cannot judge yet (it labels none of a class the batch brings)
+
+
+@task(cache_policy=NO_CACHE)
+def waiting_for_holdout(ws: Workspace, batch_id: str) -> str | None:
+    """Why the gate cannot judge the batch yet (`datastore.holdout_gap`); None when it can, or when the
+    batch's own description is unreadable (its update says so)."""
+    try:
+        classes = BatchInfo.read(ws.registry_dir / batch_id).classes
+    except DataError:
+        return None
+    return datastore.holdout_gap(ws, batch_id, classes)
 
 
 @registry_task

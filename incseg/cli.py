@@ -164,7 +164,7 @@ def data_add(
     gap = None if holdout else holdout_gap(ws, dst.name, info.classes)
     if gap:  # said now, while the user is here: an update on it would be refused, and the watcher wait on it
         console.print(f"[yellow]warning:[/yellow] {gap}; until then updates on it are refused, and the watcher "
-                      "stops at it", highlight=False)
+                      "leaves it waiting (later batches go on)", highlight=False)
     if holdout:  # a fresh look: the size `auto` stands for follows the new holdout
         from incseg.validation.history import trained_on_holdout
 
@@ -394,7 +394,7 @@ def quiet_prefect() -> None:
 
 
 def print_result(result) -> None:
-    colour = {"promoted": "green", "rejected": "yellow"}.get(result.status, "red")
+    colour = {"promoted": "green", "rejected": "yellow", "waiting": "yellow"}.get(result.status, "red")
     console.print(f"[bold]{result.batch_id}[/bold]: [{colour}]{result.status}[/{colour}] - {result.reason}")
     if result.candidate_version:
         console.print(f"  candidate version {result.candidate_version}; champion "

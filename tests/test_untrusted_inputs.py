@@ -349,3 +349,19 @@ def test_a_class_the_holdout_lacks_is_refused_before_training(synth_ws, prefect_
     reg = ModelRegistry(Workspace(synth_ws))
     assert [str(v.version) for v in reg.client.search_model_versions()] == ["1"]  # nothing registered, champion kept
     assert len(reg.client.search_runs([e.experiment_id for e in reg.client.search_experiments()])) == 1
+
+    # the watcher: that batch waits, the later ones are updated on (it stopped at it, every tick)
+    result = runner.invoke(app_(), ["-C", str(synth_ws), "watch"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    said = {line.split(":")[0]: line for line in result.output.splitlines() if line.startswith("batch-")}
+    flat = " ".join(result.output.split())
+    assert f"batch-01: waiting - {synth_ws / 'data' / 'holdout'}: no pixel labelled 'triangle' (3)" in flat
+    assert said.keys() == {"batch-01", "batch-02", "batch-03"} and "waiting" not in said["batch-02"]
+    assert said["batch-03"].startswith("batch-03: waiting - ")  # the domain-shift batch labels triangles too
+    for path, data in masks.items():  # the holdout replaced by one that labels triangles: the next watch takes it
+        path.write_bytes(data)
+    result = runner.invoke(app_(), ["-C", str(synth_ws), "watch"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert [line.split(":")[0] for line in result.output.splitlines() if line.startswith("batch-")] == [
+        "batch-01", "batch-03"]
+    assert "waiting" not in result.output
