@@ -16,7 +16,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from incseg.bench import ABLATION
-from incseg.config import UPDATE_RULE_SHARED, ConfigError, Style
+from incseg.config import PARAMS_FILE, UPDATE_RULE_SHARED, ConfigError, Style
 from incseg.data.layout import IMAGES_DIR, MASKS_DIR, DataError, list_batches, read_classes
 from incseg.datastore import StoreError
 from incseg.workspace import Workspace
@@ -73,8 +73,15 @@ def run() -> None:
     sys.exit(app(prog_name="incseg"))
 
 
-def workspace(ctx: typer.Context) -> Workspace:
-    return Workspace(ctx.obj["workspace"])
+def workspace(ctx: typer.Context, required: bool = True) -> Workspace:
+    """The workspace `-C` names. Where `required`, a folder without `params.yaml` is refused: a mistyped
+    `-C` (or a command run in the wrong folder) made a folder and an empty MLflow store there, and
+    `incseg models` listed no versions."""
+    root = Path(ctx.obj["workspace"])
+    if required and not (root / PARAMS_FILE).is_file():
+        raise Failure(f"{root.resolve()}: not an incseg workspace (no {PARAMS_FILE}): `incseg init {root}` makes one, "
+                      "or `-C DIR` names one")
+    return Workspace(root)
 
 
 @app.callback()
@@ -116,7 +123,7 @@ def data_synth(
     from incseg.data.synthetic import synthesize
     from incseg.datastore import dvc_remote, has_dvc, track_all
 
-    ws = workspace(ctx)
+    ws = workspace(ctx, required=False)
     chosen = {"size": size, "seed": seed, "style": style}
     p = SynthParams.model_validate({**ws.params.synth.model_dump(), **{k: v for k, v in chosen.items() if v is not None}})
     target = out or ws.data_dir
@@ -154,7 +161,7 @@ def data_add(
 
     from incseg.datastore import add_data, holdout_gap
 
-    ws = workspace(ctx)
+    ws = workspace(ctx, required=False)
     console.print(f"{src}: reading and copying the pairs, then dvc add, git commit, dvc push ...", highlight=False)
     dst, info, h = add_data(ws, src, batch_id, holdout=holdout, force=force, layout=layout, split=split,
                             classes=classes, colours=colours,
@@ -273,7 +280,7 @@ def validate(
     register it."""
     import tempfile
 
-    ws = workspace(ctx)
+    ws = workspace(ctx, required=False)
     path = ws.registry_dir if path is None else path
     if not path.is_dir():
         raise Failure(f"{path} is not a folder")
@@ -693,7 +700,7 @@ def bench(
 
     from incseg.bench import continual as b
 
-    ws = workspace(ctx)
+    ws = workspace(ctx, required=False)
     if scale:
         return bench_scale(ws, quick, out)
     if inference:
@@ -784,7 +791,7 @@ def write_demo_params(directory: Path, style: Style | None = None) -> None:
     and the synthetic stream's look `style` (default: the defaults')."""
     import yaml
 
-    from incseg.config import PARAMS_FILE, load_params
+    from incseg.config import load_params
 
     raw = load_params(directory / PARAMS_FILE).model_dump()
     for section, values in DEMO_CHANGES.items():

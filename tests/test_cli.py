@@ -164,10 +164,24 @@ def test_notify_without_a_prefect_server_fails_in_one_line(tmp_path, monkeypatch
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    (tmp_path / "params.yaml").write_text("{}\n")  # a workspace at the defaults
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # not the session harness's API either
         result = runner.invoke(app, ["-C", str(tmp_path), "notify", "batch-00"])
     assert result.exit_code == 1 and "PREFECT_API_URL is not set" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_folder_that_is_no_workspace_is_refused_and_left_as_it_was(tmp_path):
+    """`incseg models` in the wrong folder, or `-C` mistyped, made the folder and an empty MLflow store
+    there, and listed no versions as if the workspace had none."""
+    plain, typo = tmp_path / "plain", tmp_path / "typo" / "ws"
+    plain.mkdir()
+    for folder, command in [(plain, "models"), (typo, "rollback")]:
+        result = runner.invoke(app, ["-C", str(folder), command], terminal_width=400)
+        assert result.exit_code == 1
+        assert f"error: {folder}: not an incseg workspace (no params.yaml): `incseg init {folder}` makes one" in \
+            result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"] and not any(plain.iterdir())
 
 
 def test_a_new_workspaces_first_command_prints_no_mlflow_info_lines(tmp_path):
