@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -332,9 +334,14 @@ def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | N
     if report.failures:
         failures = Table("file", "check", "observed", "meaning", box=box.SIMPLE,
                          title=f"{batch_dir.name}: {len(report.bad_stems)} failing files")
-        for f in report.failures:
+        for f in report.failures[:SHOWN_FAILURES]:
             failures.add_row(f.stem, f.check, _short(f.observed, 30), f.message)
         console.print(failures)
+        if len(report.failures) > SHOWN_FAILURES:  # a folder failing as a whole (RGB masks...): not 10,000 rows
+            counts = Counter(f.check for f in report.failures[SHOWN_FAILURES:])
+            console.print(f"... and {len(report.failures) - SHOWN_FAILURES} more failures ("
+                          + ", ".join(f"{c} {n}" for c, n in counts.most_common())
+                          + "): `--report FILE` lists every one", highlight=False)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     for e in report.batch_errors:
@@ -346,7 +353,10 @@ def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | N
     verdict = "[red]REJECTED[/red]" if report.rejected else "[green]accepted[/green]"
     console.print(f"{batch_dir.name}: {report.files} files, {len(report.valid_stems)} valid: {verdict}")
     return {"files": report.files, "valid": len(report.valid_stems), "rejected": report.rejected,
-            "warnings": len(report.warnings)}
+            "warnings": len(report.warnings), "failures": [asdict(f) for f in report.failures]}
+
+
+SHOWN_FAILURES = 20  # rows of `incseg validate`'s failure table; the rest are counted by check
 
 
 def write_json(path: Path, payload: dict) -> None:

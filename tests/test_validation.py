@@ -208,3 +208,26 @@ def test_holdout_images_in_a_training_batch_are_failed_by_name(tmp_path):
     assert told.exit_code == 0 and "leak0" in told.output and "not_in_holdout" in told.output, told.output
     itself = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(ws.holdout_dir)])
     assert itself.exit_code == 0 and "not_in_holdout" not in itself.output, itself.output
+
+
+def test_the_cli_shows_twenty_failures_counts_the_rest_and_reports_every_one(batch, stream_dir, tmp_path):
+    """A folder failing as a whole (here every mask saved in colour) printed one row per file: ten thousand
+    for a large folder. The table stops at twenty; the rest are counted by check; `--report` lists all."""
+    from typer.testing import CliRunner
+
+    from incseg.cli import app
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "data").mkdir()
+    shutil.copyfile(stream_dir / "classes.yaml", tmp_path / "data" / "classes.yaml")
+    for mask in sorted((batch / "masks").glob("*.png")):
+        Image.fromarray(np.stack([np.array(Image.open(mask))] * 3, -1) * 40).save(mask)
+    result = CliRunner().invoke(app, ["-C", str(tmp_path), "validate", str(batch), "--report", "r.json"],
+                                terminal_width=200)
+    assert result.exit_code == 1
+    rows = [line for line in result.output.splitlines() if "mask_single_channel" in line and "RGB" in line]
+    assert len(rows) == 20
+    assert "... and 4 more failures (mask_single_channel 4): `--report FILE` lists every one" in result.output
+    listed = json.loads((tmp_path / "r.json").read_text())["batches"]["batch-00"]["failures"]
+    assert len(listed) == 24 and {f["check"] for f in listed} == {"mask_single_channel"}
+    assert {f["stem"] for f in listed} == {p.stem for p in (batch / "masks").glob("*.png")}
