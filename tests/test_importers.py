@@ -138,6 +138,13 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
     (src / "images" / ".DS_Store").write_bytes(b"\0")  # not an image file: not counted
     image = next((src / "images").glob(f"{mask.stem}.*"))
     twin = sorted((src / "images").iterdir())[-1]
+    (src / "images" / "more" / "deeper").mkdir(parents=True)  # pairs a level down were left out without a word
+    shutil.copyfile(twin, src / "images" / "more" / "deeper" / twin.name)
+    (src / "masks" / ".cache").mkdir()  # hidden: a tool's, not data
+    with pytest.raises(DataError, match=r"images/more/ holds image files, and only the files directly in images/ and "
+                                        r"masks/ are read"):
+        add_data(ws, src, "loose")
+    shutil.rmtree(src / "images" / "more")
     shutil.copyfile(twin, twin.with_suffix(".jpg"))  # one stem, two images: which one the mask labels is unknown
     with pytest.raises(DataError, match=rf"1 stem\(s\) name two files: images/{twin.stem}\.jpg and "
                                         rf"images/{twin.name}\. A mask"):

@@ -228,7 +228,16 @@ def _copy_pairs(pairs: Iterable[Pair], out: Path, lut: np.ndarray | None, colour
 
 def _refuse_unpaired(src: Path) -> None:
     """A folder's file that pairs with nothing would be left out unseen: the import is refused, naming it
-    (two images of one stem first: one mask pairs with one image)."""
+    (two images of one stem first: one mask pairs with one image), and so would image files in folders
+    below `images/` or `masks/`."""
+    below = [f"{sub}/{d.name}/" for sub in (IMAGES_DIR, MASKS_DIR) if (src / sub).is_dir()
+             for d in sorted((src / sub).iterdir()) if d.is_dir() and not d.name.startswith(".")
+             and any(f.suffix.lower() in IMAGE_SUFFIXES + MASK_SUFFIXES for f in d.rglob("*"))]
+    if below:
+        raise DataError(f"{src}: {', '.join(below[:5])}{' ...' if len(below) > 5 else ''} "
+                        f"{'hold' if len(below) > 1 else 'holds'} image files, and "
+                        f"only the files directly in {IMAGES_DIR}/ and {MASKS_DIR}/ are read: move them up, or add each "
+                        f"folder as a batch of its own (a folder with {IMAGES_DIR}/ and {MASKS_DIR}/)")
     stems: dict[tuple[str, str], list[str]] = {}
     for sub, suffixes in ((IMAGES_DIR, IMAGE_SUFFIXES), (MASKS_DIR, MASK_SUFFIXES)):
         for f in list_files(src / sub, suffixes):
