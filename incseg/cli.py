@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from incseg.bench import ABLATION
 from incseg.config import PARAMS_FILE, UPDATE_RULE_SHARED, ConfigError, Style
-from incseg.data.layout import IMAGES_DIR, MASKS_DIR, DataError, list_batches, read_classes
+from incseg.data.layout import IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR, DataError, list_batches, list_files, read_classes
 from incseg.datastore import StoreError
 from incseg.workspace import Workspace
 
@@ -590,7 +590,8 @@ AliasOpt = Annotated[Optional[str], typer.Option("--alias", help="Model alias in
 @app.command()
 def predict(
     ctx: typer.Context,
-    images: Annotated[Path, typer.Argument(help="Folder of images (png, jpg, bmp, tif, webp) to segment.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (png, jpg, bmp, tif, webp) or folders of them "
+                                                      "to segment.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png label masks (palette PNGs, in the "
                                                     "colours of `data add --colours` when the data has them).")],
     version: VersionOpt = None,
@@ -601,13 +602,17 @@ def predict(
     from rich.progress import track
 
     from incseg.data.importers import read_colours
-    from incseg.inference import palette, predict_folder
+    from incseg.inference import palette, predict_images
     from incseg.models import taught_classes
     from incseg.registry import ModelRegistry
     from incseg.training import resolve_device
 
-    if not images.is_dir():
-        raise Failure(f"{images}: not a folder of images")
+    missing = [str(p) for p in images if not p.exists()]
+    if missing:
+        raise Failure(f"no such file or folder: {', '.join(missing)}")
+    files = [f for p in images for f in (list_files(p) if p.is_dir() else [p])]
+    if not files:
+        raise Failure(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, images))}")
     ws = workspace(ctx)
     reg = ModelRegistry(ws)
     loaded = reg.load(reg.resolve(version, alias), ws.runs_dir / "models")
@@ -616,7 +621,7 @@ def predict(
     console.print(f"model '{reg.name}' version {loaded.version}, taught {len(taught)} classes ({', '.join(taught)}), "
                   f"trained at {loaded.image_size} px{seen}", highlight=False)
     colours = palette(read_colours(ws.colours_file)) if ws.colours_file.exists() else None  # the data's own
-    report = predict_folder(loaded.model, images, out, loaded.image_size, native=loaded.native_size,
+    report = predict_images(loaded.model, files, out, loaded.image_size, native=loaded.native_size,
                             with_overlay=with_overlay, colours=colours,
                             device=resolve_device(ws.params.train.device),
                             progress=lambda files: track(files, description="segmenting", console=console))

@@ -4,7 +4,7 @@ An image is first scaled as training scaled its images (training size / the size
 was trained on, both in the checkpoint), so objects keep the scale the model learned: an image of
 the training data's own size is then resized to the training size and the logits resized back,
 exactly as evaluation judged the holdout; a larger one is covered by overlapping training-size
-tiles whose logits are averaged (sliding window). `predict_folder` never stops on a bad file: it
+tiles whose logits are averaged (sliding window). `predict_images` never stops on a bad file: it
 reports it and goes on.
 """
 
@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from incseg.data.dataset import normalize
-from incseg.data.layout import IGNORE, DataError, list_files, read_image
+from incseg.data.layout import IGNORE, DataError, read_image
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -114,16 +114,15 @@ class PredictReport:
         return {**asdict(self), "n_written": len(self.written), "n_skipped": len(self.skipped)}
 
 
-def predict_folder(model: nn.Module, src: Path, out: Path, size: int, *, native: tuple[int, int] | None = None,
+def predict_images(model: nn.Module, files: list[Path], out: Path, size: int, *, native: tuple[int, int] | None = None,
                    with_overlay: bool = False, device: torch.device | None = None,
                    progress: Iterator | None = None, colours: list[int] | None = None) -> PredictReport:
     """Write `out/<stem>.png` (palette mask) and, with `with_overlay`, `out/<stem>_overlay.png` for
-    every image of `src` (`size`, `native`: as in `logits_at_own_size`; `colours`: a `palette`);
+    image file of `files` (`size`, `native`: as in `logits_at_own_size`; `colours`: a `palette`);
     unreadable images are listed in the report and in `out/report.json`, as is an image whose stem an
     earlier one took (`a.jpg` after `a.png`: its mask would overwrite that one's)."""
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
-    files = list_files(src)
     taken: dict[str, str] = {}
     for path in progress(files) if progress else files:
         if path.stem in taken:

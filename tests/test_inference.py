@@ -77,7 +77,8 @@ def test_predict_writes_palette_masks_at_each_images_size_and_skips_bad_files(ch
 
 def test_predict_reads_bmp_tiff_and_webp_and_keeps_one_mask_per_stem(champion, tmp_path):
     """Images in BMP, TIFF or WebP were passed over without a word (only png/jpg were listed); two
-    images of one stem wrote one mask file, the second over the first."""
+    images of one stem wrote one mask file, the second over the first; image files are taken as well as
+    folders."""
     ws, _ = champion
     pair = holdout_with_objects(ws, 1)[0]
     src, out = tmp_path / "images", tmp_path / "masks"
@@ -93,6 +94,14 @@ def test_predict_reads_bmp_tiff_and_webp_and_keeps_one_mask_per_stem(champion, t
     assert list(report["skipped"]) == ["twin.png"] and "twin.jpg has the same stem" in report["skipped"]["twin.png"]
     masks = {stem: np.asarray(Image.open(out / f"{stem}.png")) for stem in "abcd"}
     assert all(np.array_equal(masks["a"], masks[stem]) for stem in "bcd")  # the same pixels, the same answer
+    # files as well as folders (it took one folder only)
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "predict", str(src / "b.bmp"), str(src / "d.webp"), "--out",
+                                      str(tmp_path / "two")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.png")) == ["b.png", "d.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "b.png")), masks["b"])
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "predict", str(src / "gone.png"), "--out", str(out)])
+    assert result.exit_code == 1 and f"no such file or folder: {src / 'gone.png'}" in " ".join(result.output.split())
 
 
 def test_predict_writes_the_datas_own_colours_when_it_has_a_colour_table(champion, tmp_path):
