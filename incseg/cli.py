@@ -256,8 +256,12 @@ def serve(
     os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"  # a long-running service should say what it does
     from flows.watch import prefect_api, serve_watcher
 
+    from flows.events import server_url
+
     ws = workspace(ctx)
     s = ws.params.schedule
+    if server_url() is None:
+        free_port_or_fail(port, "the local Prefect server")
     with prefect_api(port) as url:
         console.print(f"serving the watcher for {ws.root} every {s.cron or f'{s.interval_seconds} s'} via {url}")
         serve_watcher(ws)
@@ -354,6 +358,13 @@ def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | N
     console.print(f"{batch_dir.name}: {report.files} files, {len(report.valid_stems)} valid: {verdict}")
     return {"files": report.files, "valid": len(report.valid_stems), "rejected": report.rejected,
             "warnings": len(report.warnings), "failures": [asdict(f) for f in report.failures]}
+
+
+def free_port_or_fail(port: int, what: str) -> None:
+    from incseg.processes import port_taken
+
+    if port_taken(port):
+        raise Failure(f"port {port} on 127.0.0.1 is in use (another server?): give {what} another with --port N")
 
 
 SHOWN_FAILURES = 20  # rows of `incseg validate`'s failure table; the rest are counted by check
@@ -672,6 +683,7 @@ def ui(
     from incseg import processes
 
     ws = workspace(ctx)
+    free_port_or_fail(port, "the MLflow UI")
     console.print(f"MLflow UI for {ws.tracking_uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri, "--host", "127.0.0.1",
                "--port", str(port)]

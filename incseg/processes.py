@@ -113,3 +113,17 @@ def owner_alive(tags: dict[str, str]) -> bool:
         return f"{proc.create_time():.3f}" == tags.get("owner_started") and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError):
         return False
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something already listens on `host:port` (a server started here would fail to bind it,
+    or a health check would find the other one)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed one's TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False

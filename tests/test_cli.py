@@ -184,6 +184,27 @@ def test_a_folder_that_is_no_workspace_is_refused_and_left_as_it_was(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"] and not any(plain.iterdir())
 
 
+def test_ui_and_serve_name_a_port_in_use_before_starting_anything(tmp_path, monkeypatch):
+    """With the port taken, `incseg ui` printed MLflow's bind error and exited 0; `incseg serve` waited on
+    a server that could not start (or found the other one healthy)."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for command, what in [("ui", "the MLflow UI"), ("serve", "the local Prefect server")]:
+            result = runner.invoke(app, ["-C", str(tmp_path), command, "--port", str(port)], terminal_width=400)
+            assert result.exit_code == 1, result.output
+            assert result.output.strip() == (f"error: port {port} on 127.0.0.1 is in use (another server?): give {what} "
+                                             "another with --port N")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no store, no database made
+
+
 def test_a_new_workspaces_first_command_prints_no_mlflow_info_lines(tmp_path):
     """MLflow logs at INFO when it creates its tables (a workspace's first command); the command's own
     output says what matters. A level the user set is kept."""
