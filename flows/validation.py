@@ -14,7 +14,7 @@ from prefect import flow, unmapped
 
 from incseg.config import ConfigError, ValidationParams
 from incseg.data.layout import read_classes
-from incseg.pipeline import batch_root
+from incseg.datastore import batch_root
 from incseg.validation.table import assemble, file_entries, shards
 from incseg.workspace import Workspace
 from tasks.validation import extract_rows

@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 from incseg.bench import ABLATION
 from incseg.config import PARAMS_FILE, UPDATE_RULE_SHARED, ConfigError, Style
 from incseg.data.layout import IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR, DataError, list_batches, list_files, read_classes
-from incseg.datastore import StoreError
+from incseg.datastore import StoreError, batch_root
 from incseg.workspace import Workspace
 
 
@@ -458,6 +458,7 @@ def bootstrap(
         batches = list(registered(ws))
         if not batches:
             raise Failure(f"no registered batches in {ws.registry_dir}: run `incseg data add` or `incseg data synth`")
+        batch_root(ws, batch_id or batches[0])  # an unknown id: one line now, not a flow run that fails on it
         print_result(bootstrap_flow(batch_id or batches[0], str(ws.root)))
     if metrics is not None:
         write_json(ws.path(metrics), reg.champion_metrics())
@@ -469,6 +470,7 @@ def update_cmd(ctx: typer.Context, batch_id: Annotated[str, typer.Argument(help=
     from incseg.registry import ModelRegistry, RegistryUnavailable, reachable
 
     ws = workspace(ctx)
+    batch_root(ws, batch_id)  # an unknown id: one line now, not a flow run that fails on it
     with contextlib.suppress(RegistryUnavailable), reachable(ws.tracking_uri):  # a store that does not answer:
         ModelRegistry(ws).require_champion()  # the flow retries and reports it; no champion: said in one line now
     flows_ready()

@@ -226,6 +226,22 @@ def safe_batch_id(batch_id: str) -> str:
     return batch_id
 
 
+def batch_root(ws: Workspace, batch_id: str) -> Path:
+    """The batch's folder in the registry; refuses links, unknown ids (naming the registered ones) and
+    folders DVC does not track."""
+    root = ws.registry_dir / safe_batch_id(batch_id)
+    if root.is_symlink():
+        raise DataError(f"{root} is a symbolic link: batches must be real folders of the registry")
+    if not root.is_dir():
+        known = [p.name for p in sorted(ws.registry_dir.glob("*")) if p.is_dir() and not p.name.startswith(".")]
+        there = ", ".join(known[:8]) + (f" and {len(known) - 8} more" if len(known) > 8 else "")
+        raise DataError(f"no batch '{batch_id}' in {ws.registry_dir}" + (f" (there: {there})" if known else ""))
+    if has_dvc(ws.root) and not root.with_name(root.name + ".dvc").exists():  # the rule of `ledger.registered`
+        raise DataError(f"batch '{batch_id}' in {ws.registry_dir} is not tracked by DVC, so it is not registered: "
+                        "bring batches in with `incseg data add SOURCE` (or `incseg data synth`)")
+    return root
+
+
 def holdout_gap(ws: Workspace, batch_id: str, classes: list[int]) -> str | None:
     """Why the gate could not judge a batch labelling `classes`, naming the classes the holdout labels
     nowhere; None when it labels them all, or there is no holdout yet."""

@@ -24,7 +24,7 @@ from incseg.continual.strategies import (feature_taps, make_objective, replay_sh
 from incseg.data.dataset import SegmentationFolder, eval_transforms, train_transforms
 from incseg.data.layout import (IGNORE, IMAGES_DIR, MASK_SUFFIX, MASKS_DIR, BatchInfo, DataError, Pair, find_pairs,
                                read_classes)
-from incseg.datastore import has_dvc, holdout_gap, safe_batch_id
+from incseg.datastore import batch_root, holdout_gap
 from incseg.gate import Decision, decide
 from incseg.lineage import batch_hash
 from incseg.metrics import ConfusionMatrix, bootstrap_weights, iou_report, report_metrics, resampled_iou
@@ -68,19 +68,6 @@ class CheckedBatch:
     gx_result: dict
     batch: Batch | None
     data_docs: Path | None = None  # GX's Data Docs site of this validation (scratch; logged with the run)
-
-
-def batch_root(ws: Workspace, batch_id: str) -> Path:
-    """The batch's folder in the registry; refuses links and unknown ids."""
-    root = ws.registry_dir / safe_batch_id(batch_id)
-    if root.is_symlink():
-        raise DataError(f"{root} is a symbolic link: batches must be real folders of the registry")
-    if not root.is_dir():
-        raise DataError(f"no batch '{batch_id}' in {ws.registry_dir}")
-    if has_dvc(ws.root) and not root.with_name(root.name + ".dvc").exists():  # the rule of `ledger.registered`
-        raise DataError(f"batch '{batch_id}' in {ws.registry_dir} is not tracked by DVC, so it is not registered: "
-                        "bring batches in with `incseg data add SOURCE` (or `incseg data synth`)")
-    return root
 
 
 def check_batch(ws: Workspace, batch_id: str, table=None) -> CheckedBatch:

@@ -133,7 +133,7 @@ def test_data_synth_into_a_workspace_registers_every_batch_and_one_rule_decides(
 
     from incseg.data.layout import DataError, list_batches
     from incseg.ledger import registered, untracked
-    from incseg.pipeline import batch_root
+    from incseg.datastore import batch_root
     from incseg.workspace import Workspace
 
     assert runner.invoke(app, ["init", str(tmp_path / "ws")]).exit_code == 0
@@ -156,6 +156,12 @@ def test_data_synth_into_a_workspace_registers_every_batch_and_one_rule_decides(
     for named in (["--batch-id", "copied"], ["copied"]):  # the batch as an option or, as `update` takes it, an argument
         refused = runner.invoke(app, ["-C", str(ws_root), "bootstrap", *named])
         assert refused.exit_code == 1 and "not tracked by DVC" in refused.output, refused.output
+        assert "Flow run" not in refused.output  # said before any flow run starts
+    for command in ("bootstrap", "update"):  # a mistyped id: one line naming the batches there, no flow run
+        refused = runner.invoke(app, ["-C", str(ws_root), command, "batch-0"], terminal_width=400)
+        assert refused.exit_code == 1 and refused.output.strip().startswith(
+            f"error: no batch 'batch-0' in {ws.registry_dir} (there: batch-00, batch-01"), refused.output
+        assert len(refused.output.strip().splitlines()) == 1, refused.output
     both = runner.invoke(app, ["-C", str(ws_root), "bootstrap", "batch-00", "--batch-id", "copied"])
     assert both.exit_code == 1 and "two batches named: batch-00 and --batch-id copied" in both.output, both.output
 
