@@ -274,19 +274,30 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
         read_classes(classes)  # a damaged file is refused, naming it, before it is installed
         ws.classes_file.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(classes, ws.classes_file)
+    replaced = None  # the holdout being replaced, kept aside until the new one is in
     if holdout:
         dst = ws.holdout_dir
         if dst.exists() and any(dst.iterdir()):
             if not force:
                 raise DataError(f"{dst} already holds the holdout; replacing it makes old and new IoU figures "
                                 "incomparable (use --force if you mean it)")
-            shutil.rmtree(dst)
+            replaced = dst.with_name(f".{dst.name}.replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            dst.rename(replaced)
     else:
         dst = ws.registry_dir / safe_batch_id(batch_id or src.resolve().name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     installed = ws.colours_file.exists()
-    info = import_batch(src, dst, layout, split, ws.classes_file, colours or (ws.colours_file if installed else None),
-                        progress)
+    try:
+        info = import_batch(src, dst, layout, split, ws.classes_file,
+                            colours or (ws.colours_file if installed else None), progress)
+    except BaseException:
+        if replaced is not None:  # a refused (or interrupted) replacement leaves the holdout as it was
+            shutil.rmtree(dst, ignore_errors=True)
+            replaced.rename(dst)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced)
     if colours is not None and not installed:  # read and used by the import: a bad table never gets here
         shutil.copyfile(colours, ws.colours_file)
     also = [f for f in (ws.classes_file, ws.colours_file) if f.exists()]

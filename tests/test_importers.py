@@ -106,10 +106,21 @@ def test_plain_folder_and_hostile_ids(ws, stream_dir):
             add_data(ws, stream_dir / "registry" / "batch-02", bad)
 
 
-def test_holdout_is_fixed_unless_forced(ws, stream_dir):
+def test_holdout_is_fixed_unless_forced(ws, stream_dir, tmp_path):
+    import shutil
+
     add_data(ws, stream_dir / "holdout", holdout=True, classes=stream_dir / "classes.yaml")
     with pytest.raises(DataError, match="incomparable"):
         add_data(ws, stream_dir / "registry" / "batch-00", holdout=True)
+    # a forced replacement the import refuses leaves the holdout as it was (it was deleted first, so lost)
+    before = {p.relative_to(ws.holdout_dir): p.read_bytes() for p in ws.holdout_dir.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad"
+    shutil.copytree(stream_dir / "registry" / "batch-00", bad)
+    next((bad / "masks").iterdir()).unlink()  # an image without its mask
+    with pytest.raises(DataError, match="pair with nothing"):
+        add_data(ws, bad, holdout=True, force=True)
+    assert {p.relative_to(ws.holdout_dir): p.read_bytes() for p in ws.holdout_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in ws.data_dir.iterdir() if p.name.startswith(".")) == [".gitignore"]
     add_data(ws, stream_dir / "registry" / "batch-00", holdout=True, force=True)
     assert len(list((ws.holdout_dir / "masks").iterdir())) == len(list((stream_dir / "registry/batch-00/masks").iterdir()))
 
