@@ -127,7 +127,8 @@ def bootstrap(batch_id: str, workspace: str = ".") -> UpdateResult:
         model, memory, cap_note = train_base(ws, batch, run_id)
         attempt.version = register_candidate(ws, run_id, model, memory, batch, None)
         failpoint("after_register")
-        judgement = judge(ws, run_id, model, current.model if current else None, batch)
+        judgement = judge(ws, run_id, model, current.model if current else None, batch,
+                          current.image_size if current else None)
         # the verdict (a challenger's says whose), and whether the budget was what ended training
         against = f"bootstrap against champion version {before}: " if before else ""
         status, after, reason = published(ws, run_id, attempt.version, judgement,
@@ -156,7 +157,7 @@ def incremental_update(batch_id: str, workspace: str = ".") -> UpdateResult:
             candidate, memory = train_candidate(ws, champion, batch, run_id)
             attempt.version = register_candidate(ws, run_id, candidate, memory, batch, champion.version)
             failpoint("after_register")
-            judgement = judge(ws, run_id, candidate, champion.model, batch)
+            judgement = judge(ws, run_id, candidate, champion.model, batch, champion.image_size)
             status, after, reason = published(ws, run_id, attempt.version, judgement, judgement.decision.reason)
     except DivergenceError as err:  # recorded above; nothing was registered
         clear_scratch(ws, run_id, batch, champion.version)

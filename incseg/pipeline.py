@@ -144,7 +144,8 @@ def holdout_set(ws: Workspace, n_classes: int, size: int | None = None) -> Segme
 
 
 def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None = None,
-                   taught: list[int] | None = None, per_image: bool = False) -> ConfusionMatrix:
+                   taught: list[int] | None = None, per_image: bool = False, size: int | None = None
+                   ) -> ConfusionMatrix:
     """Confusion matrix of `model` on the fixed holdout over every class in `classes.yaml`.
 
     Pixels of a class not taught yet (not in `taught`, by default the model's own) are left
@@ -152,7 +153,7 @@ def holdout_matrix(ws: Workspace, model: nn.Module, device: torch.device | None 
     class up front would otherwise charge a model for what it calls objects it has never been
     shown (a ring or a cross called triangle right after the triangle batch)."""
     n = len(read_classes(ws.classes_file))
-    loader = make_loader(holdout_set(ws, n), ws.params.eval.batch_size, shuffle=False)
+    loader = make_loader(holdout_set(ws, n, size), ws.params.eval.batch_size, shuffle=False)
     return evaluate(model, loader, n, device or resolve_device(ws.params.train.device),
                     taught=taught_classes(model) if taught is None else taught, per_image=per_image)
 
@@ -369,8 +370,12 @@ class Judgement:
         return "\n".join(lines) + "\n"
 
 
-def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch: Batch) -> Judgement:
-    """Evaluate both models on the holdout with the same code and scope, then apply the gate.
+def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch: Batch,
+          champion_size: int | None = None) -> Judgement:
+    """Evaluate both models on the holdout with the same code and scope, then apply the gate. The
+    candidate is judged at `data.image_size`, the champion at the size it was trained at and is served
+    at (`champion_size`; `data.image_size` changed, or `auto` follows a replaced holdout): judged at
+    the other, it looked worse than it serves, and a worse candidate could replace it.
 
     Without a champion (the first bootstrap) the candidate is promoted and its numbers recorded.
     """
@@ -383,7 +388,7 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
     per_image = champion is not None and ws.params.gate.interval_resamples > 0
     cms = {"candidate": holdout_matrix(ws, candidate, taught=taught, per_image=per_image)}
     if champion is not None:
-        cms["champion"] = holdout_matrix(ws, champion, taught=taught, per_image=per_image)
+        cms["champion"] = holdout_matrix(ws, champion, taught=taught, per_image=per_image, size=champion_size)
     reports = {k: iou_report(cm, old, new, names) for k, cm in cms.items()}
     if champion is None:
         reason = f"bootstrap: first model, holdout mIoU {reports['candidate']['miou']:.3f}"
@@ -393,6 +398,10 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
         weights = bootstrap_weights(len(cms["candidate"].images), ws.params.gate.interval_resamples)
         resampled = (resampled_iou(cms["candidate"].images, weights), resampled_iou(cms["champion"].images, weights))
     decision = decide(reports["candidate"], reports["champion"], old, new, names, ws.params.gate, resampled)
+    size = ws.params.data.image_size
+    if champion_size not in (None, size):
+        decision.reason += (f" (the champion judged at the {champion_size} px it was trained at, the candidate at "
+                            f"{size} px)")
     return Judgement(decision, reports["candidate"], reports["champion"], cms)
 
 

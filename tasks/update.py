@@ -111,9 +111,11 @@ def register_candidate(ws: Workspace, run_id: str, model, memory, batch: Batch, 
 
 
 @task(cache_policy=NO_CACHE)
-def judge(ws: Workspace, run_id: str, candidate, champion, batch: Batch) -> Judgement:
-    """Both models on the holdout, the gate's decision, and the pictures for reviewers."""
-    judgement = pipeline.judge(ws, candidate, champion, batch)
+def judge(ws: Workspace, run_id: str, candidate, champion, batch: Batch, champion_size: int | None = None
+          ) -> Judgement:
+    """Both models on the holdout (the champion at the size it was trained at), the gate's decision, and
+    the pictures for reviewers."""
+    judgement = pipeline.judge(ws, candidate, champion, batch, champion_size)
     models = {"candidate": candidate} if champion is None else {"champion": champion, "candidate": candidate}
     ModelRegistry(ws).log_judgement(run_id, judgement, review_figures(ws, judgement, models))
     return judgement

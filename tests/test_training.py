@@ -58,6 +58,23 @@ def test_the_holdout_is_scored_over_the_classes_the_model_knows(base_model):
     assert torch.equal(default.mat[:3, :3], full.mat[:3, :3])
 
 
+def test_the_champion_is_judged_at_the_size_it_was_trained_at(base_model):
+    """With `data.image_size` changed (by hand, or `auto` following a replaced holdout) the champion was
+    judged at the new size: it looked worse than it serves, and a worse candidate could replace it."""
+    from incseg.workspace import Workspace
+
+    ws, champion, _ = base_model  # trained at 32 px
+    params = ws.params.model_copy(deep=True)
+    params.data.image_size = 48
+    resized = Workspace(ws.root, params)
+    verdict = judge(resized, copy.deepcopy(champion), champion, Batch.load(ws.registry_dir / "batch-00"),
+                    champion_size=32)
+    assert torch.equal(verdict.matrices["champion"].mat, holdout_matrix(ws, champion).mat)  # as at 32 px
+    assert verdict.matrices["candidate"].mat.sum() > 2 * verdict.matrices["champion"].mat.sum()  # 48 px: (48/32)^2
+    assert verdict.decision.reason.endswith("(the champion judged at the 32 px it was trained at, the candidate at "
+                                            "48 px)")
+
+
 def test_the_gate_judges_champion_and_candidate_on_the_pixels_of_the_candidates_classes(base_model):
     ws, champion, _ = base_model  # 3 classes; the holdout also has class 3 (the batch's) and class 4 (later)
     candidate = add_classes(copy.deepcopy(champion), [0, 3])
