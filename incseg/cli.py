@@ -152,7 +152,9 @@ def data_add(
     force: Annotated[bool, typer.Option(help="Allow replacing an existing holdout.")] = False,
     layout: Annotated[str, typer.Option(help="auto | folder | voc | cityscapes")] = "auto",
     split: Annotated[str, typer.Option(help="VOC image set / Cityscapes split to import.")] = "train",
-    classes: Annotated[Optional[Path], typer.Option(help="classes.yaml to install if the workspace has none.")] = None,
+    classes: Annotated[Optional[Path], typer.Option(help="classes.yaml to install if the workspace has none, or "
+                                                    "its names with new classes after them (ids it names stay).")
+                       ] = None,
     colours: Annotated[Optional[Path], typer.Option(help="Colour-coded RGB masks: a YAML table of label id -> "
                                                     "[R, G, B] or \"#RRGGBB\" (255: ignore); every colour "
                                                     "in a mask must be listed. Installed as the workspace's "

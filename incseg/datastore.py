@@ -256,13 +256,34 @@ def holdout_gap(ws: Workspace, batch_id: str, classes: list[int]) -> str | None:
             "judge it: replace the holdout with one that labels it too (`incseg data add SRC --holdout --force`)")
 
 
+def install_classes(ws: Workspace, path: Path) -> None:
+    """Make `path` the workspace's `classes.yaml`: where it has one, `path` may only add ids after its
+    last (a class arriving later, named now); an id it names otherwise is refused, naming both names:
+    models, metrics and verdicts were recorded under the workspace's names. Was ignored where one existed."""
+    given = read_classes(path)  # a damaged file is refused, naming it, before it is installed
+    if ws.classes_file.exists():
+        known = read_classes(ws.classes_file)
+        for c, name in known.items():
+            if given.get(c) != name:
+                now = f"'{given[c]}'" if c in given else "missing"
+                raise DataError(f"{path}: id {c} is {now} there but '{name}' in {ws.classes_file}: a workspace's "
+                                "class names stay (its models and records use them); a new class takes a new id "
+                                f"after {max(known)}")
+        if len(given) == len(known):
+            return
+    ws.classes_file.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, ws.classes_file)
+
+
 def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: bool = False, force: bool = False,
              layout: str = "auto", split: str = "train", classes: Path | None = None,
              colours: Path | None = None, progress: Callable | None = None) -> tuple[Path, BatchInfo, str]:
     """Import SRC as a registry batch (or as the holdout) and version it with DVC; `colours`: the colour
     table of colour-coded masks (`importers.read_colours`), installed as the workspace's
     (`colours_file`, versioned with the data) if it has none; without it the workspace's is used.
-    `progress` wraps the pairs as they are copied (`importers.import_batch`).
+    `progress` wraps the pairs as they are copied (`importers.import_batch`). `classes`: installed as
+    `classes_file` (`install_classes`: new ids only, where it has one). An import refused leaves the
+    holdout and the class names as they were.
 
     Returns (folder, its batch.yaml, its DVC hash). The holdout is fixed: replacing it needs `force`.
     """
@@ -270,10 +291,8 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
 
     if not has_dvc(ws.root):
         raise StoreError(f"{ws.root} is not a DVC workspace: run `incseg init {ws.root}` first")
-    if classes is not None and not ws.classes_file.exists():
-        read_classes(classes)  # a damaged file is refused, naming it, before it is installed
-        ws.classes_file.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(classes, ws.classes_file)
+    if classes is not None:
+        read_classes(classes)  # a damaged file is refused, naming it, before anything moves
     replaced = None  # the holdout being replaced, kept aside until the new one is in
     if holdout:
         dst = ws.holdout_dir
@@ -288,13 +307,20 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
         dst = ws.registry_dir / safe_batch_id(batch_id or src.resolve().name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     installed = ws.colours_file.exists()
+    before = ws.classes_file.read_bytes() if ws.classes_file.exists() else None  # restored if the import fails
     try:
+        if classes is not None:
+            install_classes(ws, classes)
         info = import_batch(src, dst, layout, split, ws.classes_file,
                             colours or (ws.colours_file if installed else None), progress)
     except BaseException:
         if replaced is not None:  # a refused (or interrupted) replacement leaves the holdout as it was
             shutil.rmtree(dst, ignore_errors=True)
             replaced.rename(dst)
+        if before is None:  # and the class names as they were
+            ws.classes_file.unlink(missing_ok=True)
+        else:
+            ws.classes_file.write_bytes(before)
         raise
     if replaced is not None:
         shutil.rmtree(replaced)

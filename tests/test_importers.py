@@ -121,6 +121,23 @@ def test_holdout_is_fixed_unless_forced(ws, stream_dir, tmp_path):
         add_data(ws, bad, holdout=True, force=True)
     assert {p.relative_to(ws.holdout_dir): p.read_bytes() for p in ws.holdout_dir.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in ws.data_dir.iterdir() if p.name.startswith(".")) == [".gitignore"]
+
+    # a class named later comes with the data that brings it: `--classes` was ignored once the workspace had
+    # names (the new ids then refused as unknown); now it may add ids after the last, never rename one
+    names = (stream_dir / "classes.yaml").read_text()
+    more, renamed = tmp_path / "more.yaml", tmp_path / "renamed.yaml"
+    more.write_text(names + "5: truck\n")
+    renamed.write_text(names.replace("square", "box") + "5: truck\n")
+    with pytest.raises(DataError, match=rf"{renamed}: id 1 is 'box' there but 'square' in {ws.classes_file}"):
+        add_data(ws, stream_dir / "registry" / "batch-00", holdout=True, force=True, classes=renamed)
+    with pytest.raises(DataError, match="pair with nothing"):  # refused: the names stay as they were too
+        add_data(ws, bad, holdout=True, force=True, classes=more)
+    assert ws.classes_file.read_text() == names
+    assert {p.relative_to(ws.holdout_dir): p.read_bytes() for p in ws.holdout_dir.rglob("*") if p.is_file()} == before
+    add_data(ws, stream_dir / "registry" / "batch-00", holdout=True, force=True, classes=more)
+    assert read_classes(ws.classes_file)[5] == "truck"
+    tracked = subprocess.run(["git", "show", "HEAD:data/classes.yaml"], cwd=ws.root, capture_output=True, text=True)
+    assert "5: truck" in tracked.stdout  # committed with the data
     add_data(ws, stream_dir / "registry" / "batch-00", holdout=True, force=True)
     assert len(list((ws.holdout_dir / "masks").iterdir())) == len(list((stream_dir / "registry/batch-00/masks").iterdir()))
 
