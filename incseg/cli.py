@@ -256,9 +256,8 @@ def serve(
     """Serve the watcher on the schedule in params.yaml (Prefect; Ctrl-C stops)."""
     quiet_prefect()
     os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"  # a long-running service should say what it does
-    from flows.watch import prefect_api, serve_watcher
-
     from flows.events import server_url
+    from flows.watch import prefect_api, serve_watcher
 
     ws = workspace(ctx)
     s = ws.params.schedule

@@ -259,7 +259,7 @@ def holdout_gap(ws: Workspace, batch_id: str, classes: list[int]) -> str | None:
 def install_classes(ws: Workspace, path: Path) -> None:
     """Make `path` the workspace's `classes.yaml`: where it has one, `path` may only add ids after its
     last (a class arriving later, named now); an id it names otherwise is refused, naming both names:
-    models, metrics and verdicts were recorded under the workspace's names. Was ignored where one existed."""
+    models, metrics and verdicts were recorded under the workspace's names."""
     given = read_classes(path)  # a damaged file is refused, naming it, before it is installed
     if ws.classes_file.exists():
         known = read_classes(ws.classes_file)

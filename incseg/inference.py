@@ -118,7 +118,7 @@ def predict_images(model: nn.Module, files: list[Path], out: Path, size: int, *,
                    with_overlay: bool = False, device: torch.device | None = None,
                    progress: Iterator | None = None, colours: list[int] | None = None) -> PredictReport:
     """Write `out/<stem>.png` (palette mask) and, with `with_overlay`, `out/<stem>_overlay.png` for
-    image file of `files` (`size`, `native`: as in `logits_at_own_size`; `colours`: a `palette`);
+    each image file of `files` (`size`, `native`: as in `logits_at_own_size`; `colours`: a `palette`);
     unreadable images are listed in the report and in `out/report.json`, as is an image whose stem an
     earlier one took (`a.jpg` after `a.png`: its mask would overwrite that one's)."""
     out.mkdir(parents=True, exist_ok=True)
