@@ -291,8 +291,6 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
 
     if not has_dvc(ws.root):
         raise StoreError(f"{ws.root} is not a DVC workspace: run `incseg init {ws.root}` first")
-    if classes is not None:
-        read_classes(classes)  # a damaged file is refused, naming it, before anything moves
     replaced = None  # the holdout being replaced, kept aside until the new one is in
     if holdout:
         dst = ws.holdout_dir

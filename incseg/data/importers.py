@@ -232,7 +232,7 @@ def _refuse_unpaired(src: Path) -> None:
     below `images/` or `masks/`."""
     below = [f"{sub}/{d.name}/" for sub in (IMAGES_DIR, MASKS_DIR) if (src / sub).is_dir()
              for d in sorted((src / sub).iterdir()) if d.is_dir() and not d.name.startswith(".")
-             and any(f.suffix.lower() in IMAGE_SUFFIXES + MASK_SUFFIXES for f in d.rglob("*"))]
+             and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*"))]
     if below:
         raise DataError(f"{src}: {', '.join(below[:5])}{' ...' if len(below) > 5 else ''} "
                         f"{'hold' if len(below) > 1 else 'holds'} image files, and "

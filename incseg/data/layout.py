@@ -23,7 +23,8 @@ IMAGES_DIR, MASKS_DIR = "images", "masks"  # a batch folder's two subfolders, pa
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what PIL reads, in any case
 MASK_SUFFIX = ".png"  # the registry's masks
 MASK_SUFFIXES = (MASK_SUFFIX, ".bmp", ".tif", ".tiff")  # lossless formats a mask is read from (a JPEG's
-                                                       # compression would blur label ids at every edge)
+                                                       # compression would blur label ids at every edge); all
+                                                       # among IMAGE_SUFFIXES, which list any image file
 
 
 class DataError(ValueError):
@@ -127,8 +128,7 @@ def unpaired(batch_dir: Path) -> list[Path]:
     """The image files (by suffix) in a batch folder's two subfolders that `find_pairs` leaves out: an
     image without a mask of its stem, a mask without an image, a mask in a lossy format (not `MASK_SUFFIXES`)."""
     paired = {f for pair in find_pairs(batch_dir) for f in (pair.image, pair.mask)}
-    return [f for sub in (IMAGES_DIR, MASKS_DIR) for f in list_files(batch_dir / sub, IMAGE_SUFFIXES + MASK_SUFFIXES)
-            if f not in paired]
+    return [f for sub in (IMAGES_DIR, MASKS_DIR) for f in list_files(batch_dir / sub) if f not in paired]
 
 
 def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
