@@ -14,7 +14,7 @@ from incseg.config import PARAMS_FILE, Params, load_params
 from incseg.data.layout import IMAGES_DIR, list_files, upright_size
 
 AUTO_IMAGE_SIZE = (64, 96)  # `data.image_size: auto` stays within these: below 64 too little detail is left to
-# learn from, and each step costs about (size / 64)^2 (96 px: twice 64's, README: looks the generator never makes)
+# learn from, and each step costs about (size / 64)^2 (96 px: twice 64's, benchmarks/results/quality-log.md)
 
 
 def auto_image_size(shape: tuple[int, int] | None) -> int:

@@ -84,7 +84,8 @@ def joint_params(params: Params, budget_scale: float) -> Params:
     """The bootstrap's rule with `budget_scale` x its step limits. A longer budget (scale > 1) also
     waits `budget_scale` x longer for a gain before each LR drop and the stop: with the patience
     unchanged, the rule ends a run long before a doubled cap (the stream's joint stopped at 4200 of
-    8000 steps, while patience 6 ran to the cap and gained 2.7-5 points; README, "The ceiling")."""
+    8000 steps, while patience 6 ran to the cap and gained 2.7-5 points; benchmarks/results/quality-log.md,
+    "The ceiling is not one yet")."""
     p = params.model_copy(deep=True)
     p.train.bootstrap_max_steps = round(p.train.bootstrap_max_steps * budget_scale)
     p.train.bootstrap_min_steps = round(p.train.bootstrap_min_steps * budget_scale)
