@@ -340,7 +340,7 @@ def validate_one(ws: Workspace, batch_dir: Path, n: int, quarantine_to: Path | N
         failures = Table("file", "check", "observed", "meaning", box=box.SIMPLE,
                          title=f"{batch_dir.name}: {len(report.bad_stems)} failing files")
         for f in report.failures[:SHOWN_FAILURES]:
-            failures.add_row(f.stem, f.check, _short(f.observed, 30), f.message)
+            failures.add_row(f.stem, f.check, _short(f.observed, 200), f.message)  # the reason whole (wrapped)
         console.print(failures)
         if len(report.failures) > SHOWN_FAILURES:  # a folder failing as a whole (RGB masks...): not 10,000 rows
             counts = Counter(f.check for f in report.failures[SHOWN_FAILURES:])

@@ -57,6 +57,7 @@ def test_clean_batch_passes(batch):
         ("truncate", "image_readable"),
         ("not_an_image", "image_readable"),
         ("zero_bytes", "image_readable"),
+        ("sixteen_bit_image", "image_readable"),
         ("size_mismatch", "same_size"),
         ("rgb_mask", "mask_single_channel"),
         ("unknown_label", "known_label_ids"),
@@ -75,6 +76,8 @@ def test_each_bad_file_is_named_and_nothing_is_lost(batch, tmp_path, damage, che
         img.write_text("this is not a PNG")
     elif damage == "zero_bytes":
         img.write_bytes(b"")
+    elif damage == "sixteen_bit_image":
+        Image.fromarray(np.array(Image.open(img).convert("L")).astype(np.uint16) * 256).save(img)  # 16-bit PNG
     elif damage == "size_mismatch":
         Image.fromarray(mask[:20, :20]).save(msk)
     elif damage == "rgb_mask":
@@ -92,6 +95,8 @@ def test_each_bad_file_is_named_and_nothing_is_lost(batch, tmp_path, damage, che
     before = files_of(batch)
     report, table, _ = run(batch)
     assert check in checks_of(report, stem), report.failures
+    if check.endswith("_readable"):  # the cause alone: an unreadable file's size is unknown, not "differs"
+        assert checks_of(report, stem) == {check}, report.failures
     assert not report.rejected  # one bad file in 24: the rest proceeds
     assert stem not in report.valid_stems and len(report.valid_stems) == 23
     assert stem not in {p.stem for p in valid_pairs(table, report)}
@@ -231,3 +236,21 @@ def test_the_cli_shows_twenty_failures_counts_the_rest_and_reports_every_one(bat
     listed = json.loads((tmp_path / "r.json").read_text())["batches"]["batch-00"]["failures"]
     assert len(listed) == 24 and {f["check"] for f in listed} == {"mask_single_channel"}
     assert {f["stem"] for f in listed} == {p.stem for p in (batch / "masks").glob("*.png")}
+
+
+def test_the_cli_shows_why_a_file_is_unreadable_in_full(batch, stream_dir, tmp_path):
+    """The reason a file cannot be read carries what to do about it (a 16-bit photo: save it with 8 bits
+    per channel); the table cut it at 30 characters, advice and all."""
+    from typer.testing import CliRunner
+
+    from incseg.cli import app
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "data").mkdir()
+    shutil.copyfile(stream_dir / "classes.yaml", tmp_path / "data" / "classes.yaml")
+    img = batch / "images" / f"{stem0(batch)}.png"
+    Image.fromarray(np.array(Image.open(img).convert("L")).astype(np.uint16) * 256).save(img)
+    result = CliRunner().invoke(app, ["-C", str(tmp_path), "validate", str(batch)], terminal_width=100)
+    assert result.exit_code == 0, result.output  # one bad file in 24: accepted, the file named
+    assert "save it with 8 bits per channel (your range scaled to 0-255) first" in " ".join(result.output.split())
+    assert "same_size" not in result.output

@@ -104,11 +104,14 @@ def assemble(rows: list[dict], n_classes: int) -> pd.DataFrame:
     """The table from its rows (in any shard order), with every column even when no file was readable."""
     columns = COLUMNS + [f"class_fraction_{c}" for c in range(n_classes)]
     table = pd.DataFrame(sorted(rows, key=lambda r: r["stem"])).reindex(columns=columns)
-    table["size_match"] = (table["width"] == table["mask_width"]) & (table["height"] == table["mask_height"])
     for col in ("image_error", "mask_error", "unknown_label_ids", "image_path", "mask_path"):
         table[col] = table[col].fillna("").astype(object)
     for col in ("has_image", "has_mask", "image_ok", "mask_ok"):
         table[col] = table[col].fillna(False).astype(bool)
+    # sizes are compared only where both files were read: an unreadable one is failed for that alone
+    both_read = table["image_ok"] & table["mask_ok"]
+    same = (table["width"] == table["mask_width"]) & (table["height"] == table["mask_height"])
+    table["size_match"] = ~both_read | same
     return table
 
 
