@@ -89,6 +89,10 @@ def recorded(ws: Workspace, run_id: str):
 def rejected_batch(ws: Workspace, kind: str, checked, champion: str | None) -> UpdateResult:
     """A batch-level validation failure: recorded as a run with its report; nothing trains."""
     reason = "validation failed: " + "; ".join(checked.report.batch_errors)
+    reasons = ws.quarantine_dir / checked.report.batch_id / "reason.json"
+    if reasons.is_file():
+        shown = reasons.relative_to(ws.root) if reasons.is_relative_to(ws.root) else reasons
+        reason += f" (each file's reason: {shown})"
     get_run_logger().error("batch %s rejected: %s", checked.report.batch_id, reason)
     run_id = start_run(ws, kind, checked, champion)
     finish_run(ws, run_id, "invalid", reason)

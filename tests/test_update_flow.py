@@ -238,6 +238,15 @@ def test_rejected_batch_is_recorded_and_changes_nothing(history):
     assert reg.client.get_run(result.run_id).data.tags["outcome"] == "invalid"
     result = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(ws.registry_dir / "batch-06-resent")])
     assert result.exit_code == 1 and "re-send" in result.output
+    # a batch of files nothing can read: the verdict says why and where each file's reason is
+    unreadable = ws.registry_dir / "batch-07-unreadable"
+    shutil.copytree(ws.registry_dir / "batch-01", unreadable)
+    for image in (unreadable / "images").glob("*.png"):
+        image.write_bytes(b"")
+    result = incremental_update("batch-07-unreadable", str(ws.root))
+    assert result.status == "invalid" and "most often image_readable" in result.reason, result.reason
+    assert "quarantine/batch-07-unreadable/reason.json" in result.reason, result.reason
+    assert reg.aliases() == before and len(reg.versions()) == n_versions
 
 
 def test_update_without_champion_says_bootstrap_first(tmp_path, prefect_api):

@@ -167,6 +167,10 @@ def test_mostly_bad_batch_is_rejected(batch):
     report, _, _ = run(batch)
     assert report.rejected and any("too few valid files: 12/24 (50% < 80%, validation.min_valid_fraction)" in e
                                    for e in report.batch_errors)
+    # why, in the same line: the commonest failure, counted, with one file's reason
+    first = sorted((batch / "images").glob("*.png"))[0].stem
+    why = f"most often image_readable (12 files; e.g. {first}: empty file (0 bytes))"
+    assert any(why in e for e in report.batch_errors), report.batch_errors
 
 
 def test_drift_warns_by_default_and_blocks_when_asked(stream_dir, tmp_path):

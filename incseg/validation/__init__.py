@@ -109,6 +109,19 @@ def validate_table(batch_id: str, table: pd.DataFrame, p: ValidationParams, n_cl
     return report, raw
 
 
+def _commonest(report: ValidationReport) -> str:
+    """Why most files failed, for a batch rejected as a whole: the commonest check, its count, one file's
+    reason (a folder of 16-bit photos read "0/12 valid" and nothing more)."""
+    if not report.failures:
+        return ""
+    stems: dict[str, set[str]] = {}
+    for f in report.failures:
+        stems.setdefault(f.check, set()).add(f.stem)
+    check = max(stems, key=lambda c: len(stems[c]))
+    example = next(f for f in report.failures if f.check == check)
+    return f"; most often {check} ({len(stems[check])} files; e.g. {example.stem}: {example.observed})"
+
+
 def _figure(value: object) -> str:
     """An observed value as read: a float to four significant digits (GX gives a mean's full repr)."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -127,7 +140,7 @@ def _batch_level(report: ValidationReport, table: pd.DataFrame, p: ValidationPar
     valid = len(report.valid_stems) / report.files
     if valid < p.min_valid_fraction:
         report.batch_errors.append(f"too few valid files: {len(report.valid_stems)}/{report.files} ({valid:.0%} < "
-                                   f"{p.min_valid_fraction:.0%}, validation.min_valid_fraction)")
+                                   f"{p.min_valid_fraction:.0%}, validation.min_valid_fraction)" + _commonest(report))
     if ref is not None and report.valid_stems:
         now = profile_of(report.batch_id, table[table["stem"].isin(report.valid_stems)], n_classes).class_share
         distance = 0.5 * float(np.abs(np.array(now) - np.array(ref["class_share"])).sum())
