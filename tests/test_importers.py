@@ -178,11 +178,14 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
                                         rf"images/{twin.name}\. A mask"):
         add_data(ws, src, "loose")
     twin.with_suffix(".jpg").unlink()
-    with pytest.raises(DataError, match=rf"2 file\(s\) pair with nothing: images/{image.name}, masks/{mask.stem}\.jpg"):
+    with pytest.raises(DataError, match=rf"1 mask\(s\) in a lossy format: masks/{mask.stem}\.jpg\. JPEG and WebP "
+                                        r"compression blurs the label ids .* \(a JPEG re-saved as PNG keeps the blur\)"):
+        add_data(ws, src, "loose")
+    mask.with_suffix(".jpg").unlink()
+    with pytest.raises(DataError, match=rf"1 file\(s\) pair with nothing: images/{image.name}\. Each"):
         add_data(ws, src, "loose")
     assert [p.name for p in ws.registry_dir.iterdir()] == []
     image.unlink()
-    mask.with_suffix(".jpg").unlink()
     with pytest.raises(DataError, match=r"classes\.yaml: missing, and a plain folder names no classes"):
         add_data(ws, src, "loose")
     broken = tmp_path / "classes.yaml"

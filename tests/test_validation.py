@@ -132,9 +132,17 @@ def test_orphans_on_both_sides(batch):
     stems = sorted(p.stem for p in (batch / "images").glob("*.png"))
     (batch / "masks" / f"{stems[0]}.png").unlink()
     (batch / "images" / f"{stems[1]}.png").unlink()
+    mask = batch / "masks" / f"{stems[2]}.png"  # a mask saved as JPEG: there, but not a label map to trust
+    Image.open(mask).save(mask.with_suffix(".jpg"), quality=95)
+    mask.unlink()
     report, _, _ = run(batch)
-    assert "mask_present" in checks_of(report, stems[0])
-    assert "image_present" in checks_of(report, stems[1])
+    # each file is failed for its cause alone, the cause shown (a missing file is not also "unreadable")
+    assert checks_of(report, stems[0]) == {"mask_present"} and checks_of(report, stems[1]) == {"image_present"}
+    assert checks_of(report, stems[2]) == {"mask_readable"}
+    observed = {(f.stem, f.check): f.observed for f in report.failures}
+    assert observed[stems[0], "mask_present"] == f"no masks/{stems[0]}.(png|bmp|tif)"
+    assert observed[stems[1], "image_present"] == f"no images/{stems[1]}.(png|jpg|bmp|tif|webp)"
+    assert observed[stems[2], "mask_readable"].startswith("a .jpg mask: lossy compression blurs the label ids")
 
 
 def test_duplicate_images_within_the_batch(batch):

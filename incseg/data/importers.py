@@ -246,6 +246,12 @@ def _refuse_unpaired(src: Path) -> None:
     if twins:
         raise DataError(f"{src}: {len(twins)} stem(s) name two files: {'; '.join(twins[:5])}. A mask "
                         f"{MASKS_DIR}/STEM{MASK_SUFFIX} pairs with one image: rename or move the others")
+    lossy = [f"{MASKS_DIR}/{f.name}" for f in list_files(src / MASKS_DIR) if f.suffix.lower() not in MASK_SUFFIXES]
+    if lossy:
+        more = f" and {len(lossy) - 5} more" if len(lossy) > 5 else ""
+        raise DataError(f"{src}: {len(lossy)} mask(s) in a lossy format: {', '.join(lossy[:5])}{more}. JPEG and WebP "
+                        "compression blurs the label ids at every edge, so a mask must be PNG, BMP or TIFF: export "
+                        "the masks losslessly from the labelling tool (a JPEG re-saved as PNG keeps the blur)")
     left = [str(f.relative_to(src)) for f in unpaired(src)]
     if left:
         more = f" and {len(left) - 5} more" if len(left) > 5 else ""

@@ -38,7 +38,7 @@ MESSAGES = {
 }
 # columns whose value explains a failure of that check
 OBSERVED = {
-    "image_present": "stem", "mask_present": "stem", "image_readable": "image_error", "mask_readable": "mask_error",
+    "image_present": "image_error", "mask_present": "mask_error", "image_readable": "image_error", "mask_readable": "mask_error",
     "mask_single_channel": "mask_mode", "same_size": "size_match", "width_within_bounds": "width",
     "height_within_bounds": "height", "known_label_ids": "unknown_label_ids", "ignore_fraction_bounded": "ignore_fraction",
     "mask_not_empty": "foreground_fraction", "unique_in_batch": "image_sha256", "not_in_registry": "seen_in", "not_in_holdout": "in_holdout",
@@ -78,8 +78,8 @@ def build_suite(p: ValidationParams, reference: dict | None):
     exps = [
         check("image_present", in_set("has_image", [True])),
         check("mask_present", in_set("has_mask", [True])),
-        check("image_readable", in_set("image_ok", [True])),
-        check("mask_readable", in_set("mask_ok", [True])),
+        check("image_readable", in_set("image_read", [True])),
+        check("mask_readable", in_set("mask_read", [True])),
         check("mask_single_channel", in_set("mask_mode", ["L", "P"])),
         check("same_size", in_set("size_match", [True])),
         check("width_within_bounds", E.ExpectColumnValuesToBeBetween(column="width", min_value=p.min_size, max_value=p.max_size)),

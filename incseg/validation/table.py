@@ -49,6 +49,10 @@ def image_row(path: Path) -> dict:
 
 def mask_row(path: Path, n_classes: int) -> dict:
     row: dict = {"mask_path": str(path), "mask_ok": False, "mask_error": ""}
+    if path.suffix.lower() not in MASK_SUFFIXES:
+        row["mask_error"] = (f"a {path.suffix} mask: lossy compression blurs the label ids at every edge; export "
+                             "masks as PNG, BMP or TIFF (re-saving this one keeps the blur)")
+        return row
     im, err = _open(path)
     if im is None:
         row["mask_error"] = err
@@ -78,7 +82,8 @@ Entry = tuple[str, str | None, str | None]  # (stem, image path, mask path)
 def file_entries(batch_dir: Path) -> list[Entry]:
     """Every stem seen in `images/` or `masks/`, with its files (None where one is missing)."""
     images = {p.stem: p for p in list_files(batch_dir / IMAGES_DIR)}
-    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR, MASK_SUFFIXES)}
+    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR)}  # a JPEG mask is failed for being one ...
+    masks |= {p.stem: p for p in list_files(batch_dir / MASKS_DIR, MASK_SUFFIXES)}  # ... a lossless one of its stem wins
     return [(stem, _str(images.get(stem)), _str(masks.get(stem))) for stem in sorted(images.keys() | masks.keys())]
 
 
@@ -94,8 +99,12 @@ def file_rows(entries: list[Entry], n_classes: int) -> list[dict]:
                "mask_ok": False}
         if image is not None:
             row.update(image_row(Path(image)))
+        else:
+            row["image_error"] = f"no {IMAGES_DIR}/{stem}.(png|jpg|bmp|tif|webp)"
         if mask is not None:
             row.update(mask_row(Path(mask), n_classes))
+        else:
+            row["mask_error"] = f"no {MASKS_DIR}/{stem}.(png|bmp|tif)"
         rows.append(row)
     return rows
 
@@ -108,7 +117,10 @@ def assemble(rows: list[dict], n_classes: int) -> pd.DataFrame:
         table[col] = table[col].fillna("").astype(object)
     for col in ("has_image", "has_mask", "image_ok", "mask_ok"):
         table[col] = table[col].fillna(False).astype(bool)
-    # sizes are compared only where both files were read: an unreadable one is failed for that alone
+    # a missing file is failed for that alone (not as unreadable too), and sizes are compared only where
+    # both files were read: an unreadable one is failed for that alone
+    table["image_read"] = ~table["has_image"] | table["image_ok"]
+    table["mask_read"] = ~table["has_mask"] | table["mask_ok"]
     both_read = table["image_ok"] & table["mask_ok"]
     same = (table["width"] == table["mask_width"]) & (table["height"] == table["mask_height"])
     table["size_match"] = ~both_read | same
