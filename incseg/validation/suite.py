@@ -38,7 +38,8 @@ MESSAGES = {
 }
 # columns whose value explains a failure of that check
 OBSERVED = {
-    "image_present": "image_error", "mask_present": "mask_error", "image_readable": "image_error", "mask_readable": "mask_error",
+    "image_present": "image_error", "mask_present": "mask_error",
+    "image_readable": "image_error", "mask_readable": "mask_error",
     "mask_single_channel": "mask_mode", "same_size": "size_match", "width_within_bounds": "width",
     "height_within_bounds": "height", "known_label_ids": "unknown_label_ids", "ignore_fraction_bounded": "ignore_fraction",
     "mask_not_empty": "foreground_fraction", "unique_in_batch": "image_sha256", "not_in_registry": "seen_in", "not_in_holdout": "in_holdout",

@@ -82,8 +82,9 @@ Entry = tuple[str, str | None, str | None]  # (stem, image path, mask path)
 def file_entries(batch_dir: Path) -> list[Entry]:
     """Every stem seen in `images/` or `masks/`, with its files (None where one is missing)."""
     images = {p.stem: p for p in list_files(batch_dir / IMAGES_DIR)}
-    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR)}  # a JPEG mask is failed for being one ...
-    masks |= {p.stem: p for p in list_files(batch_dir / MASKS_DIR, MASK_SUFFIXES)}  # ... a lossless one of its stem wins
+    # a JPEG mask is listed, to be failed for being one; a lossless mask of the same stem wins
+    masks = {p.stem: p for p in list_files(batch_dir / MASKS_DIR)}
+    masks |= {p.stem: p for p in list_files(batch_dir / MASKS_DIR, MASK_SUFFIXES)}
     return [(stem, _str(images.get(stem)), _str(masks.get(stem))) for stem in sorted(images.keys() | masks.keys())]
 
 
