@@ -18,11 +18,19 @@ holdout IoU (candidate and champion) go into result.json too.
 
 `--set` changes the workspace's params.yaml after `init` (YAML values: `--set train.update_max_steps=3200`),
 for a probe of one knob on this look; the result records what was set.
+
+    python benchmarks/foreign_look.py OUT --updates-from RUN [--set SECTION.KEY=VALUE ...]
+
+re-runs the stream's updates of an earlier run (RUN, its OUT) from the same base model, so two update
+recipes are compared on one bootstrap: RUN/ws is copied to OUT/ws, `champion` set back to the bootstrap's
+version, `--set` applied to the copy's params.yaml, and each later batch updated again. The copy's new
+runs log their artifacts into RUN/ws's artifact store (its experiment's location): keep RUN.
 """
 
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -175,13 +183,40 @@ def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: in
     result = {"look": f"foreign_look.py --images {images} --holdout {holdout} --size {size} --classes {classes} "
                       f"--seed {seed} --stream {stream} --step-images {step_images}",
               "seconds": round(time.perf_counter() - clock), "metrics": json.loads((out / "metrics.json").read_text()),
-              "set": changes or {}, "curves": newest_run(ws)["curves"], "updates": []}
+              "set": changes or {}, "curves": newest_run(ws)["curves"]}
+    result["updates"] = run_updates(ws, data, stream)
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def run_updates(ws: Path, data: Path, stream: int, add: bool = True) -> list[dict]:
+    """`incseg update` on each later batch (added first when `add`), with what each decided."""
+    updates = []
     for i in range(1, stream + 1):
         batch = f"batch-{i:02d}"
-        incseg("data", "add", str(data / batch), cwd=ws)
+        if add:
+            incseg("data", "add", str(data / batch), cwd=ws)
         clock = time.perf_counter()
         incseg("update", batch, cwd=ws, check=False)  # exit 1: rejected
-        result["updates"].append({"batch": batch, "seconds": round(time.perf_counter() - clock), **newest_run(ws)})
+        updates.append({"batch": batch, "seconds": round(time.perf_counter() - clock), **newest_run(ws)})
+    return updates
+
+
+def updates_again(out: Path, run: Path, changes: dict[str, object] | None = None) -> dict:
+    """The updates of the earlier run in `run` again, from its base model, with `changes` set."""
+    import shutil
+
+    before = json.loads((run / "result.json").read_text())
+    ws = out / "ws"
+    shutil.copytree(run / "ws", ws, symlinks=True)
+    incseg("promote", "1", cwd=ws)  # the bootstrap's version: the first registered
+    if changes:
+        set_params(ws / "params.yaml", changes)
+        subprocess.run(["git", "-c", "user.name=foreign_look", "-c", "user.email=foreign_look@localhost", "commit",
+                        "-qam", "foreign_look.py --updates-from: --set"], cwd=ws, check=True)
+    result = {"look": before["look"], "updates_from": str(run), "set": changes or {},
+              "metrics": before["metrics"], "updates": run_updates(ws, run / "source", len(before["updates"]),
+                                                                    add=False)}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -200,6 +235,8 @@ if __name__ == "__main__":
     ap.add_argument("--step-images", type=int, default=120, help="images per later batch")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the workspace's params.yaml after init (repeatable; the value is YAML)")
+    ap.add_argument("--updates-from", type=Path, metavar="RUN",
+                    help="re-run the updates of the run in RUN from its base model (see above)")
     a = ap.parse_args()
     import yaml
 
@@ -209,6 +246,12 @@ if __name__ == "__main__":
     changes = {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in a.set)}
     if a.out.exists():
         ap.error(f"{a.out} exists; give a new folder")
+    if a.updates_from is not None:
+        if not (a.updates_from / "result.json").is_file():
+            ap.error(f"{a.updates_from}: no result.json of a finished run there")
+        a.out.mkdir(parents=True)
+        print(json.dumps(updates_again(a.out, a.updates_from, changes), indent=1))
+        sys.exit(0)
     a.out.mkdir(parents=True)
     if a.stream >= a.classes:
         ap.error("--stream must leave the base batch at least one class")
