@@ -351,6 +351,9 @@ class Judgement:
         def f(v) -> str:
             return "-" if v is None or v != v else f"{v:.3f}"
 
+        def cell(text) -> str:  # a class named `a|b` would split its row's cells
+            return str(text).replace("|", "\\|")
+
         lines = [f"# Verdict: {status.replace('_', ' ')}", "", self.decision.reason, ""]
         if self.decision.checks:
             def spread(c) -> str:
@@ -359,13 +362,13 @@ class Judgement:
 
             lines += ["| check | passed | value | limit | interval over holdout images | detail |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {c.name} | {'yes' if c.passed else '**no**'} | {c.observed} | {c.threshold} | {spread(c)} | "
-                      f"{c.detail} |" for c in self.decision.checks]
+            lines += [f"| {cell(c.name)} | {'yes' if c.passed else '**no**'} | {c.observed} | {c.threshold} | "
+                      f"{spread(c)} | {cell(c.detail)} |" for c in self.decision.checks]
             lines.append("")
         t = self.iou_table()
         lines += ["| class | champion | candidate | change |", "|---|---|---|---|"]
-        lines += [f"| {n} | {f(a)} | {f(b)} | {f(c)} |" for n, a, b, c in zip(t["class"], t["champion"], t["candidate"],
-                                                                             t["change"])]
+        lines += [f"| {cell(n)} | {f(a)} | {f(b)} | {f(c)} |" for n, a, b, c in zip(t["class"], t["champion"],
+                                                                                   t["candidate"], t["change"])]
         lines += ["", f"mIoU: champion {f((self.champion or {}).get('miou'))}, candidate {f(self.candidate['miou'])}"]
         return "\n".join(lines) + "\n"
 

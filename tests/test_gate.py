@@ -72,3 +72,21 @@ def test_who_decides_under_each_approval_mode():
              for mode in ("auto", "manual", "close_calls") for passed in (True, False) for close in (True, False)}
     assert [k for k, held in table.items() if held] == [
         ("manual", True, True), ("manual", True, False), ("close_calls", True, True)]  # a failed check never waits
+
+
+def test_the_verdict_card_keeps_a_class_named_with_a_bar_in_its_row():
+    """A class named `a|b` split its row of the verdict card's markdown tables into one cell too many."""
+    from incseg.gate import Check, Decision
+    from incseg.pipeline import Judgement
+
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([[0, 1, 2, 2]]), torch.tensor([[0, 1, 2, 1]]))
+    names = {0: "background", 1: "cat|dog", 2: "x"}
+    report = iou_report(cm, [0, 1], [2], names)
+    check = Check("class_drop:cat|dog", True, 0.0, 0.05, "'cat|dog' IoU 0.500 -> 0.500")
+    card = Judgement(Decision(True, "passed", [check]), report, report, {"candidate": cm}).card("promoted")
+    rows = [line for line in card.splitlines() if line.startswith("|") and "cat" in line]
+    assert len(rows) == 2, card
+    for row in rows:  # the check table has 6 columns, the IoU table 4: their unescaped bars
+        bars = row.replace("\\|", "").count("|")
+        assert bars == (7 if row.startswith("| class_drop") else 5), row

@@ -143,6 +143,8 @@ def test_orphans_on_both_sides(batch):
     assert observed[stems[0], "mask_present"] == f"no masks/{stems[0]}.(png|bmp|tif)"
     assert observed[stems[1], "image_present"] == f"no images/{stems[1]}.(png|jpg|bmp|tif|webp)"
     assert observed[stems[2], "mask_readable"].startswith("a .jpg mask: lossy compression blurs the label ids")
+    rows = [line for line in report.markdown().splitlines() if line.startswith(f"| {stems[0]} ")]
+    assert [row.replace("\\|", "").count("|") for row in rows] == [5], rows  # "(png|bmp|tif)" stays in its cell
 
 
 def test_duplicate_images_within_the_batch(batch):

@@ -60,7 +60,8 @@ class ValidationReport:
                 lines += [f"## {title}", *[f"- {i}" for i in items], ""]
         if self.failures:
             lines += ["## File failures", "", "| file | check | observed | meaning |", "|---|---|---|---|"]
-            lines += [f"| {f.stem} | {f.check} | {f.observed} | {f.message} |" for f in self.failures]
+            lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in (f.stem, f.check, f.observed, f.message))
+                      + " |" for f in self.failures]  # a `|` in a file name or a reason would split its cell
         return "\n".join(lines) + "\n"
 
 
