@@ -306,24 +306,54 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
     dst.parent.mkdir(parents=True, exist_ok=True)
     installed = ws.colours_file.exists()
     before = ws.classes_file.read_bytes() if ws.classes_file.exists() else None  # restored if the import fails
+    head = _head(ws.root)
+    imported = False
     try:
         if classes is not None:
             install_classes(ws, classes)
         info = import_batch(src, dst, layout, split, ws.classes_file,
                             colours or (ws.colours_file if installed else None), progress)
+        imported = True
+        if colours is not None and not installed:  # read and used by the import: a bad table never gets here
+            shutil.copyfile(colours, ws.colours_file)
+        also = [f for f in (ws.classes_file, ws.colours_file) if f.exists()]
+        h = track_all(ws.root, [dst], f"data: add {'holdout' if holdout else 'batch ' + dst.name}", also)[0]
     except BaseException:
-        if replaced is not None:  # a refused (or interrupted) replacement leaves the holdout as it was
+        if _head(ws.root) != head:
+            raise  # committed (a push failed after): the batch is in, the error says what is left to do
+        # refused, failed or interrupted before its commit: the workspace is left as it was, so a retry can run
+        if imported:
+            _unversion(ws.root, dst)
+        if replaced is not None:  # the holdout as it was
             shutil.rmtree(dst, ignore_errors=True)
             replaced.rename(dst)
-        if before is None:  # and the class names as they were
+        elif imported:
+            shutil.rmtree(dst, ignore_errors=True)
+        if before is None:  # and the class names and colour table as they were
             ws.classes_file.unlink(missing_ok=True)
         else:
             ws.classes_file.write_bytes(before)
+        if colours is not None and not installed:
+            ws.colours_file.unlink(missing_ok=True)
         raise
     if replaced is not None:
         shutil.rmtree(replaced)
-    if colours is not None and not installed:  # read and used by the import: a bad table never gets here
-        shutil.copyfile(colours, ws.colours_file)
-    also = [f for f in (ws.classes_file, ws.colours_file) if f.exists()]
-    h = track_all(ws.root, [dst], f"data: add {'holdout' if holdout else 'batch ' + dst.name}", also)[0]
     return dst, info, h
+
+
+def _head(root: Path) -> str:
+    """The commit checked out ("" before the first)."""
+    proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip()
+
+
+def _unversion(root: Path, folder: Path) -> None:
+    """Undo what a `dvc add` of `folder` may have done before its commit: its `.dvc` file and the
+    `.gitignore` entry beside it back to the last commit's (or gone), nothing of them left staged."""
+    for f in (folder.with_name(folder.name + ".dvc"), folder.parent / ".gitignore"):
+        rel = str(f.resolve().relative_to(root.resolve()))
+        subprocess.run(["git", "reset", "-q", "--", rel], cwd=root, capture_output=True)
+        if subprocess.run(["git", "cat-file", "-e", f"HEAD:{rel}"], cwd=root, capture_output=True).returncode == 0:
+            git(root, "checkout", "-q", "HEAD", "--", rel)
+        else:
+            f.unlink(missing_ok=True)

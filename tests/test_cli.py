@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,29 @@ def test_a_push_to_an_unusable_dvc_remote_fails_in_one_line_naming_the_command(t
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "`dvc push data/registry/batch-00.dvc` failed" in errors[0], result.output
     log = subprocess.run(["git", "log", "--oneline"], cwd=tmp_path / "ws", capture_output=True, text=True).stdout
+    assert "data: add batch batch-00" in log
+
+
+def test_a_data_add_that_dvc_cannot_version_leaves_the_workspace_as_it_was(tmp_path, stream_dir):
+    """`dvc add` failing (a disk error, a Ctrl-C in a large batch's hashing) left the copied batch folder
+    and the class names behind, uncommitted, and a retry was refused: 'batch-00 already exists'."""
+    ws = tmp_path / "ws"
+    assert runner.invoke(app, ["init", str(ws)]).exit_code == 0
+    cache = ws / ".dvc" / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.write_text("a file where DVC's cache should be\n")
+    args = ["-C", str(ws), "data", "add", str(stream_dir / "registry" / "batch-00"), "--classes",
+            str(stream_dir / "classes.yaml")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "`dvc add data/registry/batch-00` failed" in result.output, result.output
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ws, capture_output=True,
+                            text=True).stdout
+    assert status == "" and not (ws / "data" / "registry" / "batch-00").exists(), status
+    assert not (ws / "data" / "classes.yaml").exists()
+    cache.unlink()
+    result = runner.invoke(app, args)  # the retry goes through
+    assert result.exit_code == 0, result.output
+    log = subprocess.run(["git", "log", "--oneline"], cwd=ws, capture_output=True, text=True).stdout
     assert "data: add batch batch-00" in log
 
 
