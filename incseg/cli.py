@@ -19,8 +19,9 @@ from typer.core import TyperGroup
 
 from incseg.bench import ABLATION
 from incseg.config import PARAMS_FILE, UPDATE_RULE_SHARED, ConfigError, Style
-from incseg.data.layout import IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR, DataError, list_batches, list_files, read_classes
-from incseg.datastore import StoreError, batch_root
+from incseg.data.layout import (IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR, BatchInfo, DataError, list_batches, list_files,
+                                 read_classes)
+from incseg.datastore import StoreError, batch_root, holdout_gap
 from incseg.workspace import Workspace
 
 
@@ -163,7 +164,7 @@ def data_add(
     """Bring a batch into the DVC-tracked registry (dvc add, git commit, dvc push)."""
     from rich.progress import track
 
-    from incseg.datastore import add_data, holdout_gap
+    from incseg.datastore import add_data
 
     ws = workspace(ctx, required=False)
     console.print(f"{src}: reading and copying the pairs, then dvc add, git commit, dvc push ...", highlight=False)
@@ -459,10 +460,20 @@ def bootstrap(
         batches = list(registered(ws))
         if not batches:
             raise Failure(f"no registered batches in {ws.registry_dir}: run `incseg data add` or `incseg data synth`")
-        batch_root(ws, batch_id or batches[0])  # an unknown id: one line now, not a flow run that fails on it
+        refuse_early(ws, batch_id or batches[0])
         print_result(bootstrap_flow(batch_id or batches[0], str(ws.root)))
     if metrics is not None:
         write_json(ws.path(metrics), reg.champion_metrics())
+
+
+def refuse_early(ws: Workspace, batch_id: str) -> None:
+    """What the bootstrap and update flows refuse at once, said in one line before a flow run (whose failure
+    Prefect would log as an error too): an unknown batch id, a class the holdout labels nowhere."""
+    root = batch_root(ws, batch_id)
+    if (root / "batch.yaml").is_file():  # the classes the flow reads (`pipeline.check_batch`)
+        gap = holdout_gap(ws, batch_id, BatchInfo.read(root).classes)
+        if gap:
+            raise Failure(gap)
 
 
 @app.command("update")
@@ -471,7 +482,7 @@ def update_cmd(ctx: typer.Context, batch_id: Annotated[str, typer.Argument(help=
     from incseg.registry import ModelRegistry, RegistryUnavailable, reachable
 
     ws = workspace(ctx)
-    batch_root(ws, batch_id)  # an unknown id: one line now, not a flow run that fails on it
+    refuse_early(ws, batch_id)
     with contextlib.suppress(RegistryUnavailable), reachable(ws.tracking_uri):  # a store that does not answer:
         ModelRegistry(ws).require_champion()  # the flow retries and reports it; no champion: said in one line now
     flows_ready()

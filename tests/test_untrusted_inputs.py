@@ -313,6 +313,18 @@ def test_a_bootstrap_without_a_holdout_fails_before_its_training(synth_ws, prefe
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+def flow_runs_of(ws_root: Path) -> list[str]:
+    """The names of the flows run on this workspace, oldest first (the API is shared by the session's tests)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=200)
+        flows = {r.flow_id for r in runs if r.parameters.get("workspace") == str(ws_root)}
+        names = {f: client.read_flow(f).name for f in flows}
+    return [names[r.flow_id] for r in reversed(runs) if r.parameters.get("workspace") == str(ws_root)]
+
+
 def _unlabel_in_holdout(ws_root: Path, class_id: int) -> None:
     """The holdout's masks with every pixel of `class_id` made background (a holdout made before the class)."""
     from incseg.data.layout import read_mask
@@ -336,6 +348,7 @@ def test_a_class_the_holdout_lacks_is_refused_before_training(synth_ws, prefect_
     result = runner.invoke(app_(), ["-C", str(synth_ws), "bootstrap"], terminal_width=400)
     one_line_error(result, "holdout", "no pixel labelled 'square' (1)", "batch 'batch-00'", "--holdout --force")
     assert "bootstrap batch-00 at" not in result.output  # no training started
+    assert flow_runs_of(synth_ws) == []  # refused before a flow run (whose failure Prefect logs as an ERROR too)
     client = ModelRegistry(Workspace(synth_ws)).client
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
@@ -346,6 +359,7 @@ def test_a_class_the_holdout_lacks_is_refused_before_training(synth_ws, prefect_
     result = runner.invoke(app_(), ["-C", str(synth_ws), "update", "batch-01"], terminal_width=400)
     one_line_error(result, "no pixel labelled 'triangle' (3)", "batch 'batch-01'")
     assert "update batch-01" not in result.output
+    assert flow_runs_of(synth_ws) == ["bootstrap"]  # refused before a flow run (whose failure Prefect logs too)
     reg = ModelRegistry(Workspace(synth_ws))
     assert [str(v.version) for v in reg.client.search_model_versions()] == ["1"]  # nothing registered, champion kept
     assert len(reg.client.search_runs([e.experiment_id for e in reg.client.search_experiments()])) == 1
