@@ -54,15 +54,17 @@ def confusion_figure(cm: ConfusionMatrix, names: dict[int, str]) -> plt.Figure:
 
 
 @torch.no_grad()
-def preview_figure(models: dict[str, nn.Module], pairs: list[Pair], transform) -> plt.Figure:
-    """Rows of holdout images: the image, ground truth, then each model's prediction, overlaid."""
+def preview_figure(models: dict[str, nn.Module], pairs: list[Pair], sizes: dict[str, int]) -> plt.Figure:
+    """Rows of holdout images: the image, ground truth, then each model's prediction, overlaid; each
+    model sees the image at its own size (`sizes`: the one it is judged and served at)."""
     cols = 2 + len(models)
     fig, axes = plt.subplots(len(pairs), cols, figsize=(2 * cols, 2 * len(pairs)), squeeze=False)
+    transforms = {name: eval_transforms(sizes[name]) for name in models}
     for row, pair in zip(axes, pairs):
         image, mask = read_image(pair.image), read_mask(pair.mask)
-        x, _ = transform(image, mask)
         panels = [image, overlay(image, mask)]
-        for model in models.values():
+        for name, model in models.items():
+            x, _ = transforms[name](image, mask)
             logits = model.eval()(x[None].float())
             logits = nn.functional.interpolate(logits, size=mask.shape, mode="bilinear")
             panels.append(overlay(image, logits.argmax(1)[0].numpy().astype(np.uint8)))
@@ -74,12 +76,15 @@ def preview_figure(models: dict[str, nn.Module], pairs: list[Pair], transform) -
     return fig
 
 
-def review_figures(ws: Workspace, j: Judgement, models: dict[str, nn.Module]) -> dict[str, plt.Figure]:
-    """What a reviewer looks at in the run: the candidate's confusion matrix and holdout overlays."""
+def review_figures(ws: Workspace, j: Judgement, models: dict[str, nn.Module],
+                   sizes: dict[str, int] | None = None) -> dict[str, plt.Figure]:
+    """What a reviewer looks at in the run: the candidate's confusion matrix and holdout overlays, each
+    model at its size in `sizes` (by default `data.image_size`; the champion's own, as the gate judged it)."""
     figures = {"plots/confusion_candidate.png": confusion_figure(j.matrices["candidate"], read_classes(ws.classes_file))}
     pairs = find_pairs(ws.holdout_dir)
     step = max(1, len(pairs) // max(1, ws.params.eval.preview_images))
     preview = pairs[::step][: ws.params.eval.preview_images]
     if preview:
-        figures["plots/holdout_preview.png"] = preview_figure(models, preview, eval_transforms(ws.params.data.image_size))
+        at = {name: (sizes or {}).get(name) or ws.params.data.image_size for name in models}
+        figures["plots/holdout_preview.png"] = preview_figure(models, preview, at)
     return figures

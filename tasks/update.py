@@ -117,7 +117,8 @@ def judge(ws: Workspace, run_id: str, candidate, champion, batch: Batch, champio
     the pictures for reviewers."""
     judgement = pipeline.judge(ws, candidate, champion, batch, champion_size)
     models = {"candidate": candidate} if champion is None else {"champion": champion, "candidate": candidate}
-    ModelRegistry(ws).log_judgement(run_id, judgement, review_figures(ws, judgement, models))
+    figures = review_figures(ws, judgement, models, {"champion": champion_size} if champion_size else None)
+    ModelRegistry(ws).log_judgement(run_id, judgement, figures)
     return judgement
 
 

@@ -199,3 +199,29 @@ def test_close_calls_mode_promotes_a_clear_pass_without_waiting(reviewed):
         assert ModelRegistry(ws).aliases()["champion"] == result.candidate_version
     finally:
         set_params(ws, reviewed.params)
+
+
+def test_the_holdout_preview_shows_each_model_at_its_own_size(tmp_path):
+    """The gate judges the champion at the size it was trained at; the reviewer's overlays showed it at
+    the candidate's, so a champion trained at 64 px looked worse in the picture than it serves."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from incseg.data.layout import find_pairs, write_pair
+    from incseg.reports import preview_figure
+
+    class Seen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def forward(self, x):
+            self.sizes.append(tuple(x.shape[-2:]))
+            return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    write_pair(tmp_path, "a", np.zeros((80, 100, 3), np.uint8), np.zeros((80, 100), np.uint8))
+    champion, candidate = Seen(), Seen()
+    preview_figure({"champion": champion, "candidate": candidate}, find_pairs(tmp_path),
+                   {"champion": 64, "candidate": 96})
+    assert (champion.sizes, candidate.sizes) == ([(64, 64)], [(96, 96)])
