@@ -468,8 +468,11 @@ def bootstrap(
 
 def refuse_early(ws: Workspace, batch_id: str) -> None:
     """What the bootstrap and update flows refuse at once, said in one line before a flow run (whose failure
-    Prefect would log as an error too): an unknown batch id, a class the holdout labels nowhere."""
+    Prefect would log as an error too): an unknown batch id, no holdout, a class the holdout labels nowhere."""
+    from incseg.pipeline import holdout_pairs
+
     root = batch_root(ws, batch_id)
+    holdout_pairs(ws)
     if (root / "batch.yaml").is_file():  # the classes the flow reads (`pipeline.check_batch`)
         gap = holdout_gap(ws, batch_id, BatchInfo.read(root).classes)
         if gap:

@@ -309,6 +309,7 @@ def test_a_bootstrap_without_a_holdout_fails_before_its_training(synth_ws, prefe
     result = runner.invoke(app_(), ["-C", str(synth_ws), "bootstrap"], terminal_width=400)
     one_line_error(result, "holdout", "is empty")
     assert "bootstrap batch-00 at" not in result.output  # no training started
+    assert flow_runs_of(synth_ws) == []  # refused before a flow run (whose failure Prefect logs as an ERROR too)
     client = ModelRegistry(Workspace(synth_ws)).client
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
