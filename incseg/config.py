@@ -155,7 +155,8 @@ class ValidationParams(Section):
     min_images: int = Field(1, ge=1)
     max_images: int = Field(100_000, ge=1)
     max_ignore_fraction: float = Field(0.5, ge=0, le=1)
-    min_foreground_fraction: float = Field(0.001, ge=0, le=1, description="mask must not be all background/ignore")
+    min_foreground_fraction: float = Field(1e-6, ge=0, le=1, description="mask must not be all background/ignore "
+                                           "(the share of labelled foreground below which it counts as such)")
     min_valid_fraction: float = Field(0.8, ge=0, le=1, description="share of files that must pass for the batch to proceed")
     max_resent_fraction: float = Field(0.5, ge=0, le=1, description="more images already in the registry = a re-send")
     drift_max_class_distance: float = Field(0.25, ge=0, le=1, description="total-variation distance of class pixel shares")

@@ -119,6 +119,23 @@ def test_all_background_mask_is_refused(batch):
     assert stem in report.valid_stems and not report.rejected
 
 
+def test_a_mask_with_one_small_object_is_not_empty(batch):
+    """The check is for masks with nothing labelled: a lesion, a defect or a far-off sign of 0.05 % of
+    the image was refused as "all background" by a 0.1 % floor."""
+    stem = stem0(batch)
+    msk = batch / "masks" / f"{stem}.png"
+    mask = np.zeros_like(np.array(Image.open(msk)))
+    mask[:2, :2] = 1  # 4 pixels of 64 x 64: 0.1 %, then 1 of them
+    Image.fromarray(mask).save(msk)
+    report, _, _ = run(batch)
+    assert stem in report.valid_stems, report.failures
+    mask[:2, :2] = 0
+    mask[0, 0] = 1
+    Image.fromarray(mask).save(msk)
+    report, _, _ = run(batch)
+    assert stem in report.valid_stems, report.failures
+
+
 def test_rgb_mask_message_says_so(batch):
     stem = stem0(batch)
     msk = batch / "masks" / f"{stem}.png"
