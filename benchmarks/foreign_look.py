@@ -30,7 +30,6 @@ runs log their artifacts into RUN/ws's artifact store (its experiment's location
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -206,14 +205,15 @@ def updates_again(out: Path, run: Path, changes: dict[str, object] | None = None
     """The updates of the earlier run in `run` again, from its base model, with `changes` set."""
     import shutil
 
+    from incseg.datastore import git
+
     before = json.loads((run / "result.json").read_text())
     ws = out / "ws"
     shutil.copytree(run / "ws", ws, symlinks=True)
     incseg("promote", "1", cwd=ws)  # the bootstrap's version: the first registered
     if changes:
         set_params(ws / "params.yaml", changes)
-        subprocess.run(["git", "-c", "user.name=foreign_look", "-c", "user.email=foreign_look@localhost", "commit",
-                        "-qam", "foreign_look.py --updates-from: --set"], cwd=ws, check=True)
+        git(ws, "commit", "-qam", "foreign_look.py --updates-from: --set")
     result = {"look": before["look"], "updates_from": str(run), "set": changes or {},
               "metrics": before["metrics"], "updates": run_updates(ws, run / "source", len(before["updates"]),
                                                                     add=False)}

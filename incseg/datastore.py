@@ -282,8 +282,8 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
     table of colour-coded masks (`importers.read_colours`), installed as the workspace's
     (`colours_file`, versioned with the data) if it has none; without it the workspace's is used.
     `progress` wraps the pairs as they are copied (`importers.import_batch`). `classes`: installed as
-    `classes_file` (`install_classes`: new ids only, where it has one). An import refused leaves the
-    holdout and the class names as they were.
+    `classes_file` (`install_classes`: new ids only, where it has one). An import refused, failed or
+    interrupted before its commit leaves the registry, the holdout and the class names as they were.
 
     Returns (folder, its batch.yaml, its DVC hash). The holdout is fixed: replacing it needs `force`.
     """
@@ -306,7 +306,7 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
     dst.parent.mkdir(parents=True, exist_ok=True)
     installed = ws.colours_file.exists()
     before = ws.classes_file.read_bytes() if ws.classes_file.exists() else None  # restored if the import fails
-    head = _head(ws.root)
+    head = git(ws.root, "rev-parse", "HEAD").strip()  # `init` commits: a workspace has one
     imported = False
     try:
         if classes is not None:
@@ -319,7 +319,7 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
         also = [f for f in (ws.classes_file, ws.colours_file) if f.exists()]
         h = track_all(ws.root, [dst], f"data: add {'holdout' if holdout else 'batch ' + dst.name}", also)[0]
     except BaseException:
-        if _head(ws.root) != head:
+        if git(ws.root, "rev-parse", "HEAD").strip() != head:
             raise  # committed (a push failed after): the batch is in, the error says what is left to do
         # refused, failed or interrupted before its commit: the workspace is left as it was, so a retry can run
         if imported:
@@ -341,19 +341,13 @@ def add_data(ws: Workspace, src: Path, batch_id: str | None = None, *, holdout: 
     return dst, info, h
 
 
-def _head(root: Path) -> str:
-    """The commit checked out ("" before the first)."""
-    proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
-    return proc.stdout.strip()
-
-
 def _unversion(root: Path, folder: Path) -> None:
     """Undo what a `dvc add` of `folder` may have done before its commit: its `.dvc` file and the
     `.gitignore` entry beside it back to the last commit's (or gone), nothing of them left staged."""
     for f in (folder.with_name(folder.name + ".dvc"), folder.parent / ".gitignore"):
         rel = str(f.resolve().relative_to(root.resolve()))
-        subprocess.run(["git", "reset", "-q", "--", rel], cwd=root, capture_output=True)
-        if subprocess.run(["git", "cat-file", "-e", f"HEAD:{rel}"], cwd=root, capture_output=True).returncode == 0:
+        git(root, "reset", "-q", "--", rel)
+        if git(root, "ls-tree", "--name-only", "HEAD", "--", rel).strip():
             git(root, "checkout", "-q", "HEAD", "--", rel)
         else:
             f.unlink(missing_ok=True)
