@@ -12,9 +12,12 @@ With `--stream N` the last N classes are held back from the bootstrap's batch an
 batch, in which only the new class is labelled (old classes' objects appear, as background); each
 is brought in with `incseg data add` + `incseg update`, and its verdict, reason and per-class
 holdout IoU (candidate and champion) go into result.json too.
+With `--joint` the same stream (same seed, the same images) is written with every object labelled
+and bootstrapped as one batch instead: the stream's joint upper bound, the figure its final mIoU is
+set against.
 
     python benchmarks/foreign_look.py OUT [--images 720] [--holdout 150] [--size 96] [--classes 5] [--seed 0]
-                                          [--stream N] [--step-images 120] [--set SECTION.KEY=VALUE ...]
+                                          [--stream N] [--step-images 120] [--joint] [--set SECTION.KEY=VALUE ...]
 
 `--set` changes the workspace's params.yaml after `init` (YAML values: `--set train.update_max_steps=3200`),
 for a probe of one knob on this look; the result records what was set.
@@ -162,30 +165,45 @@ def set_params(params_file: Path, changes: dict[str, object]) -> None:
 
 
 def main(out: Path, images: int, holdout: int, size: int, classes: int, seed: int, stream: int = 0,
-         step_images: int = 120, changes: dict[str, object] | None = None) -> dict:
+         step_images: int = 120, changes: dict[str, object] | None = None, joint: bool = False) -> dict:
     rng = np.random.default_rng(seed)
     data, every = out / "source", list(range(1, classes + 1))
     base = every[:classes - stream]
     write_set(data / "holdout", holdout, size, every, rng)
     write_set(data / "train", images, size, base, rng)  # later classes never appear in the base batch
-    for i, new in enumerate(every[len(base):], 1):  # old classes appear, left unlabelled
-        write_set(data / f"batch-{i:02d}", step_images, size, every[:len(base) + i], rng, labelled={new}, must=new)
+    for i, new in enumerate(every[len(base):], 1):  # old classes appear, left unlabelled (but for --joint)
+        write_set(data / f"batch-{i:02d}", step_images, size, every[:len(base) + i], rng,
+                  labelled=None if joint else {new}, must=new)
     (data / "classes.yaml").write_text("".join(f"{i}: {n}\n" for i, n in enumerate(["background", *SHAPES[:classes]])))
     ws = out / "ws"
     incseg("init", str(ws), cwd=out)
     if changes:
         set_params(ws / "params.yaml", changes)
     incseg("data", "add", str(data / "holdout"), "--holdout", "--classes", str(data / "classes.yaml"), cwd=ws)
-    incseg("data", "add", str(data / "train"), "--batch-id", "batch-00", cwd=ws)
+    first = merge(data, stream) if joint else data / "train"
+    incseg("data", "add", str(first), "--batch-id", "batch-00", cwd=ws)
     clock = time.perf_counter()
     incseg("bootstrap", "--metrics", str(out / "metrics.json"), cwd=ws)
     result = {"look": f"foreign_look.py --images {images} --holdout {holdout} --size {size} --classes {classes} "
-                      f"--seed {seed} --stream {stream} --step-images {step_images}",
+                      f"--seed {seed} --stream {stream} --step-images {step_images}" + (" --joint" if joint else ""),
               "seconds": round(time.perf_counter() - clock), "metrics": json.loads((out / "metrics.json").read_text()),
               "set": changes or {}, "curves": newest_run(ws)["curves"]}
-    result["updates"] = run_updates(ws, data, stream)
+    result["updates"] = [] if joint else run_updates(ws, data, stream)
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def merge(data: Path, stream: int) -> Path:
+    """The base batch and the `stream` later ones in one folder, data/joint (files renamed by their batch)."""
+    import shutil
+
+    joint = data / "joint"
+    for part in ["train", *(f"batch-{i:02d}" for i in range(1, stream + 1))]:
+        for kind in ("images", "masks"):
+            (joint / kind).mkdir(parents=True, exist_ok=True)
+            for f in sorted((data / part / kind).iterdir()):
+                shutil.copyfile(f, joint / kind / f"{part}-{f.name}")
+    return joint
 
 
 def run_updates(ws: Path, data: Path, stream: int, add: bool = True) -> list[dict]:
@@ -233,6 +251,8 @@ if __name__ == "__main__":
     ap.add_argument("--stream", type=int, default=0, help="the last N classes come later, one batch each, "
                     "labelled for that class only; each is brought in with `incseg update`")
     ap.add_argument("--step-images", type=int, default=120, help="images per later batch")
+    ap.add_argument("--joint", action="store_true", help="bootstrap the stream's images, every object labelled, "
+                    "as one batch (the stream's joint upper bound; no updates)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the workspace's params.yaml after init (repeatable; the value is YAML)")
     ap.add_argument("--updates-from", type=Path, metavar="RUN",
@@ -247,6 +267,8 @@ if __name__ == "__main__":
     if a.out.exists():
         ap.error(f"{a.out} exists; give a new folder")
     if a.updates_from is not None:
+        if a.joint:
+            ap.error("--joint bootstraps a stream of its own; it does not go with --updates-from")
         if not (a.updates_from / "result.json").is_file():
             ap.error(f"{a.updates_from}: no result.json of a finished run there")
         a.out.mkdir(parents=True)
@@ -255,5 +277,5 @@ if __name__ == "__main__":
     a.out.mkdir(parents=True)
     if a.stream >= a.classes:
         ap.error("--stream must leave the base batch at least one class")
-    print(json.dumps(main(a.out, a.images, a.holdout, a.size, a.classes, a.seed, a.stream, a.step_images, changes),
-                     indent=1))
+    print(json.dumps(main(a.out, a.images, a.holdout, a.size, a.classes, a.seed, a.stream, a.step_images, changes,
+                          a.joint), indent=1))
