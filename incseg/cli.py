@@ -182,7 +182,7 @@ def data_add(
 
         fresh = Workspace(ws.root)
         shape = fresh.holdout_shape()
-        console.print(f"holdout images {shape[0]} x {shape[1]} px (median): models train at "
+        console.print(f"holdout images {shape[1]} x {shape[0]} px (width x height, median): models train at "
                       f"{fresh.params.data.image_size} px (data.image_size)"
                       if shape else "the holdout has no readable images")
         shared = trained_on_holdout(ws, len(read_classes(ws.classes_file))) if ws.classes_file.exists() else {}
