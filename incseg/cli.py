@@ -182,7 +182,7 @@ def data_add(
 
         fresh = Workspace(ws.root)
         shape = fresh.holdout_shape()
-        console.print(f"holdout images {shape[1]} x {shape[0]} px (width x height, median): models train at "
+        console.print(f"holdout images {size_text(shape)} (width x height, median): models train at "
                       f"{fresh.params.data.image_size} px (data.image_size)"
                       if shape else "the holdout has no readable images")
         shared = trained_on_holdout(ws, len(read_classes(ws.classes_file))) if ws.classes_file.exists() else {}
@@ -535,6 +535,11 @@ def models_table(ws: Workspace, width: int) -> RenderableType:
                           for r in rows if r[-1] or r[-2]))
 
 
+def size_text(shape: tuple[int, int]) -> str:
+    """An image size held as (height, width), written as sizes are: "120 x 90 px" is 120 wide."""
+    return f"{shape[1]} x {shape[0]} px"
+
+
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -644,7 +649,7 @@ def predict(
     ws = workspace(ctx)
     reg = ModelRegistry(ws)
     loaded = reg.load(reg.resolve(version, alias), ws.runs_dir / "models")
-    seen = f" from {loaded.native_size[0]} x {loaded.native_size[1]} px images" if loaded.native_size else ""
+    seen = f" from {size_text(loaded.native_size)} images (width x height)" if loaded.native_size else ""
     taught = [loaded.classes.get(c, str(c)) for c in taught_classes(loaded.model)]  # not every output: VOC has 21
     console.print(f"model '{reg.name}' version {loaded.version}, taught {len(taught)} classes ({', '.join(taught)}), "
                   f"trained at {loaded.image_size} px{seen}", highlight=False)

@@ -144,6 +144,12 @@ def test_adding_a_holdout_says_the_training_size_auto_chose(tmp_path):
     assert "".join(said.split()) in "".join(result.output.split()), result.output
 
 
+def test_sizes_are_said_width_first():
+    from incseg.cli import size_text
+
+    assert size_text((90, 120)) == "120 x 90 px"  # (height, width), as numpy and holdout_shape hold them
+
+
 def test_data_synth_writes_the_layout(tmp_path):
     (tmp_path / "params.yaml").write_text("synth: {size: 24, base_images: 2, step_images: 2, holdout_per_class: 1}\n")
     result = runner.invoke(app, ["-C", str(tmp_path), "data", "synth"])
