@@ -158,8 +158,10 @@ def data_add(
                        ] = None,
     colours: Annotated[Optional[Path], typer.Option(help="Colour-coded RGB masks: a YAML table of label id -> "
                                                     "[R, G, B] or \"#RRGGBB\" (255: ignore); every colour "
-                                                    "in a mask must be listed. Installed as the workspace's "
-                                                    "if it has none: later batches and `predict` use it.")] = None,
+                                                    "in a mask must be listed. A table of greys reads gray "
+                                                    "masks too (black-and-white masks: 0: '#000000', 1: "
+                                                    "'#ffffff'). Installed as the workspace's if it has "
+                                                    "none: later batches and `predict` use it.")] = None,
 ) -> None:
     """Bring a batch into the DVC-tracked registry (dvc add, git commit, dvc push)."""
     from rich.progress import track
@@ -311,14 +313,14 @@ def as_registered(ws: Workspace, src: Path, split: str, colours: Path | None, tm
     label-id masks; a Pascal VOC or Cityscapes layout, or colour-coded masks with a colour table
     (`colours`, else the workspace's), imported into `tmp` as `data add` would (ids mapped, a layout's
     class names in `tmp/classes.yaml`), since the suite reads the registry's layout and label ids."""
-    from incseg.data.importers import colour_coded, detect_layout, import_batch
+    from incseg.data.importers import colour_coded, detect_layout, import_batch, read_colours
 
     try:
         layout = detect_layout(src)
     except DataError:
         return src  # no known layout: the suite reports what is missing
     colours = colours or (ws.colours_file if ws.colours_file.exists() else None)
-    if layout == "folder" and (colours is None or not colour_coded(src)):
+    if layout == "folder" and (colours is None or not colour_coded(src, read_colours(colours))):
         return src  # as it is: each bad file is named by the suite (an import stops at the first)
     what = f"{layout} layout, split {split}" if layout != "folder" else f"colour-coded masks, colours from {colours}"
     dst = tmp / src.resolve().name

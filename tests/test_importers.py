@@ -353,6 +353,48 @@ def test_colour_coded_masks_import_through_a_colour_table(ws, stream_dir, tmp_pa
                for stem, expected in ids.items())
 
 
+def test_black_and_white_masks_are_named_and_read_through_a_grey_colour_table(ws, tmp_path):
+    """Masks of one class saved black and white (0 and 255: defects, lesions, cracks) were registered with
+    "classes [0]", 255 read as ignore, and every file then failed validation as "all background/ignore".
+    Now the import is refused with the way in (a grey colour table), validation says the same of such a
+    batch, and with `--colours` holding greys the gray masks are read through it: white is id 1."""
+    from typer.testing import CliRunner
+
+    from incseg.cli import app
+
+    src = tmp_path / "cracks"
+    for sub in ("images", "masks"):
+        (src / sub).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((32, 40, 3), 40 * i, np.uint8)).save(src / "images" / f"{i}.png")
+        mask = np.zeros((32, 40), np.uint8)
+        mask[5:20, 8:8 + 5 * (i + 1)] = 255
+        Image.fromarray(mask).save(src / "masks" / f"{i}.png")
+    classes = tmp_path / "classes.yaml"
+    classes.write_text("0: background\n1: crack\n")
+    with pytest.raises(DataError, match=r"cracks: every mask holds only 0 and 255.*--colours FILE.*'#ffffff'"):
+        add_data(ws, src, classes=classes)
+    assert list(ws.registry_dir.iterdir()) == [] and not ws.classes_file.exists()
+
+    ws.classes_file.write_text(classes.read_text())  # validate reads the workspace's class names
+    checked = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(src), "--no-fail"])
+    said = " ".join(checked.output.split())
+    assert "every mask holds only 0 and 255" in said and "REJECTED" in said, checked.output
+
+    table = tmp_path / "greys.yaml"
+    table.write_text("0: '#000000'\n1: '#ffffff'\n")
+    checked = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(src), "--colours", str(table)])
+    said = " ".join(checked.output.split())
+    assert "colours from" in said and "cracks: 3 files, 3 valid: accepted" in said, checked.output
+    result = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(src), "--classes", str(classes),
+                                      "--colours", str(table)])
+    assert result.exit_code == 0, result.output
+    assert "cracks: 3 pairs, classes [0, 1]" in " ".join(result.output.split())
+    for i in range(3):
+        expected = (np.array(Image.open(src / "masks" / f"{i}.png")) == 255).astype(np.uint8)
+        assert np.array_equal(read_mask(ws.registry_dir / "cracks" / "masks" / f"{i}.png"), expected)
+
+
 def test_data_add_warns_at_once_when_the_holdout_labels_none_of_a_new_class(ws, stream_dir):
     """A batch bringing a class the holdout never labels was registered without a word; the watcher then
     refused its update and waited on it. `data add` now says so while the user is there (the batch is

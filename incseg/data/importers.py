@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor
 
-from incseg.data.layout import (IGNORE, IMAGE_SUFFIXES, IMAGES_DIR, MASK_SUFFIX, MASK_SUFFIXES, MASKS_DIR, BatchInfo,
+from incseg.data.layout import (BLACK_AND_WHITE, IGNORE, IMAGE_SUFFIXES, IMAGES_DIR, MASK_SUFFIX, MASK_SUFFIXES, MASKS_DIR, BatchInfo,
                                  DataError, Pair, copy_pair, find_pairs, list_files, load_yaml, open_image, read_mask,
                                  unpaired, write_classes)
 
@@ -112,6 +112,8 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
     (tmp / MASKS_DIR).mkdir()
     try:
         ids = _copy_pairs(progress(pairs) if progress else pairs, tmp, lut, table)
+        if layout == "folder" and table is None and IGNORE in ids and ids <= {0, IGNORE}:
+            raise DataError(f"{src}: {BLACK_AND_WHITE}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused import leaves nothing behind
         raise
@@ -155,12 +157,20 @@ def _packed(rgb) -> np.ndarray:
     return rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
 
 
-def colour_coded(src: Path) -> bool:
-    """Whether a plain folder's masks include a colour-coded one (RGB or RGBA: read from the headers)."""
+def greys(colours: dict[int, int]) -> bool:
+    """Whether a colour table (`read_colours`) holds only greys: then it reads gray (L) masks too, each grey
+    level as the colour it is (black-and-white masks of one class: `0: "#000000"`, `1: "#ffffff"`)."""
+    return all(c >> 16 == c >> 8 & 255 == c & 255 for c in colours)
+
+
+def colour_coded(src: Path, colours: dict[int, int] | None = None) -> bool:
+    """Whether a plain folder's masks include a colour-coded one (RGB or RGBA; gray ones too when `colours`
+    is a table of greys: read from the headers)."""
+    modes = ("RGB", "RGBA", "L") if colours is not None and greys(colours) else ("RGB", "RGBA")
     for mask in list_files(src / MASKS_DIR, MASK_SUFFIXES):
         try:
             with Image.open(mask) as im:
-                if im.mode in ("RGB", "RGBA"):
+                if im.mode in modes:
                     return True
         except (OSError, Image.DecompressionBombError):
             continue  # unreadable: validation names it
@@ -184,11 +194,14 @@ def source_mask(path: Path, colours: dict[int, int] | None = None) -> tuple[np.n
     8-bit L or P PNGs only): a 1-bit mask, a 16- or 32-bit label map whose values fit 0-255, an opaque gray
     + alpha (LA) map, and an RGB file whose three channels are equal (a gray map saved in colour), are
     converted; a colour-coded RGB(A) mask through `colours` (`read_colours`), refused without it: which
-    colour is which id only its author knows."""
+    colour is which id only its author knows. A gray mask is read through `colours` when it is a table of
+    greys (`greys`), as its ids otherwise."""
     with open_image(path) as im:
         mode, values = im.mode, np.array(im)
-    if colours is not None and mode in ("RGB", "RGBA"):  # palette and gray files hold ids: read as they are
+    if colours is not None and mode in ("RGB", "RGBA"):  # palette files hold ids: read as they are
         return _decoded(path, values[..., :3], colours), True
+    if colours is not None and mode == "L" and greys(colours):  # black and white (or grey levels) per class
+        return _decoded(path, np.repeat(values[..., None], 3, axis=-1), colours), True
     if mode in ("L", "P"):  # palette indices are the ids, as Pascal VOC intends
         return values.astype(np.uint8), False
     if mode == "1":  # a bilevel (1-bit) mask: ids 0 and 1

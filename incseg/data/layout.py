@@ -26,6 +26,12 @@ MASK_SUFFIXES = (MASK_SUFFIX, ".bmp", ".tif", ".tiff")  # lossless formats a mas
                                                        # compression would blur label ids at every edge); all
                                                        # among IMAGE_SUFFIXES, which list any image file
 
+# masks of one class saved black and white, which read as background and ignore: the way in (import and validation)
+BLACK_AND_WHITE = ("every mask holds only 0 and 255, which incseg reads as background and ignore (Pascal VOC's "
+                   "void), so no pixel is labelled. Masks of one class saved black and white: bring them in with "
+                   "`incseg data add SRC --colours FILE`, FILE holding `0: '#000000'` and `1: '#ffffff'` (white "
+                   "becomes id 1), or save each pixel's label id")
+
 
 class DataError(ValueError):
     """Unreadable or malformed data; the message names the file."""

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from incseg.config import ValidationParams
-from incseg.data.layout import Pair
+from incseg.data.layout import BLACK_AND_WHITE, IGNORE, Pair
 from incseg.validation.history import BatchProfile, profile_of, reference
 from incseg.validation.suite import MESSAGES, OBSERVED, run_suite
 from incseg.validation.table import file_table
@@ -130,10 +130,13 @@ def _figure(value: object) -> str:
 
 def _batch_level(report: ValidationReport, table: pd.DataFrame, p: ValidationParams, ref: dict | None,
                  n_classes: int) -> None:
-    """Re-send, too few valid files, and class-distribution drift."""
+    """Re-send, too few valid files, nothing labelled but ignore, and class-distribution drift."""
     if report.files == 0:
         report.batch_errors.append("empty batch: no images or masks found")
         return
+    ids = {int(i) for row in table.get("label_ids", ()) if isinstance(row, str) for i in row.split(",") if i}
+    if IGNORE in ids and ids <= {0, IGNORE}:  # each file fails as empty: say why they all do
+        report.batch_errors.append(f"nothing labelled: {BLACK_AND_WHITE}")
     resent = table["seen_in"].ne("").mean()
     if resent > p.max_resent_fraction:
         sources = sorted(set(table["seen_in"]) - {""})
