@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor
 
-from incseg.data.layout import (BLACK_AND_WHITE, IGNORE, IMAGE_SUFFIXES, IMAGES_DIR, MASK_SUFFIX, MASK_SUFFIXES, MASKS_DIR, BatchInfo,
-                                 DataError, Pair, copy_pair, find_pairs, list_files, load_yaml, open_image, read_mask,
-                                 unpaired, write_classes)
+from incseg.data.layout import (BLACK_AND_WHITE, IGNORE, IMAGE_SUFFIXES, IMAGES_DIR, MASK_SUFFIX, MASK_SUFFIXES,
+                                 MASKS_DIR, BatchInfo, DataError, Pair, copy_pair, find_pairs, list_files, load_yaml,
+                                 open_image, read_mask, unpaired, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
