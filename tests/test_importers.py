@@ -208,6 +208,32 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
     assert len(list((dst / "masks").iterdir())) == before - 1
 
 
+def test_masks_named_after_their_images_with_a_suffix_are_said_to_be(ws, stream_dir, tmp_path):
+    """ISIC's masks are ISIC_0000000_segmentation.png for ISIC_0000000.jpg, Carvana's x_mask.png: every file
+    "paired with nothing", and the error listed them without saying why. It now names the suffix the masks
+    add and how to rename them; a name the masks add in front is named too."""
+    import shutil
+
+    src = tmp_path / "isic"
+    shutil.copytree(stream_dir / "registry" / "batch-01", src)
+    masks = sorted((src / "masks").iterdir())
+    for m in masks:
+        m.rename(m.with_name(f"{m.stem}_segmentation.png"))
+    said = rf"isic: the masks are named after their images with '_segmentation' added \(masks/{masks[0].stem}" \
+        rf"_segmentation\.png for images/{masks[0].stem}\."
+    with pytest.raises(DataError, match=said) as refused:
+        add_data(ws, src, "isic")
+    assert 'mv "$f" "${f%_segmentation.png}.png"' in str(refused.value)  # the way out, as a shell line
+    for m in masks:
+        m.with_name(f"{m.stem}_segmentation.png").rename(m.with_name(f"mask-{m.name}"))
+    with pytest.raises(DataError, match=r"isic: the masks are named after their images with 'mask-' in front"):
+        add_data(ws, src, "isic")
+    masks[0].with_name(f"mask-{masks[0].name}").rename(masks[0].with_name("other.png"))  # no one rule: as before
+    with pytest.raises(DataError, match=r"isic: \d+ file\(s\) pair with nothing"):
+        add_data(ws, src, "isic")
+    assert [p.name for p in ws.registry_dir.iterdir()] == []
+
+
 def test_bmp_tiff_and_webp_files_import_masks_as_png(ws, stream_dir, tmp_path):
     """Images in BMP, TIFF or WebP and masks in BMP or TIFF (lossless both) were called files that pair with
     nothing. They import: images byte for byte, masks written as PNG label maps with the same ids; two masks

@@ -265,12 +265,45 @@ def _refuse_unpaired(src: Path) -> None:
         raise DataError(f"{src}: {len(lossy)} mask(s) in a lossy format: {', '.join(lossy[:5])}{more}. JPEG and WebP "
                         "compression blurs the label ids at every edge, so a mask must be PNG, BMP or TIFF: export "
                         "the masks losslessly from the labelling tool (a JPEG re-saved as PNG keeps the blur)")
-    left = [str(f.relative_to(src)) for f in unpaired(src)]
+    loose = unpaired(src)
+    renamed = _renamed_masks(src, loose)
+    if renamed:
+        raise DataError(f"{src}: {renamed}")
+    left = [str(f.relative_to(src)) for f in loose]
     if left:
         more = f" and {len(left) - 5} more" if len(left) > 5 else ""
         raise DataError(f"{src}: {len(left)} file(s) pair with nothing: {', '.join(left[:5])}{more}. Each "
                         f"{IMAGES_DIR}/STEM.(png|jpg|bmp|tif|webp) needs {MASKS_DIR}/STEM.(png|bmp|tif) (label ids, "
                         "lossless) and each mask an image; move the others out of the folder")
+
+
+def _renamed_masks(src: Path, left: list[Path]) -> str:
+    """Why the files left unpaired are, when every unpaired mask is an unpaired image's stem with one and
+    the same text added after it (ISIC's `_segmentation`, Carvana's `_mask`) or in front of it: that, and
+    how to rename them; "" otherwise."""
+    images = {f.stem: f for f in left if f.parent.name == IMAGES_DIR}
+    masks = [f for f in left if f.parent.name == MASKS_DIR]
+    for where in ("added", "in front") if images and masks else ():
+        extras, example = set(), None
+        for m in masks:
+            # the longest image stem the mask's name holds, at its start ("added") or its end ("in front")
+            splits = [(m.stem[:k], m.stem[k:]) for k in range(len(m.stem) - 1, 0, -1)] if where == "added" else \
+                [(m.stem[k:], m.stem[:k]) for k in range(1, len(m.stem))]
+            stem, extra = next(((a, b) for a, b in splits if a in images), (None, None))
+            if stem is None:
+                break  # a mask no image's name explains: no one rule
+            extras.add(extra)
+            example = example or (m, images[stem])
+        else:
+            if len(extras) == 1:
+                (extra,), (mask, image) = extras, example
+                ext = mask.suffix
+                shell = f'for f in *{extra}{ext}; do mv "$f" "${{f%{extra}{ext}}}{ext}"; done' if where == "added" \
+                    else f'for f in {extra}*{ext}; do mv "$f" "${{f#{extra}}}"; done'
+                return (f"the masks are named after their images with '{extra}' {where} ({MASKS_DIR}/{mask.name} "
+                        f"for {IMAGES_DIR}/{image.name}); a mask must have its image's name ({MASKS_DIR}/STEM.png "
+                        f"for {IMAGES_DIR}/STEM.jpg): rename them, e.g. in {src / MASKS_DIR}: {shell}")
+    return ""
 
 
 def _refuse_link(path: Path) -> None:
