@@ -516,14 +516,15 @@ def models_table(ws: Workspace, width: int) -> RenderableType:
     for mv in reg.versions():
         t = mv.tags
         close = t.get("close_calls", "none")
+        over = f" ({t['miou_classes']})" if "miou_classes" in t else ""  # the classes it is a mean over
         rows.append([str(mv.version), ",".join(by_version.get(str(mv.version), [])), t.get("status", ""),
-                     t.get("batch_id", ""), t.get("candidate_miou", ""), t.get("parent_version", ""),
+                     t.get("batch_id", ""), t.get("candidate_miou", "") + over, t.get("parent_version", ""),
                      "" if close == "none" else close, t.get("reason", "")])
-    heads = ("version", "alias", "status", "batch", "mIoU", "parent", "close calls")
+    heads = ("version", "alias", "status", "batch", "mIoU (classes)", "parent", "close calls")
     # the short columns keep their full width (a status is read whole)
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
     columns = [Column(h, no_wrap=True, min_width=w) for h, w in zip(heads, widths)]
-    room = width - sum(widths) - 3 * (len(heads) + 1)  # 3: a column's padding and rule
+    room = width - sum(widths) - 3 * (len(heads) + 1) - 1  # 3: a column's padding and rule; 1: the right edge
     if room >= READABLE_REASON:  # a longer reason is cut to the room (uncapped, rich squeezed the short columns to 0)
         table = Table(*columns, Column("reason", overflow="ellipsis", no_wrap=True, max_width=room),
                       title=f"model '{reg.name}'", box=box.SIMPLE)

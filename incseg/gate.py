@@ -83,7 +83,7 @@ def decide(candidate: dict, champion: dict, old: list[int], new: list[int], name
     scope = old + new
     gain = candidate["miou"] - champion["miou"]
     check("miou_gain", gain, gate.min_miou_gain, lambda v: v >= gate.min_miou_gain,
-          f"mIoU {champion['miou']:.3f} -> {candidate['miou']:.3f} ({gain:+.3f})",
+          f"mIoU over {len(scope)} classes {champion['miou']:.3f} -> {candidate['miou']:.3f} ({gain:+.3f})",
           lambda cand, champ: cand[:, scope].nanmean(1) - champ[:, scope].nanmean(1))
     for c in old:
         name = names[c]

@@ -200,7 +200,8 @@ class ModelRegistry:
         Returns the status and the champion after."""
         import mlflow
 
-        metrics = {"candidate_miou": f"{j.candidate['miou']:.4f}"}
+        # the classes it is the mean over: a version taught more is scored over more (MiB's protocol)
+        metrics = {"candidate_miou": f"{j.candidate['miou']:.4f}", "miou_classes": len(j.candidate["in_scope"])}
         if j.champion:
             metrics["champion_miou"] = f"{j.champion['miou']:.4f}"
             # checks whose interval over the holdout's images holds their limit: a verdict to read twice

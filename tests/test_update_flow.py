@@ -151,12 +151,12 @@ def test_models_in_an_80_column_console_shows_every_column_and_whole_reasons(his
     calls go below it, whole."""
     ws, *_ = history
     out = models_listing(ws, 80)
-    assert all(h in out for h in ("version", "status", "batch", "mIoU", "parent")), out
+    assert all(h in out for h in ("version", "status", "batch", "mIoU (classes)", "parent")), out
     reg = ModelRegistry(ws)
     flat = " ".join(out.split())
     for mv in reg.versions():
         row = next(line for line in out.splitlines() if line.split()[:1] == [str(mv.version)])
-        assert mv.tags["batch_id"] in row and mv.tags["candidate_miou"] in row, out
+        assert mv.tags["batch_id"] in row and f"{mv.tags['candidate_miou']} ({mv.tags['miou_classes']})" in row, out
         assert f"version {mv.version}: {' '.join(mv.tags['reason'].split())}" in flat, out
         if mv.tags.get("close_calls", "none") != "none":
             assert f"close calls: {' '.join(mv.tags['close_calls'].split())})" in flat, out
