@@ -103,7 +103,9 @@ def decide(candidate: dict, champion: dict, old: list[int], new: list[int], name
     if failed:
         reason = "; ".join(f"{c.name} failed: {c.detail} (limit {c.threshold})" for c in failed)
     else:
-        reason = f"all {len(checks)} gates passed: {checks[0].detail}"
+        learned = [f"{c.name.split(':', 1)[1]} {c.observed:.3f}" for c in checks if c.name.startswith("new_class:")]
+        reason = f"all {len(checks)} gates passed: {checks[0].detail}" + (
+            f"; new class IoU: {', '.join(learned)}" if learned else "")  # what the update was for
     close = [c for c in checks if c.close_call]
     if close:
         reason += (f"; close call (the check passes at one end of its {round(100 * gate.interval_level)} % interval over "

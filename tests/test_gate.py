@@ -50,6 +50,7 @@ def test_a_clear_verdict_has_no_close_call():
     assert decision.promote and not decision.close_calls and "close call" not in decision.reason
     # over how many classes: a champion listed at 0.9 over its 2 reads as worse than 0.85 over 3 otherwise
     assert decision.reason.startswith("all 4 gates passed: mIoU over 3 classes ")
+    assert decision.reason.endswith("; new class IoU: triangle 0.845")  # what the update was for, in the verdict
     new = next(c for c in decision.checks if c.name == "new_class:triangle")
     assert 0.8 < new.interval[0] <= new.observed <= new.interval[1] < 0.9
     drop = next(c for c in decision.checks if c.name == "class_drop:square")
