@@ -209,7 +209,7 @@ def test_a_plain_folder_needs_every_file_paired_and_the_class_names(ws, stream_d
 
 
 def test_masks_named_after_their_images_with_a_suffix_are_said_to_be(ws, stream_dir, tmp_path):
-    """ISIC's masks are ISIC_0000000_segmentation.png for ISIC_0000000.jpg, Carvana's x_mask.png: every file
+    """ISIC's masks are ISIC_0000000_segmentation.png for ISIC_0000000.jpg, a tool's x_mask.png: every file
     "paired with nothing", and the error listed them without saying why. It now names the suffix the masks
     add and how to rename them; a name the masks add in front is named too."""
     import shutil

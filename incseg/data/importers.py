@@ -279,7 +279,7 @@ def _refuse_unpaired(src: Path) -> None:
 
 def _renamed_masks(src: Path, left: list[Path]) -> str:
     """Why the files left unpaired are, when every unpaired mask is an unpaired image's stem with one and
-    the same text added after it (ISIC's `_segmentation`, Carvana's `_mask`) or in front of it: that, and
+    the same text added after it (ISIC's `_segmentation`, a tool's `_mask`) or in front of it: that, and
     how to rename them; "" otherwise."""
     images = {f.stem: f for f in left if f.parent.name == IMAGES_DIR}
     masks = [f for f in left if f.parent.name == MASKS_DIR]
