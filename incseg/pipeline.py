@@ -394,7 +394,8 @@ def judge(ws: Workspace, candidate: nn.Module, champion: nn.Module | None, batch
         cms["champion"] = holdout_matrix(ws, champion, taught=taught, per_image=per_image, size=champion_size)
     reports = {k: iou_report(cm, old, new, names) for k, cm in cms.items()}
     if champion is None:
-        reason = f"bootstrap: first model, holdout mIoU {reports['candidate']['miou']:.3f}"
+        first = reports["candidate"]
+        reason = f"bootstrap: first model, holdout mIoU over {len(first['in_scope'])} classes {first['miou']:.3f}"
         return Judgement(Decision(True, reason), reports["candidate"], {}, cms)
     resampled = None
     if per_image and cms["candidate"].images:  # the same resampled images for both: a paired bootstrap
