@@ -384,6 +384,8 @@ def test_black_and_white_masks_are_named_and_read_through_a_grey_colour_table(ws
     "classes [0]", 255 read as ignore, and every file then failed validation as "all background/ignore".
     Now the import is refused with the way in (a grey colour table), validation says the same of such a
     batch, and with `--colours` holding greys the gray masks are read through it: white is id 1."""
+    import shutil
+
     from typer.testing import CliRunner
 
     from incseg.cli import app
@@ -412,6 +414,15 @@ def test_black_and_white_masks_are_named_and_read_through_a_grey_colour_table(ws
     checked = CliRunner().invoke(app, ["-C", str(ws.root), "validate", str(src), "--colours", str(table)])
     said = " ".join(checked.output.split())
     assert "colours from" in said and "cracks: 3 files, 3 valid: accepted" in said, checked.output
+    palette = tmp_path / "palette"  # the same masks as palette files: their indices are the ids, table or not
+    shutil.copytree(src, palette)
+    for f in (palette / "masks").iterdir():
+        Image.open(f).convert("P").save(f)
+    assert Image.open(f).mode == "P" and set(np.unique(np.array(Image.open(f)))) == {0, 255}
+    with pytest.raises(DataError, match=r"palette: through the colour table .*greys\.yaml, every mask still holds "
+                                        r"only background \(0\) and ignore \(255\)"):
+        add_data(ws, palette, classes=classes, colours=table)
+    assert list(ws.registry_dir.iterdir()) == [] and not ws.colours_file.exists()
     result = CliRunner().invoke(app, ["-C", str(ws.root), "data", "add", str(src), "--classes", str(classes),
                                       "--colours", str(table)])
     assert result.exit_code == 0, result.output

@@ -112,8 +112,11 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
     (tmp / MASKS_DIR).mkdir()
     try:
         ids = _copy_pairs(progress(pairs) if progress else pairs, tmp, lut, table)
-        if layout == "folder" and table is None and IGNORE in ids and ids <= {0, IGNORE}:
-            raise DataError(f"{src}: {BLACK_AND_WHITE}")
+        if layout == "folder" and IGNORE in ids and ids <= {0, IGNORE}:  # nothing labelled
+            raise DataError(f"{src}: {BLACK_AND_WHITE}" if table is None else
+                            f"{src}: through the colour table {colours}, every mask still holds only background (0) "
+                            "and ignore (255), so no pixel is labelled: check the table's ids (255 is ignore); "
+                            "palette (P) masks are read by their indices, not through the table")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused import leaves nothing behind
         raise
