@@ -228,6 +228,14 @@ def test_masks_named_after_their_images_with_a_suffix_are_said_to_be(ws, stream_
         m.with_name(f"{m.stem}_segmentation.png").rename(m.with_name(f"mask-{m.name}"))
     with pytest.raises(DataError, match=r"isic: the masks are named after their images with 'mask-' in front"):
         add_data(ws, src, "isic")
+    for m in masks[1:]:  # GIF masks (Carvana's) were not even listed: the images alone "paired with nothing"
+        Image.open(m.with_name(f"mask-{m.name}")).save(m.with_name(f"mask-{m.stem}.gif"))
+        m.with_name(f"mask-{m.name}").unlink()
+    with pytest.raises(DataError, match=rf"isic: {len(masks) - 1} GIF mask\(s\): masks/mask-{masks[1].stem}\.gif"):
+        add_data(ws, src, "isic")
+    for m in masks[1:]:
+        Image.open(m.with_name(f"mask-{m.stem}.gif")).save(m.with_name(f"mask-{m.name}"))
+        m.with_name(f"mask-{m.stem}.gif").unlink()
     masks[0].with_name(f"mask-{masks[0].name}").rename(masks[0].with_name("other.png"))  # no one rule: as before
     with pytest.raises(DataError, match=r"isic: \d+ file\(s\) pair with nothing"):
         add_data(ws, src, "isic")

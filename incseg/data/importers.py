@@ -268,6 +268,12 @@ def _refuse_unpaired(src: Path) -> None:
         raise DataError(f"{src}: {len(lossy)} mask(s) in a lossy format: {', '.join(lossy[:5])}{more}. JPEG and WebP "
                         "compression blurs the label ids at every edge, so a mask must be PNG, BMP or TIFF: export "
                         "the masks losslessly from the labelling tool (a JPEG re-saved as PNG keeps the blur)")
+    gifs = [f"{MASKS_DIR}/{f.name}" for f in list_files(src / MASKS_DIR, (".gif",))]  # not even image files to us
+    if gifs:
+        more = f" and {len(gifs) - 5} more" if len(gifs) > 5 else ""
+        raise DataError(f"{src}: {len(gifs)} GIF mask(s): {', '.join(gifs[:5])}{more}. GIF masks are not read (a GIF "
+                        "writer may renumber the palette, so its indices need not be the label ids): save each as a "
+                        "PNG of label ids (0 background, 1, 2, ... the classes, 255 ignore)")
     loose = unpaired(src)
     renamed = _renamed_masks(src, loose)
     if renamed:
