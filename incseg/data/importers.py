@@ -18,7 +18,7 @@ from PIL import Image, ImageColor
 
 from incseg.data.layout import (BLACK_AND_WHITE, IGNORE, IMAGE_SUFFIXES, IMAGES_DIR, MASK_SUFFIX, MASK_SUFFIXES,
                                  MASKS_DIR, BatchInfo, DataError, Pair, copy_pair, find_pairs, list_files, load_yaml,
-                                 open_image, read_mask, unpaired, write_classes)
+                                 nothing_labelled, open_image, read_mask, unpaired, write_classes)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -112,7 +112,7 @@ def import_batch(src: Path, dst: Path, layout: str = "auto", split: str = "train
     (tmp / MASKS_DIR).mkdir()
     try:
         ids = _copy_pairs(progress(pairs) if progress else pairs, tmp, lut, table)
-        if layout == "folder" and IGNORE in ids and ids <= {0, IGNORE}:  # nothing labelled
+        if layout == "folder" and nothing_labelled(ids):
             raise DataError(f"{src}: {BLACK_AND_WHITE}" if table is None else
                             f"{src}: through the colour table {colours}, every mask still holds only background (0) "
                             "and ignore (255), so no pixel is labelled: check the table's ids (255 is ignore); "

@@ -33,6 +33,11 @@ BLACK_AND_WHITE = ("every mask holds only 0 and 255, which incseg reads as backg
                    "becomes id 1), or save each pixel's label id")
 
 
+def nothing_labelled(ids: set[int]) -> bool:
+    """A batch whose masks hold only background and ignore (ids: every label id in its masks)."""
+    return IGNORE in ids and ids <= {0, IGNORE}
+
+
 class DataError(ValueError):
     """Unreadable or malformed data; the message names the file."""
 

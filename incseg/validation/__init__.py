@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from incseg.config import ValidationParams
-from incseg.data.layout import BLACK_AND_WHITE, IGNORE, Pair
+from incseg.data.layout import BLACK_AND_WHITE, Pair, nothing_labelled
 from incseg.validation.history import BatchProfile, profile_of, reference
 from incseg.validation.suite import MESSAGES, OBSERVED, run_suite
 from incseg.validation.table import file_table
@@ -135,7 +135,7 @@ def _batch_level(report: ValidationReport, table: pd.DataFrame, p: ValidationPar
         report.batch_errors.append("empty batch: no images or masks found")
         return
     ids = {int(i) for row in table.get("label_ids", ()) if isinstance(row, str) for i in row.split(",") if i}
-    if IGNORE in ids and ids <= {0, IGNORE}:  # each file fails as empty: say why they all do
+    if nothing_labelled(ids):  # each file fails as empty: say why they all do
         report.batch_errors.append(f"nothing labelled: {BLACK_AND_WHITE}")
     resent = table["seen_in"].ne("").mean()
     if resent > p.max_resent_fraction:
