@@ -149,16 +149,19 @@ def incseg(*args: str, cwd: Path, check: bool = True) -> int:
 
 
 def set_params(params_file: Path, changes: dict[str, object]) -> None:
-    """Write `changes` ({"section.key": value}) into the workspace's params file (its comments go)."""
+    """Write `changes` ({"section.key": value}) into the workspace's params file (its comments go); a key
+    the file lacks is added where today's params.yaml has it (a run made before the key existed)."""
     import yaml
 
-    params = yaml.safe_load(params_file.read_text())
+    from incseg.datastore import PARAMS_YAML
+
+    params, today = yaml.safe_load(params_file.read_text()), yaml.safe_load(PARAMS_YAML.read_text())
     for dotted, value in changes.items():
         *sections, key = dotted.split(".")
-        node = params
+        node, known = params, today
         for section in sections:
-            node = node[section]
-        if key not in node:
+            node, known = node[section], known.get(section, {})
+        if key not in node and key not in known:
             raise SystemExit(f"--set {dotted}: {params_file} has no key {key!r} there")
         node[key] = value
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -222,12 +225,16 @@ def run_updates(ws: Path, data: Path, stream: int, add: bool = True) -> list[dic
 def updates_again(out: Path, run: Path, changes: dict[str, object] | None = None) -> dict:
     """The updates of the earlier run in `run` again, from its base model, with `changes` set."""
     import shutil
+    import sqlite3
 
     from incseg.datastore import git
 
     before = json.loads((run / "result.json").read_text())
     ws = out / "ws"
     shutil.copytree(run / "ws", ws, symlinks=True)
+    with sqlite3.connect(ws / "mlflow.db") as db:  # the copy's new runs log their artifacts there, not in RUN's
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                   (str((run / "ws").resolve()), str(ws.resolve())))
     incseg("promote", "1", cwd=ws)  # the bootstrap's version: the first registered
     if changes:
         set_params(ws / "params.yaml", changes)

@@ -114,6 +114,47 @@ def test_without_distillation_on_new_class_pixels_the_label_wins_where_the_old_m
     assert pixel_1 > 4 and torch.isclose(label_wins(elsewhere, images, target, annotated), pixel_1, atol=1e-3)
 
 
+def test_an_old_object_the_new_label_mostly_claims_leaves_its_background_trusted():
+    """The old model calls a whole disc class 1 where the batch labels a crescent (new class 2) and its
+    bite background, and calls a separate blob class 1 too (an old object left unlabelled). MiB lets
+    both stay class 1; with `mistaken_object_share` the bite is background (the region is mostly the
+    new class), undistilled, while the separate blob keeps MiB's "background or an old class"."""
+    from incseg.config import ContinualParams, TrainParams
+    from incseg.continual.distillation import mistaken_objects
+    from incseg.continual.strategies import make_objective
+
+    old = torch.full((1, 2, 8, 8), 0.0)
+    old[0, 0] = 9.0
+    old[0, 1, 0:4, 0:4] = 18.0  # the disc: 16 pixels
+    old[0, 1, 6:8, 6:8] = 18.0  # a separate blob, labelled background
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 0:4, 0:3] = 2  # the crescent: 12 of the disc's 16 pixels; its bite: column 3
+    bite = torch.zeros(1, 8, 8, dtype=torch.bool)
+    bite[0, 0:4, 3] = True
+    assert mistaken_objects(old, target, 0.5).equal(bite)
+    assert not mistaken_objects(old, target, 0.8).any()  # 12 / 16 of the disc is new: below 0.8
+    assert mistaken_objects(old, target, 0.5, taught=[0]).sum() == 0  # class 1 never taught: no old object
+
+    class Teacher(nn.Module):
+        def forward(self, images):
+            return old
+
+    images = torch.zeros(1, 3, 8, 8)
+    annotated = torch.tensor([[True, False, True]])
+    student = torch.zeros(1, 3, 8, 8)
+    student[0, 1] = 9.0  # calls every pixel class 1 ...
+    student[0, 2, target[0] == 2] = 18.0  # ... but the crescent, which it gets right
+    train = TrainParams(dice_weight=0.0)
+    mib = make_objective("distill", train, ContinualParams(), Teacher())
+    trusting = make_objective("distill", train, ContinualParams(mistaken_object_share=0.5), Teacher())
+    # mean over 64 pixels: the bite's 4 now cost ~9 each in the CE (class 1 where background is the label)
+    assert trusting(student, images, target, annotated) - mib(student, images, target, annotated) > 4 * 8 / 64
+    fixed = student.clone()
+    fixed[0, 0, bite[0]] = 18.0  # the bite turned background: cheaper with the rule, dearer for MiB (distilled)
+    assert trusting(fixed, images, target, annotated) < trusting(student, images, target, annotated)
+    assert mib(fixed, images, target, annotated) > mib(student, images, target, annotated)
+
+
 def test_feature_distillation_is_zero_for_equal_features_and_grows_as_they_move():
     from incseg.continual.distillation import pod_distillation
 

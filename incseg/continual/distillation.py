@@ -6,23 +6,27 @@ background. Both losses merge the right logits instead of trusting "background".
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from incseg.data.layout import IGNORE
 
 
-def unbiased_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+def unbiased_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
+                           trusted: torch.Tensor | None = None) -> torch.Tensor:
     """CE where a background pixel may be background or any class its batch did not annotate.
 
-    `annotated` is (B, C) bool: the classes labelled in each sample's batch.
+    `annotated` is (B, C) bool: the classes labelled in each sample's batch; the (B, H, W) bool
+    `trusted` pixels labelled background are background alone (`mistaken_objects`).
     """
     log_p = logits.log_softmax(dim=1)
     hidden = ~annotated
     hidden[:, 0] = True
     bg = log_p.masked_fill(~hidden[:, :, None, None], float("-inf")).logsumexp(dim=1)
     picked = log_p.gather(1, target.clamp(0, logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
-    lp = torch.where(target == 0, bg, picked)
+    lp = torch.where((target == 0) if trusted is None else (target == 0) & ~trusted, bg, picked)
     valid = target != IGNORE
     return -(lp[valid]).mean() if valid.any() else logits.sum() * 0
 
@@ -55,6 +59,32 @@ def new_class_pixels(target: torch.Tensor, n_old: int, taught: list[int] | None 
     class the new one resembles, and distilling it pulls the new class toward that old class."""
     taught_ids = torch.tensor(list(range(n_old)) if taught is None else sorted(taught), device=target.device)
     return (target != 0) & (target != IGNORE) & ~torch.isin(target, taught_ids)
+
+
+@torch.no_grad()
+def mistaken_objects(teacher: torch.Tensor, target: torch.Tensor, min_share: float,
+                     taught: list[int] | None = None) -> torch.Tensor:
+    """(B, H, W) bool: background-labelled pixels of the old model's mistaken objects. An object is a
+    connected region the old model (`teacher` logits) gives one class it was `taught`; it is mistaken
+    when at least `min_share` of it is labelled with a class the old model was not taught: it took the
+    new object for an old class and filled in around it (a crescent and its bite, called one ellipse).
+    Its pixels labelled background are then background the old model got wrong, not an old object left
+    unlabelled, and MiB's "background or an old class" would keep the mistake."""
+    n_old = teacher.shape[1]
+    fg = [c for c in (range(n_old) if taught is None else sorted(taught)) if c != 0]
+    calls = teacher.argmax(dim=1).cpu().numpy()
+    new = new_class_pixels(target, n_old, taught).cpu().numpy()
+    out = np.zeros_like(new)
+    for b in range(calls.shape[0]):
+        for c in fg:
+            regions, n = ndimage.label(calls[b] == c)
+            if n == 0:
+                continue
+            share = np.bincount(regions.ravel(), weights=new[b].ravel(), minlength=n + 1) / np.maximum(
+                np.bincount(regions.ravel(), minlength=n + 1), 1)
+            share[0] = 0  # not a region
+            out[b] |= share[regions] >= min_share
+    return torch.from_numpy(out).to(target.device) & (target == 0)
 
 
 @torch.no_grad()

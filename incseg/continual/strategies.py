@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
 
 from incseg.config import ContinualParams, TrainParams
-from incseg.continual.distillation import (new_class_pixels, pod_distillation, pseudo_label,
+from incseg.continual.distillation import (mistaken_objects, new_class_pixels, pod_distillation, pseudo_label,
                                           unbiased_cross_entropy, unbiased_distillation)
 from incseg.continual.memory import ExemplarMemory
 from incseg.data.dataset import SegmentationFolder
@@ -68,10 +68,10 @@ def replay_shares(taken_for: ConfusionMatrix, new: list[int], kept: list[int], t
 
 
 def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
-                       train: TrainParams) -> torch.Tensor:
+                       train: TrainParams, trusted: torch.Tensor | None = None) -> torch.Tensor:
     """Unbiased CE + Dice where labels are trustworthy: the background of a partially
-    labelled sample may hide classes its batch did not annotate."""
-    return train.ce_weight * unbiased_cross_entropy(logits, target, annotated) + train.dice_weight * dice_loss(
+    labelled sample may hide classes its batch did not annotate (but on `trusted` pixels)."""
+    return train.ce_weight * unbiased_cross_entropy(logits, target, annotated, trusted) + train.dice_weight * dice_loss(
         logits, target, annotated=annotated)
 
 
@@ -119,10 +119,14 @@ def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, tea
         with torch.no_grad():
             old = teacher(images)
         skip = None if cont.distill_new_class_pixels else new_class_pixels(target, old.shape[1], taught)
+        trusted = None
+        if cont.mistaken_object_share > 0:  # no distillation where the old model is wrong by the label either
+            trusted = mistaken_objects(old, target, cont.mistaken_object_share, taught)
+            skip = trusted if skip is None else skip | trusted
         if cont.pseudo_label_threshold > 0:
             target, annotated = pseudo_label(target, annotated, old, cont.pseudo_label_threshold, taught)
-        loss = partial_label_loss(logits, target, annotated, train) + cont.distill_weight * unbiased_distillation(
-            logits, old, taught, skip)
+        loss = partial_label_loss(logits, target, annotated, train, trusted) + cont.distill_weight * \
+            unbiased_distillation(logits, old, taught, skip)
         if features is not None and cont.feature_distill_weight > 0:
             loss = loss + cont.feature_distill_weight * pod_distillation(_flat(features[0]), _flat(features[1]))
         return loss
