@@ -105,8 +105,9 @@ def test_without_distillation_on_new_class_pixels_the_label_wins_where_the_old_m
     assert new_class_pixels(torch.tensor([[[1, 3, IGNORE]]]), 4, [0, 1, 2]).tolist() == [[[False, True, False]]]
     follows = torch.tensor([[0.0, 0.0], [0.0, 9.0], [9.0, 0.0]]).view(1, 3, 1, 2)  # pixel 0: class 2, 1: class 1
     train = TrainParams(ce_weight=0.0, dice_weight=0.0)  # the distillation term alone
-    mib = make_objective("distill", train, ContinualParams(), teacher)
-    label_wins = make_objective("distill", train, ContinualParams(distill_new_class_pixels=False), teacher)
+    alone = {"mistaken_object_share": 0.0}  # the old model's one region is half new class: that rule off here
+    mib = make_objective("distill", train, ContinualParams(**alone), teacher)
+    label_wins = make_objective("distill", train, ContinualParams(distill_new_class_pixels=False, **alone), teacher)
     assert mib(follows, images, target, annotated) > 4 > 0.01 > label_wins(follows, images, target, annotated)
     elsewhere = follows.clone()
     elsewhere[0, :, 0, 1] = torch.tensor([9.0, 0.0, 0.0])  # pixel 1 (not new) leaves class 1: both pay alike
@@ -117,8 +118,8 @@ def test_without_distillation_on_new_class_pixels_the_label_wins_where_the_old_m
 def test_an_old_object_the_new_label_mostly_claims_leaves_its_background_trusted():
     """The old model calls a whole disc class 1 where the batch labels a crescent (new class 2) and its
     bite background, and calls a separate blob class 1 too (an old object left unlabelled). MiB lets
-    both stay class 1; with `mistaken_object_share` the bite is background (the region is mostly the
-    new class), undistilled, while the separate blob keeps MiB's "background or an old class"."""
+    both stay class 1; with `mistaken_object_share` (default 0.5) the bite is background (the region is
+    mostly the new class), undistilled, while the separate blob keeps MiB's "background or an old class"."""
     from incseg.config import ContinualParams, TrainParams
     from incseg.continual.distillation import mistaken_objects
     from incseg.continual.strategies import make_objective
@@ -145,8 +146,8 @@ def test_an_old_object_the_new_label_mostly_claims_leaves_its_background_trusted
     student[0, 1] = 9.0  # calls every pixel class 1 ...
     student[0, 2, target[0] == 2] = 18.0  # ... but the crescent, which it gets right
     train = TrainParams(dice_weight=0.0)
-    mib = make_objective("distill", train, ContinualParams(), Teacher())
-    trusting = make_objective("distill", train, ContinualParams(mistaken_object_share=0.5), Teacher())
+    mib = make_objective("distill", train, ContinualParams(mistaken_object_share=0.0), Teacher())
+    trusting = make_objective("distill", train, ContinualParams(), Teacher())
     # mean over 64 pixels: the bite's 4 now cost ~9 each in the CE (class 1 where background is the label)
     assert trusting(student, images, target, annotated) - mib(student, images, target, annotated) > 4 * 8 / 64
     fixed = student.clone()
