@@ -133,7 +133,7 @@ class ContinualParams(Section):
     distill_weight: float = Field(1.0, ge=0)
     distill_new_class_pixels: bool = Field(True, description="distil the old model on pixels labelled with a new "
                                            "class too (MiB); false: only elsewhere (the label wins there)")
-    mistaken_object_share: float = Field(0.5, ge=0, le=1, description="> 0: where at least this share of a region "
+    mistaken_object_share: float = Field(0.4, ge=0, le=1, description="> 0: where at least this share of a region "
                                          "the champion gives one old class is labelled with a new class, its pixels "
                                          "labelled background are background (no 'or an old class', no distillation; "
                                          "update-recipe.md section 18); 0: MiB's rule everywhere")

@@ -118,7 +118,7 @@ def test_without_distillation_on_new_class_pixels_the_label_wins_where_the_old_m
 def test_an_old_object_the_new_label_mostly_claims_leaves_its_background_trusted():
     """The old model calls a whole disc class 1 where the batch labels a crescent (new class 2) and its
     bite background, and calls a separate blob class 1 too (an old object left unlabelled). MiB lets
-    both stay class 1; with `mistaken_object_share` (default 0.5) the bite is background (the region is
+    both stay class 1; with `mistaken_object_share` (default 0.4) the bite is background (the region is
     mostly the new class), undistilled, while the separate blob keeps MiB's "background or an old class"."""
     from incseg.config import ContinualParams, TrainParams
     from incseg.continual.distillation import mistaken_objects

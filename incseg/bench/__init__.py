@@ -13,5 +13,6 @@ ABLATION: dict[str, dict[str, object]] = {
     "no distillation on new-class pixels": {"continual.distill_new_class_pixels": False},
     "+ replay toward confused 0.5": {"continual.replay_toward_confused": 0.5},
     "no mistaken objects (before 2026-12-06)": {"continual.mistaken_object_share": 0.0},
+    "mistaken objects 0.5": {"continual.mistaken_object_share": 0.5},
     "memory 64 (before 2026-12-05)": {"continual.memory_size": 64},
 }
