@@ -264,14 +264,12 @@ def _refuse_unpaired(src: Path) -> None:
                         f"{MASKS_DIR}/STEM{MASK_SUFFIX} pairs with one image: rename or move the others")
     lossy = [f"{MASKS_DIR}/{f.name}" for f in list_files(src / MASKS_DIR) if f.suffix.lower() not in MASK_SUFFIXES]
     if lossy:
-        more = f" and {len(lossy) - 5} more" if len(lossy) > 5 else ""
-        raise DataError(f"{src}: {len(lossy)} mask(s) in a lossy format: {', '.join(lossy[:5])}{more}. JPEG and WebP "
+        raise DataError(f"{src}: {len(lossy)} mask(s) in a lossy format: {_some(lossy)}. JPEG and WebP "
                         "compression blurs the label ids at every edge, so a mask must be PNG, BMP or TIFF: export "
                         "the masks losslessly from the labelling tool (a JPEG re-saved as PNG keeps the blur)")
     gifs = [f"{MASKS_DIR}/{f.name}" for f in list_files(src / MASKS_DIR, (".gif",))]  # not even image files to us
     if gifs:
-        more = f" and {len(gifs) - 5} more" if len(gifs) > 5 else ""
-        raise DataError(f"{src}: {len(gifs)} GIF mask(s): {', '.join(gifs[:5])}{more}. GIF masks are not read (a GIF "
+        raise DataError(f"{src}: {len(gifs)} GIF mask(s): {_some(gifs)}. GIF masks are not read (a GIF "
                         "writer may renumber the palette, so its indices need not be the label ids): save each as a "
                         "PNG of label ids (0 background, 1, 2, ... the classes, 255 ignore)")
     loose = unpaired(src)
@@ -280,10 +278,14 @@ def _refuse_unpaired(src: Path) -> None:
         raise DataError(f"{src}: {renamed}")
     left = [str(f.relative_to(src)) for f in loose]
     if left:
-        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
-        raise DataError(f"{src}: {len(left)} file(s) pair with nothing: {', '.join(left[:5])}{more}. Each "
+        raise DataError(f"{src}: {len(left)} file(s) pair with nothing: {_some(left)}. Each "
                         f"{IMAGES_DIR}/STEM.(png|jpg|bmp|tif|webp) needs {MASKS_DIR}/STEM.(png|bmp|tif) (label ids, "
                         "lossless) and each mask an image; move the others out of the folder")
+
+
+def _some(names: list[str]) -> str:
+    """The first five names, and how many more."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _renamed_masks(src: Path, left: list[Path]) -> str:
