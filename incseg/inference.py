@@ -22,6 +22,7 @@ from torch import nn
 
 from incseg.data.dataset import normalize
 from incseg.data.layout import IGNORE, DataError, read_image
+from incseg.models import label_map
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -67,7 +68,8 @@ def logits_at_own_size(model: nn.Module, rgb: np.ndarray, size: int, device: tor
 def segment(model: nn.Module, rgb: np.ndarray, size: int, device: torch.device | None = None,
             native: tuple[int, int] | None = None) -> np.ndarray:
     """The label-id mask (H x W, uint8) of one RGB image (`native`: as in `logits_at_own_size`)."""
-    return logits_at_own_size(model, rgb, size, device or torch.device("cpu"), native).argmax(0).numpy().astype(np.uint8)
+    logits = logits_at_own_size(model, rgb, size, device or torch.device("cpu"), native)
+    return label_map(logits, dim=0).numpy().astype(np.uint8)
 
 
 def palette(colours: dict[int, int] | None = None) -> list[int]:

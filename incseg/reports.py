@@ -14,6 +14,7 @@ from torch import nn  # noqa: E402
 from incseg.data.dataset import eval_transforms  # noqa: E402
 from incseg.data.layout import IGNORE, Pair, find_pairs, read_classes, read_image, read_mask  # noqa: E402
 from incseg.metrics import ConfusionMatrix  # noqa: E402
+from incseg.models import label_map  # noqa: E402
 from incseg.pipeline import Judgement  # noqa: E402
 from incseg.workspace import Workspace  # noqa: E402
 
@@ -67,7 +68,7 @@ def preview_figure(models: dict[str, nn.Module], pairs: list[Pair], sizes: dict[
             x, _ = transforms[name](image, mask)
             logits = model.eval()(x[None].float())
             logits = nn.functional.interpolate(logits, size=mask.shape, mode="bilinear")
-            panels.append(overlay(image, logits.argmax(1)[0].numpy().astype(np.uint8)))
+            panels.append(overlay(image, label_map(logits)[0].numpy().astype(np.uint8)))
         for ax, panel, title in zip(row, panels, ["image", "ground truth", *models]):
             ax.imshow(panel)
             ax.set_title(title, fontsize=8)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from incseg import dist
 from incseg.data.layout import IGNORE
 from incseg.metrics import ConfusionMatrix
+from incseg.models import label_map
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     for images, masks, _ in loader:
         if untaught is not None:
             masks = masks.masked_fill(untaught[masks.clamp(0, IGNORE)], IGNORE)
-        cm.update(masks, model(images.to(device, memory_format=FAST_LAYOUT)).argmax(dim=1).cpu())
+        cm.update(masks, label_map(model(images.to(device, memory_format=FAST_LAYOUT))).cpu())
     cm.all_reduce()
     return cm
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from incseg.models import (UNTAUGHT_LOGIT, add_classes, build_model, expand_classes, load_checkpoint, num_classes,
-                           save_checkpoint, taught_classes)
+from incseg.models import (UNTAUGHT_LOGIT, add_classes, build_model, expand_classes, label_map, load_checkpoint,
+                           num_classes, save_checkpoint, taught_classes)
 
 
 @pytest.mark.parametrize("arch", ["unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
@@ -21,6 +21,16 @@ def test_expand_classes_keeps_old_logits(arch):
     assert torch.allclose(after[:, :3], before, atol=1e-5)
     # new classes start from background but below it: predictions do not change
     assert torch.equal(after.argmax(1), before.argmax(1))
+
+
+def test_label_map_is_argmax_ties_to_the_lowest_id():
+    tied = torch.tensor([[[[1.0]], [[3.0]], [[3.0]]], [[[2.0]], [[2.0]], [[0.0]]]])  # (2, 3, 1, 1)
+    assert label_map(tied).flatten().tolist() == [1, 0]
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 17, 23).round(decimals=1)  # rounded: ties in many pixels
+    for x in (logits, logits.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(label_map(x), x.argmax(1))
+    assert torch.equal(label_map(logits[0], dim=0), logits[0].argmax(0))
 
 
 def test_unet_handles_sizes_not_divisible_by_8():
