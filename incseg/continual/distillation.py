@@ -15,6 +15,11 @@ from incseg.data.layout import IGNORE
 from incseg.models import label_map
 
 
+def _taught(n_old: int, taught: list[int] | None) -> list[int]:
+    """The class ids an old model of `n_old` outputs was `taught`, sorted (None: all its outputs)."""
+    return list(range(n_old)) if taught is None else sorted(taught)
+
+
 def unbiased_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
                            trusted: torch.Tensor | None = None) -> torch.Tensor:
     """CE where a background pixel may be background or any class its batch did not annotate.
@@ -43,7 +48,7 @@ def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor,
     taking pixels that the teacher called background.
     """
     n_old = teacher.shape[1]
-    fg = [c for c in (range(n_old) if taught is None else sorted(taught)) if c != 0]
+    fg = [c for c in _taught(n_old, taught) if c != 0]
 
     def merged(log_p: torch.Tensor) -> torch.Tensor:
         rest = [c for c in range(log_p.shape[1]) if c not in fg]  # background first
@@ -58,7 +63,7 @@ def new_class_pixels(target: torch.Tensor, n_old: int, taught: list[int] | None 
     """(B, H, W) bool: pixels labelled with a class the old model (`n_old` outputs) was not `taught`
     (default: all its outputs). The old model's answer there is wrong by the label, often an old
     class the new one resembles, and distilling it pulls the new class toward that old class."""
-    taught_ids = torch.tensor(list(range(n_old)) if taught is None else sorted(taught), device=target.device)
+    taught_ids = torch.tensor(_taught(n_old, taught), device=target.device)
     return (target != 0) & (target != IGNORE) & ~torch.isin(target, taught_ids)
 
 
@@ -72,7 +77,7 @@ def mistaken_objects(teacher: torch.Tensor, target: torch.Tensor, min_share: flo
     Its pixels labelled background are then background the old model got wrong, not an old object left
     unlabelled, and MiB's "background or an old class" would keep the mistake."""
     n_old = teacher.shape[1]
-    fg = [c for c in (range(n_old) if taught is None else sorted(taught)) if c != 0]
+    fg = [c for c in _taught(n_old, taught) if c != 0]
     calls = label_map(teacher).cpu().numpy()
     new = new_class_pixels(target, n_old, taught).cpu().numpy()
     out = np.zeros_like(new)
@@ -97,7 +102,7 @@ def pseudo_label(target: torch.Tensor, annotated: torch.Tensor, teacher: torch.T
     labelled pixels keep their label. Returns the new target and what each sample now
     annotates: its own classes and every class the old model was taught (so the loss trusts
     the background that is left)."""
-    taught = list(range(teacher.shape[1])) if taught is None else sorted(taught)
+    taught = _taught(teacher.shape[1], taught)
     prob, cls = teacher.softmax(dim=1).max(dim=1)
     sure = (prob >= threshold) & torch.isin(cls, torch.tensor(taught, device=cls.device))
     background = target == 0
