@@ -58,6 +58,7 @@ class ModelParams(Section):
     name: str = "incseg-segmenter"
     arch: Literal["unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"] = "unet"
     width: int = Field(16, ge=4, description="U-Net base channel count")
+    depth: int = Field(3, ge=1, le=6, description="U-Net down-sampling stages")
 
 
 class DistributedParams(Section):

@@ -31,20 +31,22 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """A small U-Net: three down-sampling stages, skip connections, a 1x1 classifier `head`."""
+    """A small U-Net: `depth` down-sampling stages (channels doubling at each), skip connections,
+    a 1x1 classifier `head`."""
 
-    def __init__(self, num_classes: int, width: int = 16):
+    def __init__(self, num_classes: int, width: int = 16, depth: int = 3):
         super().__init__()
-        w = width
-        self.enc = nn.ModuleList([_block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
-        self.bottleneck = _block(4 * w, 8 * w)
-        self.up = nn.ModuleList([nn.ConvTranspose2d(c * 2, c, 2, stride=2) for c in (4 * w, 2 * w, w)])
-        self.dec = nn.ModuleList([_block(c * 2, c) for c in (4 * w, 2 * w, w)])
-        self.head = nn.Conv2d(w, num_classes, 1)
+        chans = [width * 2**i for i in range(depth)]
+        self.enc = nn.ModuleList([_block(cin, c) for cin, c in zip([3, *chans], chans)])
+        self.bottleneck = _block(chans[-1], 2 * chans[-1])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(c * 2, c, 2, stride=2) for c in reversed(chans)])
+        self.dec = nn.ModuleList([_block(c * 2, c) for c in reversed(chans)])
+        self.head = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        pad = ((-h) % 8, (-w) % 8)
+        step = 2 ** len(self.enc)
+        pad = ((-h) % step, (-w) % step)
         x = nn.functional.pad(x, (0, pad[1], 0, pad[0]))
         skips = []
         for enc in self.enc:
@@ -71,14 +73,14 @@ class TorchvisionSegmenter(nn.Module):
         return self.net(x)["out"]
 
 
-def build_model(arch: str, num_classes: int, width: int = 16) -> nn.Module:
+def build_model(arch: str, num_classes: int, width: int = 16, depth: int = 3) -> nn.Module:
     if arch == "unet":
-        model: nn.Module = UNet(num_classes, width)
+        model: nn.Module = UNet(num_classes, width, depth)
     elif arch in ARCHS:
         model = TorchvisionSegmenter(arch, num_classes)
     else:
         raise ValueError(f"unknown model.arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    model.arch, model.width = arch, width
+    model.arch, model.width, model.depth = arch, width, depth
     model.taught = tuple(range(num_classes))
     return model
 
@@ -238,6 +240,7 @@ def checkpoint(model: nn.Module, classes: dict[int, str], **extra: Any) -> dict[
     return {
         "arch": model.arch,
         "width": model.width,
+        "depth": model.depth,
         "num_outputs": num_classes(model),
         "taught": taught_classes(model),
         "classes": {int(k): v for k, v in classes.items()},
@@ -258,7 +261,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[int, str], dict[str, An
     """(model, classes, the whole checkpoint dict), loaded with `weights_only=True`."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     classes = {int(k): v for k, v in ckpt["classes"].items()}
-    model = build_model(ckpt["arch"], ckpt["num_outputs"], ckpt["width"])
+    model = build_model(ckpt["arch"], ckpt["num_outputs"], ckpt["width"], ckpt.get("depth", 3))
     model.load_state_dict(ckpt["state_dict"])
     model.taught = tuple(ckpt.get("taught", range(ckpt["num_outputs"])))  # older checkpoints: every row
     return model, classes, ckpt

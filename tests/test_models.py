@@ -33,9 +33,25 @@ def test_label_map_is_argmax_ties_to_the_lowest_id():
     assert torch.equal(label_map(logits[0], dim=0), logits[0].argmax(0))
 
 
-def test_unet_handles_sizes_not_divisible_by_8():
-    model = build_model("unet", 4, width=4).eval()
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_unet_handles_sizes_not_divisible_by_its_stride(depth):
+    model = build_model("unet", 4, width=4, depth=depth).eval()
+    assert len(model.enc) == depth and model.bottleneck[0].out_channels == 4 * 2**depth
     assert model(torch.randn(1, 3, 37, 50)).shape == (1, 4, 37, 50)
+
+
+def test_checkpoints_keep_the_depth_and_older_ones_read_as_three(tmp_path):
+    deep = build_model("unet", 3, width=4, depth=4).eval()
+    loaded, _, _ = load_checkpoint(save_checkpoint(tmp_path / "deep.pt", deep, {0: "bg", 1: "a", 2: "b"}))
+    x = torch.randn(1, 3, 32, 32)
+    assert loaded.depth == 4 and torch.equal(loaded.eval()(x), deep(x))
+    old = build_model("unet", 3, width=4).eval()
+    path = save_checkpoint(tmp_path / "old.pt", old, {0: "bg", 1: "a", 2: "b"})
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["depth"]  # a checkpoint from before the depth was a knob
+    torch.save(ckpt, path)
+    loaded, _, _ = load_checkpoint(path)
+    assert loaded.depth == 3 and torch.equal(loaded.eval()(x), old(x))
 
 
 def test_checkpoint_round_trip(tmp_path):
