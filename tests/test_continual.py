@@ -65,6 +65,9 @@ def test_pseudo_labels_trust_the_old_model_where_it_is_confident_and_ignore_the_
     labels, annotated = pseudo_label(target, torch.tensor([[True, False, True]]), teacher, 0.9)
     assert labels.tolist() == [[[1, IGNORE, 0, 2]]]
     assert annotated.tolist() == [[True, True, True]]  # the old model's classes are now labelled
+    trusted = torch.tensor([[[True, False, False, False]]])  # mistaken_objects: the old model is wrong there
+    labels, _ = pseudo_label(target, torch.tensor([[True, False, True]]), teacher, 0.9, trusted=trusted)
+    assert labels.tolist() == [[[0, IGNORE, 0, 2]]]  # the trusted pixel stays background
 
 
 def test_with_pseudo_labels_an_old_class_on_confident_background_is_penalised():
@@ -154,6 +157,9 @@ def test_an_old_object_the_new_label_mostly_claims_leaves_its_background_trusted
     fixed[0, 0, bite[0]] = 18.0  # the bite turned background: cheaper with the rule, dearer for MiB (distilled)
     assert trusting(fixed, images, target, annotated) < trusting(student, images, target, annotated)
     assert mib(fixed, images, target, annotated) > mib(student, images, target, annotated)
+    # with PLOP's pseudo-labels too, the bite is not pseudo-labelled class 1 (where the old model is sure)
+    with_plop = make_objective("distill", train, ContinualParams(pseudo_label_threshold=0.7), Teacher())
+    assert with_plop(student, images, target, annotated) - with_plop(fixed, images, target, annotated) > 4 * 8 / 64
 
 
 def test_feature_distillation_is_zero_for_equal_features_and_grows_as_they_move():

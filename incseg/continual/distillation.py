@@ -95,17 +95,21 @@ def mistaken_objects(teacher: torch.Tensor, target: torch.Tensor, min_share: flo
 
 @torch.no_grad()
 def pseudo_label(target: torch.Tensor, annotated: torch.Tensor, teacher: torch.Tensor,
-                 threshold: float, taught: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 threshold: float, taught: list[int] | None = None,
+                 trusted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PLOP (Douillard et al., CVPR 2021): a background pixel takes the old model's class,
     background included, where the old model is confident (max probability >= `threshold`)
     in a class it was `taught` (default: all its outputs), and is ignored where it is not;
-    labelled pixels keep their label. Returns the new target and what each sample now
+    labelled pixels keep their label, and so do `trusted` background pixels (`mistaken_objects`:
+    there the old model is confidently wrong). Returns the new target and what each sample now
     annotates: its own classes and every class the old model was taught (so the loss trusts
     the background that is left)."""
     taught = _taught(teacher.shape[1], taught)
     prob, cls = teacher.softmax(dim=1).max(dim=1)
     sure = (prob >= threshold) & torch.isin(cls, torch.tensor(taught, device=cls.device))
     background = target == 0
+    if trusted is not None:
+        background &= ~trusted
     target = torch.where(background, torch.where(sure, cls, torch.full_like(cls, IGNORE)), target)
     annotated = annotated.clone()
     annotated[:, taught] = True

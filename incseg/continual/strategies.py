@@ -124,7 +124,7 @@ def make_objective(strategy: str, train: TrainParams, cont: ContinualParams, tea
             trusted = mistaken_objects(old, target, cont.mistaken_object_share, taught)
             skip = trusted if skip is None else skip | trusted
         if cont.pseudo_label_threshold > 0:
-            target, annotated = pseudo_label(target, annotated, old, cont.pseudo_label_threshold, taught)
+            target, annotated = pseudo_label(target, annotated, old, cont.pseudo_label_threshold, taught, trusted)
         loss = partial_label_loss(logits, target, annotated, train, trusted) + cont.distill_weight * \
             unbiased_distillation(logits, old, taught, skip)
         if features is not None and cont.feature_distill_weight > 0:
