@@ -219,7 +219,8 @@ def train_base(
     seed_everything(p.train.seed)
     n = max(batch.classes) + 1
     device = resolve_device(p.train.device)
-    model = set_taught(build_model(p.model.arch, n, p.model.width, p.model.depth), batch.classes)  # an id it skips: a silent row
+    model = build_model(p.model.arch, n, p.model.width, p.model.depth)
+    model = set_taught(model, batch.classes)  # an id it skips: a silent row
     fit, held = split_validation(batch.pairs, p.train.val_fraction, p.train.seed)
     data = SegmentationFolder(fit, training_transform(p), n)
     loader = make_loader(data, p.train.batch_size, shuffle=True, num_workers=p.train.num_workers, seed=p.train.seed)
