@@ -87,7 +87,7 @@ class TrainParams(Section):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-2, gt=0, description="peak learning rate from scratch (bootstrap)")
     update_lr: float = Field(1e-2, gt=0, description="peak learning rate when continuing the champion")
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
     ce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(0.5, ge=0)
     bootstrap_max_steps: int = Field(16000, ge=1, description="most optimizer steps of a model trained from scratch")
