@@ -210,3 +210,16 @@ def test_onnx_export_agrees_with_pytorch_and_is_logged_to_the_version(champion, 
     # dynamic batch and spatial size
     out = session(path).run(["logits"], {"image": np.zeros((2, 3, 40, 56), np.float32)})[0]
     assert out.shape == (2, len(loaded.classes), 40, 56)
+
+
+def test_the_latency_bench_measures_the_configured_model(tmp_path):
+    """`incseg bench --inference` times the U-Net params.yaml describes, depth included, and says so."""
+    from incseg.bench import inference as bench_inference
+
+    from helpers import tiny_params
+
+    params = tiny_params(model={"width": 4, "depth": 4})
+    result = bench_inference.run(params, quick=True)
+    assert (result["width"], result["depth"]) == (4, 4)
+    assert {r["size"] for r in result["rows"]} == {64, 128} and all(r["p50_ms"] > 0 for r in result["rows"])
+    assert "unet (width 4, depth 4)" in bench_inference.markdown(result, "incseg bench --inference --quick")

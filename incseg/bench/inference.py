@@ -41,7 +41,7 @@ def _row(engine: str, size: int, seconds: np.ndarray) -> dict:
 def run(params: Params, quick: bool, console: Console | None = None, n_classes: int = 5) -> dict:
     console = console or Console()
     torch.manual_seed(0)
-    model = build_model(params.model.arch, n_classes, params.model.width).eval()
+    model = build_model(params.model.arch, n_classes, params.model.width, params.model.depth).eval()
     sizes = (64, 128) if quick else SIZES
     rows = []
     with tempfile.TemporaryDirectory(prefix="incseg-bench-onnx-") as tmp:
@@ -59,14 +59,14 @@ def run(params: Params, quick: bool, console: Console | None = None, n_classes: 
             feed = {"image": x.numpy()}
             rows.append(_row("onnx runtime", size, _latencies(lambda: sess.run(["logits"], feed), runs)))
             console.print(f"  {size} px: eager p50 {rows[-2]['p50_ms']} ms, onnx runtime p50 {rows[-1]['p50_ms']} ms")
-    return {"arch": params.model.arch, "width": params.model.width, "threads": torch.get_num_threads(),
-            **sizes_on_disk, "rows": rows}
+    return {"arch": params.model.arch, "width": params.model.width, "depth": params.model.depth,
+            "threads": torch.get_num_threads(), **sizes_on_disk, "rows": rows}
 
 
 def markdown(result: dict, command: str) -> str:
     lines = ["# Inference latency (CPU, one image per call)", "",
-             f"Made by `{command}`: {result['arch']} (width {result['width']}), {result['threads']} torch threads. "
-             f"On disk: checkpoint {result['checkpoint_mb']} MB, ONNX {result['onnx_mb']} MB.", "",
+             f"Made by `{command}`: {result['arch']} (width {result['width']}, depth {result['depth']}), "
+             f"{result['threads']} torch threads. On disk: checkpoint {result['checkpoint_mb']} MB, ONNX {result['onnx_mb']} MB.", "",
              "| engine | size (px) | images/s | p50 (ms) | p95 (ms) | runs |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['engine']} | {r['size']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['runs']} |"
               for r in result["rows"]]
