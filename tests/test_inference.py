@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import fault_params, free_port, make_workspace, wait_http
+from helpers import fault_params, free_port, make_workspace, tiny_params, wait_http
 from incseg import processes
 from incseg.cli import app
 from incseg.data.dataset import eval_transforms
@@ -215,11 +215,14 @@ def test_onnx_export_agrees_with_pytorch_and_is_logged_to_the_version(champion, 
 def test_the_latency_bench_measures_the_configured_model(tmp_path):
     """`incseg bench --inference` times the U-Net params.yaml describes, depth included, and says so."""
     from incseg.bench import inference as bench_inference
-
-    from helpers import tiny_params
+    from incseg.models import build_model
 
     params = tiny_params(model={"width": 4, "depth": 4})
     result = bench_inference.run(params, quick=True)
     assert (result["width"], result["depth"]) == (4, 4)
+    # the model timed is the one described: its checkpoint weighs what a depth-4 U-Net's weights do
+    # (0.49 MB at width 4; depth 3: 0.12 MB), not only the echoed params
+    weights_mb = sum(t.numel() * t.element_size() for t in build_model("unet", 5, 4, 4).state_dict().values()) / 1e6
+    assert weights_mb <= result["checkpoint_mb"] < 1.2 * weights_mb
     assert {r["size"] for r in result["rows"]} == {64, 128} and all(r["p50_ms"] > 0 for r in result["rows"])
     assert "unet (width 4, depth 4)" in bench_inference.markdown(result, "incseg bench --inference --quick")
